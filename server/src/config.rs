@@ -1,0 +1,352 @@
+//! Server configuration: a TOML file (see `config/serve.toml`), with the
+//! embedded default serving the three fetched models.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The embedded default: the three real models fetched by `fusechat models fetch`.
+pub const DEFAULT_CONFIG: &str = include_str!("../../config/serve.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    #[serde(default)]
+    pub listen: ListenConfig,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub models: Vec<ModelConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenConfig {
+    #[serde(default = "default_host")]
+    pub host: String,
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// HTTP worker threads; 0 means one per core.
+    #[serde(default)]
+    pub workers: usize,
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        Self {
+            host: default_host(),
+            port: default_port(),
+            workers: 0,
+        }
+    }
+}
+
+fn default_host() -> String {
+    "127.0.0.1".to_string()
+}
+
+fn default_port() -> u16 {
+    8080
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Largest accepted request body.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+    /// Largest `n`.
+    #[serde(default = "default_max_n")]
+    pub max_n: u32,
+    /// Largest `max_tokens`; also the default when a request gives none
+    /// (capped by what is left of the context).
+    #[serde(default = "default_max_tokens")]
+    pub max_tokens: u64,
+    /// Largest number of stop sequences.
+    #[serde(default = "default_max_stop")]
+    pub max_stop_sequences: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: default_max_body_bytes(),
+            max_n: default_max_n(),
+            max_tokens: default_max_tokens(),
+            max_stop_sequences: default_max_stop(),
+        }
+    }
+}
+
+fn default_max_body_bytes() -> usize {
+    2 * 1024 * 1024
+}
+fn default_max_n() -> u32 {
+    16
+}
+fn default_max_tokens() -> u64 {
+    4096
+}
+fn default_max_stop() -> usize {
+    4
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Bearer keys accepted on `/v1`. Empty: no key needed.
+    #[serde(default)]
+    pub api_keys: Vec<String>,
+    /// Bearer key for the admin routes. None: admin routes are refused.
+    pub admin_key: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// The name clients put in `model`.
+    pub id: String,
+    /// Where the weights are: a GGUF file or a Hugging Face folder.
+    /// Relative paths are taken from the config file's folder.
+    pub path: Option<PathBuf>,
+    /// Instead of `path`: a model fetched by `fusechat models fetch`.
+    pub fetched: Option<String>,
+    /// A Jinja chat template file that replaces the model's own.
+    pub chat_template: Option<PathBuf>,
+    /// Sequences decoded together (continuous batching).
+    #[serde(default = "default_max_seqs")]
+    pub max_seqs: usize,
+    /// Sequences that may wait for a slot; past that, 429.
+    #[serde(default = "default_max_waiting")]
+    pub max_waiting: usize,
+    /// Sampling used where a request gives none.
+    #[serde(default)]
+    pub defaults: SamplingDefaults,
+    /// Rewrite GGUF tensors that candle has no SIMD kernel for (Q4_1, Q5_0,
+    /// Q5_1) as Q8_0 once, and serve that copy. See `fusechat_models::requant`.
+    #[serde(default = "default_true")]
+    pub requantize: bool,
+    /// Quantize the float weights of a Hugging Face folder when loading it
+    /// (mistralrs in-situ quantization). Unset: `none`. Check a model's greedy
+    /// answers before turning it on: SmolLM2-135M decodes wrongly under
+    /// mistralrs 0.8.1's quantized path.
+    #[serde(default)]
+    pub isq: Option<Isq>,
+}
+
+/// In-situ quantization of float weights at load time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Isq {
+    /// Keep the float weights.
+    None,
+    /// 8-bit blocks: near-lossless, SIMD kernels on CPU.
+    Q8_0,
+    /// 4-bit k-quant: half the memory of q8_0, a little less accurate.
+    Q4k,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_max_seqs() -> usize {
+    16
+}
+fn default_max_waiting() -> usize {
+    64
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SamplingDefaults {
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<usize>,
+    pub min_p: Option<f64>,
+    pub repetition_penalty: Option<f32>,
+    pub max_tokens: Option<u64>,
+}
+
+/// Where a model's weights come from, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    Path(PathBuf),
+    Fetched(String),
+}
+
+impl ModelConfig {
+    /// A model given on the command line as `ID=PATH`, with default settings.
+    pub fn from_path(id: &str, path: PathBuf) -> Self {
+        Self {
+            id: id.to_string(),
+            path: Some(path),
+            fetched: None,
+            chat_template: None,
+            max_seqs: default_max_seqs(),
+            max_waiting: default_max_waiting(),
+            defaults: SamplingDefaults::default(),
+            requantize: true,
+            isq: None,
+        }
+    }
+
+    pub fn source(&self) -> ModelSource {
+        match (&self.path, &self.fetched) {
+            (Some(path), _) => ModelSource::Path(path.clone()),
+            (None, Some(name)) => ModelSource::Fetched(name.clone()),
+            (None, None) => unreachable!("validated: every model has a path or a fetched name"),
+        }
+    }
+}
+
+impl ServerConfig {
+    pub fn embedded_default() -> Self {
+        Self::parse(DEFAULT_CONFIG, Path::new("<embedded config/serve.toml>"), None)
+            .expect("the embedded default config is valid")
+    }
+
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path, path.parent())
+    }
+
+    fn parse(text: &str, path: &Path, base: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut config: ServerConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if let Some(base) = base {
+            for model in &mut config.models {
+                for p in [&mut model.path, &mut model.chat_template].into_iter().flatten() {
+                    if p.is_relative() {
+                        *p = base.join(&*p);
+                    }
+                }
+            }
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Adds a model, or replaces the one with the same id.
+    pub fn upsert_model(&mut self, model: ModelConfig) {
+        match self.models.iter_mut().find(|m| m.id == model.id) {
+            Some(existing) => *existing = model,
+            None => self.models.push(model),
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut seen = std::collections::HashSet::new();
+        for model in &self.models {
+            if model.id.trim().is_empty() {
+                return Err(ConfigError::Invalid("a model has an empty id".into()));
+            }
+            if !seen.insert(model.id.as_str()) {
+                return Err(ConfigError::Invalid(format!(
+                    "model id `{}` is used twice",
+                    model.id
+                )));
+            }
+            match (&model.path, &model.fetched) {
+                (None, None) => {
+                    return Err(ConfigError::Invalid(format!(
+                        "model `{}` needs `path` (GGUF file or Hugging Face folder) or `fetched` (a name from `fusechat models list`)",
+                        model.id
+                    )))
+                }
+                (Some(_), Some(_)) => {
+                    return Err(ConfigError::Invalid(format!(
+                        "model `{}` has both `path` and `fetched`; keep one",
+                        model.id
+                    )))
+                }
+                _ => {}
+            }
+            if model.max_seqs == 0 {
+                return Err(ConfigError::Invalid(format!(
+                    "model `{}`: max_seqs must be at least 1",
+                    model.id
+                )));
+            }
+        }
+        if self.limits.max_n == 0 || self.limits.max_tokens == 0 {
+            return Err(ConfigError::Invalid(
+                "limits.max_n and limits.max_tokens must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_serves_the_three_models() {
+        let config = ServerConfig::embedded_default();
+        let ids: Vec<_> = config.models.iter().map(|m| m.id.as_str()).collect();
+        assert_eq!(
+            ids,
+            ["smollm2-135m-instruct", "gemma-3-270m", "qwen2.5-coder-0.5b-instruct"]
+        );
+        assert_eq!(config.listen.host, "127.0.0.1");
+    }
+
+    #[test]
+    fn relative_paths_follow_the_config_file() {
+        let dir = std::env::temp_dir().join(format!("fusechat-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("serve.toml");
+        std::fs::write(&file, "[[models]]\nid = \"a\"\npath = \"weights/a.gguf\"\n").unwrap();
+        let config = ServerConfig::load(&file).unwrap();
+        assert_eq!(config.models[0].source(), ModelSource::Path(dir.join("weights/a.gguf")));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_model_without_weights_is_refused() {
+        let err = ServerConfig::parse("[[models]]\nid = \"a\"\n", Path::new("x.toml"), None)
+            .unwrap_err();
+        assert!(err.to_string().contains("needs `path`"), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = ServerConfig::parse("[listen]\nhots = \"x\"\n", Path::new("x.toml"), None)
+            .unwrap_err();
+        assert!(err.to_string().contains("hots"), "{err}");
+    }
+
+    #[test]
+    fn upsert_replaces_same_id() {
+        let mut config = ServerConfig::embedded_default();
+        config.upsert_model(ModelConfig::from_path("gemma-3-270m", "/x/g.gguf".into()));
+        config.upsert_model(ModelConfig::from_path("new", "/x/n.gguf".into()));
+        assert_eq!(config.models.len(), 4);
+        assert_eq!(config.models[1].source(), ModelSource::Path("/x/g.gguf".into()));
+    }
+}

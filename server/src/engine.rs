@@ -1,0 +1,372 @@
+//! The engine side: loading one model into mistralrs and talking to it.
+//!
+//! Each served model is its own mistralrs engine (its own scheduler thread
+//! doing continuous batching), so models never wait on each other and one can
+//! later be replaced without touching the rest.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use either::Either;
+use indexmap::IndexMap;
+use mistralrs::core::{RequestMessage, TokenizationRequest};
+use mistralrs::{
+    Constraint, GgufModelBuilder, IsqType, Model, ModelDType, MultimodalModelBuilder, NormalRequest,
+    Request, Response, SamplingParams, TextModelBuilder, TokenSource,
+};
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+
+use crate::config::{Isq, ModelConfig, ModelSource, SamplingDefaults};
+use crate::error::ApiError;
+use crate::queue::Admission;
+
+/// What the engine is asked to continue.
+#[derive(Debug, Clone)]
+pub enum Prompt {
+    /// A conversation, rendered with the model's chat template.
+    Chat(Vec<(String, String)>),
+    /// Raw text (`/v1/completions`).
+    Text(String),
+}
+
+/// One sequence for the engine to generate: one choice of a request.
+pub struct SequenceJob {
+    pub prompt: Prompt,
+    pub sampling: SamplingParams,
+    pub logits_processor: Option<Arc<dyn mistralrs::CustomLogitsProcessor>>,
+    pub logprobs: bool,
+    pub constraint: Constraint,
+}
+
+/// A model loaded into its own engine, ready for requests.
+pub struct LoadedModel {
+    pub id: String,
+    /// Hash of the weights, sent back as `system_fingerprint`.
+    pub fingerprint: String,
+    /// Context length in tokens.
+    pub max_seq_len: usize,
+    pub defaults: SamplingDefaults,
+    pub admission: Admission,
+    engine: Model,
+}
+
+/// How a weights location is loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WeightsKind {
+    /// A GGUF file whose architecture mistralrs's GGUF loader takes.
+    Gguf { dir: PathBuf, file: String },
+    /// A Hugging Face folder, loaded through mistralrs's text loader or,
+    /// for Gemma 3 (even text-only), its multimodal loader.
+    Hf {
+        dir: PathBuf,
+        multimodal: bool,
+        /// What `isq` means when the config leaves it unset.
+        default_isq: Isq,
+    },
+}
+
+/// GGUF architectures served straight from the GGUF file by mistralrs 0.8's
+/// GGUF loader. Every other architecture is imported once into a Hugging Face
+/// folder and served from its float weights. `llama` is left out on purpose:
+/// mistralrs 0.8.1's quantized path decodes SmolLM2-135M-Instruct wrongly
+/// (greedy "What is the capital of France?" gives "L'Étoile, la Marseillaise,
+/// ..." from the Q4_1 GGUF, and garbage from the folder with Q8_0 in-situ
+/// quantization), where transformers on the same GGUF, and mistralrs on the
+/// imported float folder, give "The capital of France is Paris.".
+const GGUF_NATIVE: &[&str] = &["qwen2", "qwen3", "phi2", "phi3", "starcoder2"];
+
+impl LoadedModel {
+    pub async fn load(config: &ModelConfig, weights: &Path, home: &Path) -> anyhow::Result<Self> {
+        let kind = resolve_weights(weights, home, config.requantize)
+            .await
+            .with_context(|| format!("model `{}`: cannot use {}", config.id, weights.display()))?;
+        let fingerprint = {
+            let kind = kind.clone();
+            tokio::task::spawn_blocking(move || fingerprint(&kind)).await??
+        };
+        let template = config
+            .chat_template
+            .as_ref()
+            .map(|p| p.to_string_lossy().to_string());
+        tracing::info!(model = %config.id, ?kind, "loading");
+        let engine = match &kind {
+            WeightsKind::Gguf { dir, file } => {
+                let mut builder = GgufModelBuilder::new(dir.to_string_lossy(), vec![file.clone()])
+                    .with_token_source(TokenSource::None)
+                    .with_max_num_seqs(config.max_seqs)
+                    .with_prefix_cache_n(None);
+                if let Some(t) = template {
+                    builder = builder.with_jinja_explicit(t);
+                }
+                builder.build().await
+            }
+            WeightsKind::Hf { dir, multimodal, default_isq } => {
+                let isq = match config.isq.unwrap_or(*default_isq) {
+                    Isq::None => None,
+                    Isq::Q8_0 => Some(IsqType::Q8_0),
+                    Isq::Q4k => Some(IsqType::Q4K),
+                };
+                // On CPU the activations stay f32: f16 overflows in Gemma 3 and
+                // has no fast CPU kernels anyway.
+                let dtype = if cfg!(feature = "cuda") { ModelDType::Auto } else { ModelDType::F32 };
+                if *multimodal {
+                    let mut builder = MultimodalModelBuilder::new(dir.to_string_lossy())
+                        .with_token_source(TokenSource::None)
+                        .with_dtype(dtype)
+                        .with_max_num_seqs(config.max_seqs)
+                        .with_prefix_cache_n(None);
+                    if let Some(isq) = isq {
+                        builder = builder.with_isq(isq);
+                    }
+                    if let Some(t) = template {
+                        builder = builder.with_jinja_explicit(t);
+                    }
+                    builder.build().await
+                } else {
+                    let mut builder = TextModelBuilder::new(dir.to_string_lossy())
+                        .with_token_source(TokenSource::None)
+                        .with_dtype(dtype)
+                        .with_max_num_seqs(config.max_seqs)
+                        .with_prefix_cache_n(None);
+                    if let Some(isq) = isq {
+                        builder = builder.with_isq(isq);
+                    }
+                    if let Some(t) = template {
+                        builder = builder.with_jinja_explicit(t);
+                    }
+                    builder.build().await
+                }
+            }
+        }
+        .with_context(|| format!("model `{}`: the engine could not load {}", config.id, weights.display()))?;
+        let max_seq_len = engine
+            .max_sequence_length()
+            .ok()
+            .flatten()
+            .context("the engine does not report a context length")?;
+        Ok(Self {
+            id: config.id.clone(),
+            fingerprint,
+            max_seq_len,
+            defaults: config.defaults.clone(),
+            admission: Admission::new(config.max_seqs, config.max_waiting),
+            engine,
+        })
+    }
+
+    /// Number of tokens the prompt takes once rendered (chat template and
+    /// special tokens included).
+    pub async fn count_prompt_tokens(&self, prompt: &Prompt) -> Result<usize, ApiError> {
+        let (tx, mut rx) = mpsc::channel(1);
+        let text = match prompt {
+            Prompt::Chat(messages) => Either::Left(engine_messages(messages)),
+            Prompt::Text(text) => Either::Right(text.clone()),
+        };
+        let request = Request::Tokenize(TokenizationRequest {
+            text,
+            tools: None,
+            add_generation_prompt: true,
+            add_special_tokens: true,
+            enable_thinking: None,
+            reasoning_effort: None,
+            response: tx,
+        });
+        self.send(request).await?;
+        match rx.recv().await {
+            Some(Ok(tokens)) => Ok(tokens.len()),
+            Some(Err(e)) => Err(ApiError::invalid_body(
+                format!("the prompt cannot be rendered for this model: {e}"),
+                Some("messages".into()),
+            )),
+            None => Err(ApiError::internal("the engine dropped a tokenization request")),
+        }
+    }
+
+    /// Starts one sequence; its chunks arrive on the returned receiver.
+    /// Dropping the receiver cancels the sequence.
+    pub async fn start(&self, job: SequenceJob) -> Result<mpsc::Receiver<Response>, ApiError> {
+        let (tx, rx) = mpsc::channel(64);
+        let messages = match job.prompt {
+            Prompt::Chat(messages) => RequestMessage::Chat {
+                messages: engine_messages(&messages),
+                enable_thinking: None,
+                reasoning_effort: None,
+            },
+            Prompt::Text(text) => RequestMessage::Completion {
+                text,
+                echo_prompt: false,
+                best_of: None,
+            },
+        };
+        let request = Request::Normal(Box::new(NormalRequest {
+            messages,
+            sampling_params: job.sampling,
+            response: tx,
+            return_logprobs: job.logprobs,
+            is_streaming: true,
+            id: 0,
+            constraint: job.constraint,
+            suffix: None,
+            tools: None,
+            tool_choice: None,
+            logits_processors: job.logits_processor.map(|p| vec![p]),
+            return_raw_logits: false,
+            web_search_options: None,
+            model_id: None,
+            truncate_sequence: false,
+        }));
+        self.send(request).await?;
+        Ok(rx)
+    }
+
+    async fn send(&self, request: Request) -> Result<(), ApiError> {
+        let sender = self
+            .engine
+            .inner()
+            .get_sender(None)
+            .map_err(|e| ApiError::internal(format!("engine of `{}` unavailable: {e}", self.id)))?;
+        sender
+            .send(request)
+            .await
+            .map_err(|_| ApiError::internal(format!("engine of `{}` has stopped", self.id)))
+    }
+}
+
+fn engine_messages(messages: &[(String, String)]) -> Vec<IndexMap<String, mistralrs::MessageContent>> {
+    messages
+        .iter()
+        .map(|(role, content)| {
+            let mut m = IndexMap::new();
+            m.insert("role".to_string(), Either::Left(role.clone()));
+            m.insert("content".to_string(), Either::Left(content.clone()));
+            m
+        })
+        .collect()
+}
+
+/// Where the weights of a configured model are on disk, fetching the
+/// embedded default models when needed.
+pub fn weights_path(config: &ModelConfig, home: &Path) -> anyhow::Result<PathBuf> {
+    match config.source() {
+        ModelSource::Path(path) => Ok(path),
+        ModelSource::Fetched(name) => {
+            let spec = fusechat_models::fetch::find(&name).with_context(|| {
+                format!(
+                    "model `{}`: `{name}` is not a fetchable model; `fusechat models list` names them",
+                    config.id
+                )
+            })?;
+            fusechat_models::fetch::ensure(spec, home).map_err(anyhow::Error::from)
+        }
+    }
+}
+
+/// Decides how to load `path`; a GGUF of an architecture the GGUF loader
+/// lacks (gemma3) is imported once into a Hugging Face folder under `home`.
+pub async fn resolve_weights(path: &Path, home: &Path, requantize: bool) -> anyhow::Result<WeightsKind> {
+    if path.is_dir() {
+        return resolve_weights_folder(path, Isq::None);
+    }
+    if !path.is_file() {
+        bail!("no such file or folder");
+    }
+    let arch = gguf_architecture(path)?;
+    if GGUF_NATIVE.contains(&arch.as_str()) {
+        let path = if requantize && fusechat_models::requant::needs_requant(path)? {
+            requantized(path, home).await?
+        } else {
+            path.to_path_buf()
+        };
+        let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let file = path
+            .file_name()
+            .context("GGUF path has no file name")?
+            .to_string_lossy()
+            .to_string();
+        return Ok(WeightsKind::Gguf { dir, file });
+    }
+    let out = derived_path(path, home, "imported")?;
+    if !out.join("config.json").exists() {
+        tracing::info!(gguf = %path.display(), out = %out.display(), %arch, "importing GGUF into a Hugging Face folder (once)");
+        let (src, dst) = (path.to_path_buf(), out.clone());
+        tokio::task::spawn_blocking(move || fusechat_models::import::import_gguf(&src, &dst))
+            .await?
+            .with_context(|| format!("importing {} ({arch})", path.display()))?;
+    }
+    resolve_weights_folder(&out, Isq::None)
+}
+
+/// `home/requant/<stem>-<size>.q8_0.gguf`, written once.
+async fn requantized(gguf: &Path, home: &Path) -> anyhow::Result<PathBuf> {
+    let mut name = derived_path(gguf, home, "requant")?.into_os_string();
+    name.push(".q8_0.gguf");
+    let out = PathBuf::from(name);
+    if !out.exists() {
+        tracing::info!(gguf = %gguf.display(), out = %out.display(), "requantising Q4_1/Q5 tensors to Q8_0 (once)");
+        let (src, dst) = (gguf.to_path_buf(), out.clone());
+        let converted = tokio::task::spawn_blocking(move || fusechat_models::requant::requant_to_q8_0(&src, &dst))
+            .await??;
+        tracing::info!(converted, "requantised");
+    }
+    Ok(out)
+}
+
+fn resolve_weights_folder(dir: &Path, default_isq: Isq) -> anyhow::Result<WeightsKind> {
+    let config_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&config_path)
+        .with_context(|| format!("{} is a folder without config.json", dir.display()))?;
+    let config: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", config_path.display()))?;
+    let arch = config["architectures"][0].as_str().unwrap_or_default();
+    Ok(WeightsKind::Hf {
+        dir: dir.to_path_buf(),
+        multimodal: arch.starts_with("Gemma3"),
+        default_isq,
+    })
+}
+
+/// `home/<kind>/<stem>-<size>`: one derived copy per distinct GGUF file.
+fn derived_path(gguf: &Path, home: &Path, kind: &str) -> anyhow::Result<PathBuf> {
+    let size = std::fs::metadata(gguf)?.len();
+    let stem = gguf
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_else(|| "model".into());
+    Ok(home.join(kind).join(format!("{stem}-{size}")))
+}
+
+pub fn gguf_architecture(path: &Path) -> anyhow::Result<String> {
+    let mut file = std::fs::File::open(path)?;
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file)
+        .with_context(|| format!("{} is not a GGUF file", path.display()))?;
+    let arch = content
+        .metadata
+        .get("general.architecture")
+        .context("the GGUF file has no general.architecture")?
+        .to_string()
+        .context("general.architecture is not a string")?;
+    Ok(arch.clone())
+}
+
+/// sha256 over the weight files, shortened: it names the exact weights.
+fn fingerprint(kind: &WeightsKind) -> anyhow::Result<String> {
+    let files: Vec<PathBuf> = match kind {
+        WeightsKind::Gguf { dir, file } => vec![dir.join(file)],
+        WeightsKind::Hf { dir, .. } => {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+                .collect();
+            files.sort();
+            files
+        }
+    };
+    let mut hasher = Sha256::new();
+    for file in files {
+        let mut f = std::fs::File::open(&file)?;
+        std::io::copy(&mut f, &mut hasher)?;
+    }
+    Ok(format!("fp_{}", &hex::encode(hasher.finalize())[..16]))
+}

@@ -1,0 +1,350 @@
+//! Generation: runs a validated request on a loaded model and yields one
+//! merged stream of events for all its choices.
+//!
+//! Steps, in order: count the prompt's tokens and check the context; wait for
+//! seats in the model's batch (or 429); start one engine sequence per choice;
+//! filter each choice's text for stop sequences; time it all for /metrics.
+//! The HTTP layer turns the events into SSE chunks or one JSON body.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use mistralrs::{Constraint, Response, SamplingParams, StopTokens};
+use tokio::sync::mpsc;
+
+use crate::config::Limits;
+use crate::engine::{LoadedModel, SequenceJob};
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::protocol::{TokenLogprob, TopLogprob, Usage};
+use crate::queue::{Refused, Seats};
+use crate::seeded::{SamplingKnobs, SeededSampler};
+use crate::stop::StopFilter;
+use crate::validation::GenerateRequest;
+
+/// What the HTTP layer receives, in order per choice.
+#[derive(Debug)]
+pub enum Event {
+    /// Text for choice `index` (may be empty when only a log-probability came).
+    Piece {
+        index: u32,
+        text: String,
+        logprob: Option<TokenLogprob>,
+    },
+    /// Choice `index` ended.
+    Finished {
+        index: u32,
+        reason: &'static str,
+        usage: Usage,
+    },
+    /// Choice `index` failed; the request should end with this error.
+    Failed { index: u32, error: ApiError },
+}
+
+/// A started generation: metadata known up front plus the event stream.
+pub struct Generation {
+    pub prompt_tokens: u64,
+    pub events: mpsc::Receiver<Event>,
+}
+
+/// Shared by a request's choice tasks; when the last one ends, the seats go
+/// back to the queue and the request's end-to-end time is recorded.
+struct RequestTrace {
+    model: Arc<LoadedModel>,
+    metrics: Arc<Metrics>,
+    accepted: Instant,
+    first_token_seen: AtomicBool,
+    _seats: Seats,
+}
+
+impl Drop for RequestTrace {
+    fn drop(&mut self) {
+        self.metrics
+            .e2e_latency
+            .with_label_values(&[&self.model.id])
+            .observe(self.accepted.elapsed().as_secs_f64());
+    }
+}
+
+pub async fn start(
+    model: Arc<LoadedModel>,
+    req: GenerateRequest,
+    limits: &Limits,
+    metrics: Arc<Metrics>,
+) -> Result<Generation, ApiError> {
+    let accepted = Instant::now();
+    let prompt_tokens = model.count_prompt_tokens(&req.prompt).await? as u64;
+    let context = model.max_seq_len as u64;
+    if prompt_tokens >= context {
+        return Err(ApiError::context_length_exceeded(format!(
+            "This model's maximum context length is {context} tokens. However, your messages resulted in {prompt_tokens} tokens. Please reduce the length of the messages."
+        )));
+    }
+    let max_tokens = match req.max_tokens {
+        Some(asked) if prompt_tokens + asked > context => {
+            return Err(ApiError::context_length_exceeded(format!(
+                "This model's maximum context length is {context} tokens. However, you requested {} tokens ({prompt_tokens} in the messages, {asked} in the completion). Please reduce the length of the messages or completion.",
+                prompt_tokens + asked
+            )))
+        }
+        Some(asked) => asked,
+        None => model
+            .defaults
+            .max_tokens
+            .unwrap_or(limits.max_tokens)
+            .min(context - prompt_tokens),
+    };
+
+    let seats = model.admission.admit(req.n).await.map_err(|refused| match refused {
+        Refused::QueueFull => ApiError::overloaded(&model.id, 1),
+        Refused::TooManySequences { max } => ApiError::invalid_param(
+            "n",
+            format!("`n` is larger than the {max} sequences model `{}` runs at once.", model.id),
+        ),
+    })?;
+    metrics
+        .queue_time
+        .with_label_values(&[&model.id])
+        .observe(seats.queued_for.as_secs_f64());
+    metrics
+        .prompt_tokens
+        .with_label_values(&[&model.id])
+        .inc_by(prompt_tokens);
+
+    let sampling = req.sampling.with_defaults(&model.defaults);
+    let trace = Arc::new(RequestTrace {
+        model: model.clone(),
+        metrics: metrics.clone(),
+        accepted,
+        first_token_seen: AtomicBool::new(false),
+        _seats: seats,
+    });
+    let (tx, rx) = mpsc::channel(64 * req.n);
+    for index in 0..req.n {
+        let greedy = sampling.is_greedy() || sampling.temperature.is_none();
+        let seeded = req.seed.filter(|_| !greedy).map(|seed| {
+            let knobs = SamplingKnobs {
+                temperature: sampling.temperature.unwrap_or(1.0),
+                top_k: sampling.top_k,
+                top_p: sampling.top_p,
+                min_p: sampling.min_p,
+            };
+            // Each choice gets its own stream, derived from the seed.
+            Arc::new(SeededSampler::new(seed.wrapping_add(index as u64), knobs))
+                as Arc<dyn mistralrs::CustomLogitsProcessor>
+        });
+        let params = SamplingParams {
+            // Greedy (and seeded, where the processor samples) is the engine's argmax.
+            // mistralrs 0.8.1 takes argmax only with top_k = 1: with no temperature
+            // and no top_k it samples at temperature 1.
+            temperature: if greedy || seeded.is_some() { None } else { sampling.temperature },
+            top_k: if greedy || seeded.is_some() { Some(1) } else { sampling.top_k },
+            top_p: if seeded.is_some() { None } else { sampling.top_p },
+            min_p: if seeded.is_some() { None } else { sampling.min_p },
+            top_n_logprobs: req.logprobs.unwrap_or(0),
+            frequency_penalty: sampling.frequency_penalty,
+            presence_penalty: sampling.presence_penalty,
+            repetition_penalty: sampling.repetition_penalty,
+            stop_toks: (!req.stop.is_empty()).then(|| StopTokens::Seqs(req.stop.clone())),
+            max_len: Some(max_tokens as usize),
+            logits_bias: None,
+            n_choices: 1,
+            dry_params: None,
+        };
+        let job = SequenceJob {
+            prompt: req.prompt.clone(),
+            sampling: params,
+            logits_processor: seeded,
+            logprobs: req.logprobs.is_some(),
+            constraint: match &req.json_schema {
+                Some(schema) => Constraint::JsonSchema(schema.clone()),
+                None => Constraint::None,
+            },
+        };
+        let engine_rx = model.start(job).await?;
+        let choice = ChoiceTask {
+            index: index as u32,
+            trace: trace.clone(),
+            stop: StopFilter::new(req.stop.clone()),
+            prompt_tokens,
+            out: tx.clone(),
+        };
+        tokio::spawn(choice.run(engine_rx));
+    }
+    Ok(Generation {
+        prompt_tokens,
+        events: rx,
+    })
+}
+
+struct ChoiceTask {
+    index: u32,
+    trace: Arc<RequestTrace>,
+    stop: StopFilter,
+    prompt_tokens: u64,
+    out: mpsc::Sender<Event>,
+}
+
+/// One engine chunk, whichever endpoint it came from.
+struct EngineChunk {
+    text: String,
+    logprob: Option<mistralrs::core::ResponseLogprob>,
+    finish_reason: Option<String>,
+    usage: Option<mistralrs::Usage>,
+}
+
+impl ChoiceTask {
+    async fn run(mut self, mut engine: mpsc::Receiver<Response>) {
+        let model_id = self.trace.model.id.clone();
+        let metrics = self.trace.metrics.clone();
+        let mut last_piece: Option<Instant> = None;
+        let mut pieces: u64 = 0;
+        let outcome: Result<(&'static str, Option<mistralrs::Usage>), ApiError> = loop {
+            let Some(response) = engine.recv().await else {
+                // The engine ended the sequence without a final chunk.
+                break Ok(("stop", None));
+            };
+            let chunk = match into_chunk(response) {
+                Ok(chunk) => chunk,
+                Err(error) => break Err(error),
+            };
+            let now = Instant::now();
+            match last_piece {
+                None => {
+                    if !self.trace.first_token_seen.swap(true, Ordering::AcqRel) {
+                        metrics
+                            .time_to_first_token
+                            .with_label_values(&[&model_id])
+                            .observe((now - self.trace.accepted).as_secs_f64());
+                    }
+                }
+                Some(prev) => metrics
+                    .inter_token_latency
+                    .with_label_values(&[&model_id])
+                    .observe((now - prev).as_secs_f64()),
+            }
+            last_piece = Some(now);
+            pieces += 1;
+
+            let was_stopped = self.stop.is_stopped();
+            let filtered = self.stop.push(&chunk.text);
+            if !was_stopped && (!filtered.text.is_empty() || chunk.logprob.is_some()) {
+                let logprob = chunk.logprob.filter(|_| !filtered.stopped).map(convert_logprob);
+                let piece = Event::Piece {
+                    index: self.index,
+                    text: filtered.text,
+                    logprob,
+                };
+                if self.out.send(piece).await.is_err() {
+                    // Client gone: dropping the engine receiver cancels the sequence.
+                    metrics
+                        .requests_finished
+                        .with_label_values(&[&model_id, "cancelled"])
+                        .inc();
+                    return;
+                }
+            }
+            if let Some(reason) = chunk.finish_reason {
+                let reason = if self.stop.is_stopped() || reason != "length" { "stop" } else { "length" };
+                break Ok((reason, chunk.usage));
+            }
+        };
+        let event = match outcome {
+            Ok((reason, usage)) => {
+                let tail = self.stop.finish();
+                if !tail.is_empty() {
+                    let _ = self
+                        .out
+                        .send(Event::Piece { index: self.index, text: tail, logprob: None })
+                        .await;
+                }
+                let usage = match usage {
+                    Some(u) => Usage {
+                        prompt_tokens: u.prompt_tokens as u64,
+                        completion_tokens: u.completion_tokens as u64,
+                        total_tokens: (u.prompt_tokens + u.completion_tokens) as u64,
+                    },
+                    // Completions chunks carry no usage: one chunk per token.
+                    None => Usage {
+                        prompt_tokens: self.prompt_tokens,
+                        completion_tokens: pieces,
+                        total_tokens: self.prompt_tokens + pieces,
+                    },
+                };
+                metrics
+                    .generation_tokens
+                    .with_label_values(&[&model_id])
+                    .inc_by(usage.completion_tokens);
+                metrics
+                    .requests_finished
+                    .with_label_values(&[&model_id, reason])
+                    .inc();
+                Event::Finished { index: self.index, reason, usage }
+            }
+            Err(error) => {
+                metrics
+                    .requests_finished
+                    .with_label_values(&[&model_id, "error"])
+                    .inc();
+                Event::Failed { index: self.index, error }
+            }
+        };
+        let _ = self.out.send(event).await;
+    }
+}
+
+fn into_chunk(response: Response) -> Result<EngineChunk, ApiError> {
+    match response {
+        Response::Chunk(mut chunk) => {
+            let choice = chunk.choices.pop();
+            Ok(EngineChunk {
+                text: choice.as_ref().and_then(|c| c.delta.content.clone()).unwrap_or_default(),
+                finish_reason: choice.as_ref().and_then(|c| c.finish_reason.clone()),
+                logprob: choice.and_then(|c| c.logprobs),
+                usage: chunk.usage,
+            })
+        }
+        Response::CompletionChunk(mut chunk) => {
+            let choice = chunk.choices.pop();
+            Ok(EngineChunk {
+                text: choice.as_ref().map(|c| c.text.clone()).unwrap_or_default(),
+                finish_reason: choice.as_ref().and_then(|c| c.finish_reason.clone()),
+                logprob: choice.and_then(|c| c.logprobs),
+                usage: None,
+            })
+        }
+        Response::ValidationError(e) => Err(ApiError::invalid_body(e.to_string(), None)),
+        Response::InternalError(e) => Err(ApiError::internal(format!("engine error: {e}"))),
+        Response::ModelError(e, _) | Response::CompletionModelError(e, _) => {
+            Err(ApiError::internal(format!("model error: {e}")))
+        }
+        other => Err(ApiError::internal(format!(
+            "unexpected engine response: {}",
+            match other {
+                Response::Done(_) | Response::CompletionDone(_) => "done without streaming",
+                _ => "not a text response",
+            }
+        ))),
+    }
+}
+
+fn convert_logprob(l: mistralrs::core::ResponseLogprob) -> TokenLogprob {
+    TokenLogprob {
+        token: l.token,
+        logprob: l.logprob,
+        bytes: l.bytes,
+        top_logprobs: l
+            .top_logprobs
+            .into_iter()
+            .map(|t| {
+                let text = t.bytes.unwrap_or_default();
+                TopLogprob {
+                    logprob: t.logprob,
+                    bytes: Some(text.clone().into_bytes()),
+                    token: text,
+                }
+            })
+            .collect(),
+    }
+}

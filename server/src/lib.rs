@@ -1,0 +1,26 @@
+//! fusechat's server: the OpenAI API over mistralrs engines, one per model.
+//!
+//! Follow a request: `routes` (HTTP) -> `validation` (checks, defaults) ->
+//! `generate` (context check, `queue` admission, engine sequences, `stop`
+//! filtering, timing) -> `respond` (JSON body or server-sent events).
+//! `engine` loads models; `state` holds them; `metrics` and `openapi` serve
+//! `/metrics` and `/openapi.json`; `app` wires it together.
+
+pub mod app;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod generate;
+pub mod metrics;
+pub mod openapi;
+pub mod protocol;
+pub mod queue;
+pub mod respond;
+pub mod routes;
+pub mod seeded;
+pub mod state;
+pub mod stop;
+pub mod validation;
+
+pub use app::serve;
+pub use config::ServerConfig;

@@ -1,0 +1,300 @@
+//! The OpenAI wire format: request and response bodies exactly as OpenAI's
+//! clients send and expect them. Nothing here knows about the engine; the
+//! `validation` module turns these requests into engine work.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// `POST /v1/chat/completions` body.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct ChatCompletionRequest {
+    /// Model id or alias, as listed by `GET /v1/models`.
+    pub model: String,
+    /// The conversation so far. At least one message.
+    pub messages: Vec<ChatMessage>,
+    #[serde(flatten)]
+    pub sampling: SamplingRequest,
+    /// Older name of `max_completion_tokens`.
+    pub max_tokens: Option<u64>,
+    /// Upper bound on generated tokens per choice.
+    pub max_completion_tokens: Option<u64>,
+    /// Return log-probabilities of the generated tokens.
+    pub logprobs: Option<bool>,
+    /// How many alternatives per position to return with `logprobs` (0-20).
+    pub top_logprobs: Option<u32>,
+    /// `{"type":"text"}`, `{"type":"json_object"}` or `{"type":"json_schema","json_schema":{...}}`.
+    pub response_format: Option<ResponseFormat>,
+    /// Stream the answer as server-sent events.
+    pub stream: Option<bool>,
+    pub stream_options: Option<StreamOptions>,
+    /// Free-form end-user id; accepted and ignored.
+    pub user: Option<String>,
+}
+
+/// `POST /v1/completions` body.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct CompletionRequest {
+    pub model: String,
+    /// The text to continue: a string, or a list holding exactly one string.
+    pub prompt: PromptInput,
+    #[serde(flatten)]
+    pub sampling: SamplingRequest,
+    pub max_tokens: Option<u64>,
+    /// Return log-probabilities; the number is how many alternatives per position (0-5).
+    pub logprobs: Option<u32>,
+    /// Prepend the prompt to the completion text.
+    pub echo: Option<bool>,
+    pub stream: Option<bool>,
+    pub stream_options: Option<StreamOptions>,
+    pub user: Option<String>,
+}
+
+/// Sampling fields shared by both endpoints.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+pub struct SamplingRequest {
+    /// Number of choices to generate.
+    pub n: Option<u32>,
+    /// 0 means greedy decoding. 0 to 2.
+    pub temperature: Option<f64>,
+    /// Nucleus sampling mass, in (0, 1].
+    pub top_p: Option<f64>,
+    /// Keep only the k most likely tokens; 0 or -1 disables.
+    pub top_k: Option<i64>,
+    /// Drop tokens whose probability is below `min_p` times the top one, in [0, 1].
+    pub min_p: Option<f64>,
+    /// Multiplicative penalty on tokens already present, > 0 (1 disables).
+    pub repetition_penalty: Option<f32>,
+    /// -2 to 2.
+    pub presence_penalty: Option<f32>,
+    /// -2 to 2.
+    pub frequency_penalty: Option<f32>,
+    /// Up to 4 sequences where generation stops; they are not part of the returned text.
+    pub stop: Option<StopSequences>,
+    /// Same seed, same parameters and same prompt: same output.
+    pub seed: Option<i64>,
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum StopSequences {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl StopSequences {
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            StopSequences::One(s) => vec![s],
+            StopSequences::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum PromptInput {
+    Text(String),
+    Batch(Vec<String>),
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct StreamOptions {
+    /// Send a last chunk with `usage` and no choices.
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct ChatMessage {
+    /// `system`, `developer`, `user`, `assistant` or `tool`.
+    pub role: String,
+    /// A string, a list of `{"type":"text","text":...}` parts, or null (assistant turns only).
+    pub content: Option<MessageContent>,
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum MessageContent {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub text: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ResponseFormat {
+    Text,
+    JsonObject,
+    JsonSchema { json_schema: JsonSchemaFormat },
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct JsonSchemaFormat {
+    pub name: Option<String>,
+    #[schema(value_type = Object)]
+    pub schema: Option<serde_json::Value>,
+    pub strict: Option<bool>,
+}
+
+// ---------------------------------------------------------------- responses
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ChatCompletion {
+    pub id: String,
+    /// Always `chat.completion`.
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    /// Identifies the weights that produced the answer.
+    pub system_fingerprint: String,
+    pub choices: Vec<ChatChoice>,
+    pub usage: Usage,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ChatChoice {
+    pub index: u32,
+    pub message: AssistantMessage,
+    /// `stop` or `length`.
+    pub finish_reason: String,
+    pub logprobs: Option<ChoiceLogprobs>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct AssistantMessage {
+    pub role: &'static str,
+    pub content: String,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ChatCompletionChunk {
+    pub id: String,
+    /// Always `chat.completion.chunk`.
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub system_fingerprint: String,
+    pub choices: Vec<ChunkChoice>,
+    /// Only on the last chunk, and only with `stream_options.include_usage`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ChunkChoice {
+    pub index: u32,
+    pub delta: ChunkDelta,
+    pub finish_reason: Option<String>,
+    pub logprobs: Option<ChoiceLogprobs>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, ToSchema)]
+pub struct ChunkDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ChoiceLogprobs {
+    pub content: Vec<TokenLogprob>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct TokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Option<Vec<u8>>,
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct TopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Option<Vec<u8>>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, ToSchema, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub total_tokens: u64,
+}
+
+impl Usage {
+    pub fn add(&mut self, other: Usage) {
+        // The prompt is shared by every choice: count it once.
+        self.prompt_tokens = self.prompt_tokens.max(other.prompt_tokens);
+        self.completion_tokens += other.completion_tokens;
+        self.total_tokens = self.prompt_tokens + self.completion_tokens;
+    }
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Completion {
+    pub id: String,
+    /// Always `text_completion`.
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub system_fingerprint: String,
+    pub choices: Vec<CompletionChoice>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct CompletionChoice {
+    pub index: u32,
+    pub text: String,
+    pub finish_reason: Option<String>,
+    pub logprobs: Option<CompletionLogprobs>,
+}
+
+/// The legacy completions log-probability layout.
+#[derive(Debug, Clone, Default, Serialize, ToSchema)]
+pub struct CompletionLogprobs {
+    pub tokens: Vec<String>,
+    pub token_logprobs: Vec<f32>,
+    #[schema(value_type = Vec<Object>)]
+    pub top_logprobs: Vec<std::collections::BTreeMap<String, f32>>,
+    pub text_offset: Vec<usize>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ModelList {
+    /// Always `list`.
+    pub object: &'static str,
+    pub data: Vec<ModelCard>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ModelCard {
+    pub id: String,
+    /// Always `model`.
+    pub object: &'static str,
+    pub created: u64,
+    pub owned_by: String,
+    /// `ready`, `loading` or `failed`.
+    pub status: String,
+    /// Context length in tokens, once loaded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_model_len: Option<usize>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct HealthStatus {
+    pub status: String,
+    /// Per model: `ready`, `loading` or `failed: <why>`.
+    #[schema(value_type = Object)]
+    pub models: std::collections::BTreeMap<String, String>,
+}

@@ -1,0 +1,440 @@
+//! Validation: from a parsed OpenAI request to a [`GenerateRequest`] the
+//! generation layer can run without further checks. Every rejection here is a
+//! 400 that names the offending parameter.
+
+use serde::de::DeserializeOwned;
+
+use crate::config::{Limits, SamplingDefaults};
+use crate::engine::Prompt;
+use crate::error::ApiError;
+use crate::protocol::{
+    ChatCompletionRequest, CompletionRequest, MessageContent, PromptInput, ResponseFormat,
+    SamplingRequest,
+};
+
+/// A request that passed validation, for either endpoint.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub model: String,
+    pub prompt: Prompt,
+    pub n: usize,
+    pub sampling: Sampling,
+    /// As asked; `None` means "as much as the defaults and the context allow".
+    pub max_tokens: Option<u64>,
+    pub stop: Vec<String>,
+    pub seed: Option<u64>,
+    /// `Some(k)`: return log-probabilities with the top `k` alternatives.
+    pub logprobs: Option<usize>,
+    pub json_schema: Option<serde_json::Value>,
+    pub stream: bool,
+    pub include_usage: bool,
+    pub echo: bool,
+}
+
+/// Sampling knobs after validation; `None` means "model default".
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Sampling {
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<usize>,
+    pub min_p: Option<f64>,
+    pub repetition_penalty: Option<f32>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+}
+
+impl Sampling {
+    /// Fills what the request left open from the model's defaults.
+    pub fn with_defaults(&self, d: &SamplingDefaults) -> Sampling {
+        Sampling {
+            temperature: self.temperature.or(d.temperature),
+            top_p: self.top_p.or(d.top_p),
+            top_k: self.top_k.or(d.top_k),
+            min_p: self.min_p.or(d.min_p),
+            repetition_penalty: self.repetition_penalty.or(d.repetition_penalty),
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+        }
+    }
+
+    /// Greedy decoding: temperature 0 (the OpenAI convention) or top_k 1.
+    pub fn is_greedy(&self) -> bool {
+        self.temperature.is_some_and(|t| t == 0.0) || self.top_k == Some(1)
+    }
+}
+
+/// Parses a JSON body, naming the field that is wrong.
+/// The path and error of a bad sampling field, read on its own.
+fn locate_in_sampling(body: &[u8]) -> Option<(String, serde_json::Error)> {
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let err = serde_path_to_error::deserialize::<_, crate::protocol::SamplingRequest>(value).err()?;
+    let path = err.path().to_string();
+    (path != ".").then(|| (path, err.into_inner()))
+}
+
+pub fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    if body.is_empty() {
+        return Err(ApiError::invalid_body(
+            "The request body is empty; send a JSON object.",
+            None,
+        ));
+    }
+    let deserializer = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(deserializer).map_err(|err| {
+        let mut path = err.path().to_string();
+        let mut inner = err.into_inner();
+        if path == "." && inner.classify() == serde_json::error::Category::Data {
+            // serde loses the path inside `#[serde(flatten)]` fields: find it by
+            // reading the flattened sampling fields alone.
+            if let Some(located) = locate_in_sampling(body) {
+                (path, inner) = located;
+            }
+        }
+        let param = (path != ".").then_some(path.clone());
+        let message = match inner.classify() {
+            serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
+                format!("The request body is not valid JSON: {inner}")
+            }
+            serde_json::error::Category::Io => format!("The request body could not be read: {inner}"),
+            serde_json::error::Category::Data if path == "." => {
+                format!("The request body does not match the schema: {inner}")
+            }
+            serde_json::error::Category::Data => format!("Invalid value for `{path}`: {inner}"),
+        };
+        ApiError::invalid_body(message, param)
+    })
+}
+
+pub fn validate_chat(req: ChatCompletionRequest, limits: &Limits) -> Result<GenerateRequest, ApiError> {
+    if req.messages.is_empty() {
+        return Err(ApiError::invalid_param(
+            "messages",
+            "`messages` is empty; send at least one message.",
+        ));
+    }
+    let mut messages = Vec::with_capacity(req.messages.len());
+    for (i, m) in req.messages.into_iter().enumerate() {
+        let role = match m.role.as_str() {
+            "system" | "user" | "assistant" | "tool" => m.role,
+            "developer" => "system".to_string(),
+            other => {
+                return Err(ApiError::invalid_param(
+                    &format!("messages[{i}].role"),
+                    format!("`{other}` is not a role; use system, developer, user, assistant or tool."),
+                ))
+            }
+        };
+        let content = match m.content {
+            Some(MessageContent::Text(text)) => text,
+            Some(MessageContent::Parts(parts)) => {
+                let mut text = String::new();
+                for (j, part) in parts.into_iter().enumerate() {
+                    match (part.kind.as_str(), part.text) {
+                        ("text", Some(t)) => text.push_str(&t),
+                        (kind, _) => {
+                            return Err(ApiError::invalid_param(
+                                &format!("messages[{i}].content[{j}]"),
+                                format!("content parts of type `{kind}` are not supported by these text models; send `text` parts."),
+                            ))
+                        }
+                    }
+                }
+                text
+            }
+            None if role == "assistant" => String::new(),
+            None => {
+                return Err(ApiError::invalid_param(
+                    &format!("messages[{i}].content"),
+                    "`content` is required for this role.",
+                ))
+            }
+        };
+        messages.push((role, content));
+    }
+    let logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
+        (false, Some(_)) => {
+            return Err(ApiError::invalid_param(
+                "top_logprobs",
+                "`top_logprobs` needs `logprobs: true`.",
+            ))
+        }
+        (true, Some(k)) if k > 20 => {
+            return Err(ApiError::invalid_param("top_logprobs", "`top_logprobs` must be 0 to 20."))
+        }
+        (true, k) => Some(k.unwrap_or(0) as usize),
+        (false, None) => None,
+    };
+    if req.max_tokens.is_some() && req.max_completion_tokens.is_some() {
+        return Err(ApiError::invalid_param(
+            "max_tokens",
+            "Give `max_completion_tokens` or `max_tokens`, not both.",
+        ));
+    }
+    let json_schema = match req.response_format {
+        None | Some(ResponseFormat::Text) => None,
+        Some(ResponseFormat::JsonObject) => Some(serde_json::json!({"type": "object"})),
+        Some(ResponseFormat::JsonSchema { json_schema }) => Some(json_schema.schema.ok_or_else(|| {
+            ApiError::invalid_param(
+                "response_format.json_schema.schema",
+                "`json_schema.schema` is required.",
+            )
+        })?),
+    };
+    let stream = req.stream.unwrap_or(false);
+    let include_usage = stream_usage(stream, req.stream_options.map(|o| o.include_usage))?;
+    let common = validate_common(
+        req.sampling,
+        req.max_completion_tokens.or(req.max_tokens),
+        if req.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" },
+        limits,
+    )?;
+    Ok(GenerateRequest {
+        model: req.model,
+        prompt: Prompt::Chat(messages),
+        logprobs,
+        json_schema,
+        stream,
+        include_usage,
+        echo: false,
+        ..common
+    })
+}
+
+pub fn validate_completion(req: CompletionRequest, limits: &Limits) -> Result<GenerateRequest, ApiError> {
+    let prompt = match req.prompt {
+        PromptInput::Text(text) => text,
+        PromptInput::Batch(mut list) if list.len() == 1 => list.remove(0),
+        PromptInput::Batch(_) => {
+            return Err(ApiError::invalid_param(
+                "prompt",
+                "Send one prompt per request (a string, or a list of exactly one string).",
+            ))
+        }
+    };
+    if prompt.is_empty() {
+        return Err(ApiError::invalid_param("prompt", "`prompt` is empty."));
+    }
+    let logprobs = match req.logprobs {
+        Some(k) if k > 5 => {
+            return Err(ApiError::invalid_param("logprobs", "`logprobs` must be 0 to 5."))
+        }
+        other => other.map(|k| k as usize),
+    };
+    let stream = req.stream.unwrap_or(false);
+    let include_usage = stream_usage(stream, req.stream_options.map(|o| o.include_usage))?;
+    let common = validate_common(req.sampling, req.max_tokens, "max_tokens", limits)?;
+    Ok(GenerateRequest {
+        model: req.model,
+        prompt: Prompt::Text(prompt),
+        logprobs,
+        json_schema: None,
+        stream,
+        include_usage,
+        echo: req.echo.unwrap_or(false),
+        ..common
+    })
+}
+
+fn stream_usage(stream: bool, include_usage: Option<bool>) -> Result<bool, ApiError> {
+    match (stream, include_usage) {
+        (false, Some(_)) => Err(ApiError::invalid_param(
+            "stream_options",
+            "`stream_options` is only allowed with `stream: true`.",
+        )),
+        (_, include) => Ok(include.unwrap_or(false)),
+    }
+}
+
+/// Checks shared by both endpoints; the prompt-related fields are placeholders
+/// the callers fill in.
+fn validate_common(
+    s: SamplingRequest,
+    max_tokens: Option<u64>,
+    max_tokens_name: &str,
+    limits: &Limits,
+) -> Result<GenerateRequest, ApiError> {
+    let n = s.n.unwrap_or(1);
+    if n == 0 || n > limits.max_n {
+        return Err(ApiError::invalid_param(
+            "n",
+            format!("`n` must be 1 to {} (limits.max_n).", limits.max_n),
+        ));
+    }
+    if let Some(t) = s.temperature {
+        if !(0.0..=2.0).contains(&t) {
+            return Err(ApiError::invalid_param("temperature", "`temperature` must be 0 to 2."));
+        }
+    }
+    if let Some(p) = s.top_p {
+        if !(p > 0.0 && p <= 1.0) {
+            return Err(ApiError::invalid_param("top_p", "`top_p` must be in (0, 1]."));
+        }
+    }
+    let top_k = match s.top_k {
+        None | Some(0) | Some(-1) => None,
+        Some(k) if k > 0 => Some(k as usize),
+        Some(_) => {
+            return Err(ApiError::invalid_param(
+                "top_k",
+                "`top_k` must be a positive number, or 0 or -1 to disable it.",
+            ))
+        }
+    };
+    if let Some(p) = s.min_p {
+        if !(0.0..=1.0).contains(&p) {
+            return Err(ApiError::invalid_param("min_p", "`min_p` must be 0 to 1."));
+        }
+    }
+    if let Some(r) = s.repetition_penalty {
+        if !(r > 0.0 && r <= 10.0) {
+            return Err(ApiError::invalid_param(
+                "repetition_penalty",
+                "`repetition_penalty` must be in (0, 10]; 1 disables it.",
+            ));
+        }
+    }
+    for (name, value) in [
+        ("presence_penalty", s.presence_penalty),
+        ("frequency_penalty", s.frequency_penalty),
+    ] {
+        if let Some(v) = value {
+            if !(-2.0..=2.0).contains(&v) {
+                return Err(ApiError::invalid_param(name, format!("`{name}` must be -2 to 2.")));
+            }
+        }
+    }
+    if let Some(m) = max_tokens {
+        if m == 0 || m > limits.max_tokens {
+            return Err(ApiError::invalid_param(
+                max_tokens_name,
+                format!("`{max_tokens_name}` must be 1 to {} (limits.max_tokens).", limits.max_tokens),
+            ));
+        }
+    }
+    let stop = s.stop.map(|s| s.into_vec()).unwrap_or_default();
+    if stop.len() > limits.max_stop_sequences {
+        return Err(ApiError::invalid_param(
+            "stop",
+            format!("At most {} stop sequences.", limits.max_stop_sequences),
+        ));
+    }
+    if stop.iter().any(|s| s.is_empty()) {
+        return Err(ApiError::invalid_param("stop", "Stop sequences cannot be empty strings."));
+    }
+    Ok(GenerateRequest {
+        model: String::new(),
+        prompt: Prompt::Text(String::new()),
+        n: n as usize,
+        sampling: Sampling {
+            temperature: s.temperature,
+            top_p: s.top_p,
+            top_k,
+            min_p: s.min_p,
+            repetition_penalty: s.repetition_penalty,
+            presence_penalty: s.presence_penalty,
+            frequency_penalty: s.frequency_penalty,
+        },
+        max_tokens,
+        stop,
+        // Negative seeds are valid in OpenAI's API; keep their bits.
+        seed: s.seed.map(|s| s as u64),
+        logprobs: None,
+        json_schema: None,
+        stream: false,
+        include_usage: false,
+        echo: false,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chat(body: serde_json::Value) -> Result<GenerateRequest, ApiError> {
+        let req: ChatCompletionRequest = parse_body(body.to_string().as_bytes())?;
+        validate_chat(req, &Limits::default())
+    }
+
+    fn base() -> serde_json::Value {
+        serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    }
+
+    fn with(field: &str, value: serde_json::Value) -> serde_json::Value {
+        let mut b = base();
+        b[field] = value;
+        b
+    }
+
+    #[test]
+    fn a_plain_request_passes() {
+        let r = chat(base()).unwrap();
+        assert_eq!(r.n, 1);
+        assert!(!r.stream);
+        assert!(matches!(r.prompt, Prompt::Chat(ref m) if m == &[("user".to_string(), "hi".to_string())]));
+    }
+
+    #[test]
+    fn each_bad_parameter_is_named() {
+        let cases = [
+            ("n", serde_json::json!(0), "n"),
+            ("n", serde_json::json!(1000), "n"),
+            ("temperature", serde_json::json!(3.5), "temperature"),
+            ("top_p", serde_json::json!(0), "top_p"),
+            ("top_k", serde_json::json!(-5), "top_k"),
+            ("max_tokens", serde_json::json!(0), "max_tokens"),
+            ("max_tokens", serde_json::json!(10_000_000), "max_tokens"),
+            ("stop", serde_json::json!(["a", "b", "c", "d", "e"]), "stop"),
+            ("top_logprobs", serde_json::json!(3), "top_logprobs"),
+            ("presence_penalty", serde_json::json!(9), "presence_penalty"),
+            ("stream_options", serde_json::json!({"include_usage": true}), "stream_options"),
+        ];
+        for (field, value, param) in cases {
+            let err = chat(with(field, value.clone())).unwrap_err();
+            assert_eq!(err.status.as_u16(), 400, "{field}={value}");
+            assert_eq!(err.param.as_deref(), Some(param), "{field}={value}: {}", err.message);
+        }
+    }
+
+    #[test]
+    fn wrong_types_and_broken_json_are_400_with_a_path() {
+        let err = chat(with("temperature", serde_json::json!("hot"))).unwrap_err();
+        assert_eq!(err.status.as_u16(), 400);
+        assert!(err.message.contains("temperature"), "{}", err.message);
+        let err = parse_body::<ChatCompletionRequest>(b"{\"model\": ").unwrap_err();
+        assert!(err.message.contains("not valid JSON"), "{}", err.message);
+        let err = parse_body::<ChatCompletionRequest>(b"{\"model\":\"\xff\xfe\",\"messages\":[]}").unwrap_err();
+        assert_eq!(err.status.as_u16(), 400);
+        let err = parse_body::<ChatCompletionRequest>(b"").unwrap_err();
+        assert!(err.message.contains("empty"));
+    }
+
+    #[test]
+    fn empty_messages_and_unknown_roles_are_refused() {
+        let err = chat(with("messages", serde_json::json!([]))).unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("messages"));
+        let err = chat(with("messages", serde_json::json!([{"role": "wizard", "content": "x"}]))).unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("messages[0].role"));
+    }
+
+    #[test]
+    fn text_parts_are_joined_and_stop_accepts_a_string() {
+        let mut b = with(
+            "messages",
+            serde_json::json!([{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]),
+        );
+        b["stop"] = serde_json::json!("END");
+        let r = chat(b).unwrap();
+        assert!(matches!(r.prompt, Prompt::Chat(ref m) if m[0].1 == "ab"));
+        assert_eq!(r.stop, vec!["END".to_string()]);
+    }
+
+    #[test]
+    fn defaults_fill_only_what_is_missing() {
+        let s = Sampling { temperature: Some(0.0), ..Default::default() };
+        let d = SamplingDefaults { temperature: Some(0.7), top_p: Some(0.8), ..Default::default() };
+        let merged = s.with_defaults(&d);
+        assert_eq!(merged.temperature, Some(0.0));
+        assert_eq!(merged.top_p, Some(0.8));
+        assert!(merged.is_greedy());
+    }
+}

@@ -1,0 +1,127 @@
+"""Fixtures that start the real `fusechat serve` on a free loopback port with
+the real models, and stop it afterwards."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import httpx
+
+REPO = Path(__file__).resolve().parents[2]
+TARGET = Path(os.environ.get("CARGO_TARGET_DIR", Path.home() / ".cache" / "fusechat-target"))
+BIN = Path(os.environ.get("FUSECHAT_BIN", TARGET / "release" / "fusechat"))
+HOME = Path(os.environ.get("FUSECHAT_HOME", Path.home() / ".cache" / "fusechat"))
+MODELS = HOME / "models"
+SMOL = MODELS / "SmolLM2-135M-Instruct.Q4_1.gguf"
+QWEN = MODELS / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+GEMMA = MODELS / "gemma-3-270m-q4_k_m.gguf"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, config_text: str, name: str, timeout: float = 600):
+        if not BIN.exists():
+            pytest.fail(f"{BIN} is missing: build it with `cargo build --release` (scripts/test.sh does)")
+        for path in (SMOL, QWEN, GEMMA):
+            if not path.exists():
+                pytest.fail(f"{path} is missing: run `fusechat models fetch` (scripts/test.sh does)")
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.dir = Path(tempfile.mkdtemp(prefix=f"fusechat-{name}-"))
+        config = self.dir / "serve.toml"
+        config.write_text(config_text)
+        self.log_path = self.dir / "server.log"
+        self.log = open(self.log_path, "w")
+        env = dict(os.environ, FUSECHAT_HOME=str(HOME), RUST_LOG=os.environ.get("RUST_LOG", "info,mistralrs_core=warn"))
+        self.proc = subprocess.Popen(
+            [str(BIN), "serve", "--config", str(config), "--host", "127.0.0.1", "--port", str(self.port)],
+            stdout=self.log, stderr=subprocess.STDOUT, env=env,
+        )
+        deadline = time.time() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                pytest.fail(f"server exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                r = httpx.get(self.base + "/ready", timeout=2)
+                if r.status_code == 200:
+                    break
+                if any(v.startswith("failed") for v in r.json()["models"].values()):
+                    pytest.fail(f"a model failed to load: {r.text}\n{self.tail()}")
+            except httpx.TransportError:
+                pass
+            if time.time() > deadline:
+                pytest.fail(f"server not ready after {timeout}s:\n{self.tail()}")
+            time.sleep(0.5)
+
+    def tail(self, n: int = 60) -> str:
+        self.log.flush()
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def server():
+    """The three real models, no API key."""
+    config = f"""
+[[models]]
+id = "smollm2-135m-instruct"
+path = "{SMOL}"
+max_seqs = 8
+
+[[models]]
+id = "qwen2.5-coder-0.5b-instruct"
+path = "{QWEN}"
+max_seqs = 4
+
+[[models]]
+id = "gemma-3-270m"
+path = "{GEMMA}"
+max_seqs = 4
+"""
+    s = Server(config, "main")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="session")
+def guarded():
+    """SmolLM2 behind an API key, with a batch of one, a queue of one and a
+    small body limit: for the 401, 429 and 413 paths."""
+    config = f"""
+[limits]
+max_body_bytes = 4096
+
+[auth]
+api_keys = ["sk-test-key"]
+
+[[models]]
+id = "smollm2-135m-instruct"
+path = "{SMOL}"
+max_seqs = 1
+max_waiting = 1
+"""
+    s = Server(config, "guarded")
+    yield s
+    s.stop()
