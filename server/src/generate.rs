@@ -334,9 +334,12 @@ fn convert_logprob(l: mistralrs::core::ResponseLogprob) -> TokenLogprob {
         token: l.token,
         logprob: l.logprob,
         bytes: l.bytes,
+        // Under greedy decoding the engine (top_k = 1) reports -inf for every
+        // alternative: those carry no information and are not valid JSON numbers.
         top_logprobs: l
             .top_logprobs
             .into_iter()
+            .filter(|t| t.logprob.is_finite())
             .map(|t| {
                 let text = t.bytes.unwrap_or_default();
                 TopLogprob {

@@ -103,15 +103,23 @@ def test_stop_sequence_is_never_returned(server):
 
 
 def test_logprobs(server):
-    r = client(server).chat.completions.create(
-        model=SMOL, messages=ASK, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3)
-    content = r.choices[0].logprobs.content
+    c = client(server)
+    sampled = c.chat.completions.create(
+        model=SMOL, messages=ASK, max_tokens=8, temperature=0.7, logprobs=True, top_logprobs=3)
+    content = sampled.choices[0].logprobs.content
     assert 1 <= len(content) <= 8
     for item in content:
         assert item.logprob <= 0.0
         assert len(item.top_logprobs) == 3
-        # Greedy: the chosen token is the most likely one.
-        assert item.logprob >= max(t.logprob for t in item.top_logprobs) - 1e-4
+        assert all(a.logprob >= b.logprob for a, b in zip(item.top_logprobs, item.top_logprobs[1:]))
+    # Greedy: the chosen token is the most likely one. (mistralrs reports no
+    # alternatives under greedy decoding; see the README's known gaps.)
+    greedy = c.chat.completions.create(
+        model=SMOL, messages=ASK, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3)
+    for item in greedy.choices[0].logprobs.content:
+        assert item.logprob <= 0.0
+        assert 1 <= len(item.top_logprobs) <= 3
+        assert item.top_logprobs[0].token == item.token
 
 
 def test_response_format_json_object(server):
