@@ -111,32 +111,28 @@ impl LoadedModel {
                 // On CPU the activations stay f32: f16 overflows in Gemma 3 and
                 // has no fast CPU kernels anyway.
                 let dtype = if cfg!(feature = "cuda") { ModelDType::Auto } else { ModelDType::F32 };
+                // The two builders have the same methods but no common trait.
+                macro_rules! build_hf {
+                    ($builder:expr) => {{
+                        let mut builder = $builder
+                            .with_token_source(TokenSource::None)
+                            .with_dtype(dtype)
+                            .with_max_num_seqs(config.max_seqs)
+                            .with_prefix_cache_n(None);
+                        if let Some(isq) = isq {
+                            builder = builder.with_isq(isq);
+                        }
+                        if let Some(t) = template {
+                            builder = builder.with_jinja_explicit(t);
+                        }
+                        builder.build().await
+                    }};
+                }
+                let dir = dir.to_string_lossy();
                 if *multimodal {
-                    let mut builder = MultimodalModelBuilder::new(dir.to_string_lossy())
-                        .with_token_source(TokenSource::None)
-                        .with_dtype(dtype)
-                        .with_max_num_seqs(config.max_seqs)
-                        .with_prefix_cache_n(None);
-                    if let Some(isq) = isq {
-                        builder = builder.with_isq(isq);
-                    }
-                    if let Some(t) = template {
-                        builder = builder.with_jinja_explicit(t);
-                    }
-                    builder.build().await
+                    build_hf!(MultimodalModelBuilder::new(dir))
                 } else {
-                    let mut builder = TextModelBuilder::new(dir.to_string_lossy())
-                        .with_token_source(TokenSource::None)
-                        .with_dtype(dtype)
-                        .with_max_num_seqs(config.max_seqs)
-                        .with_prefix_cache_n(None);
-                    if let Some(isq) = isq {
-                        builder = builder.with_isq(isq);
-                    }
-                    if let Some(t) = template {
-                        builder = builder.with_jinja_explicit(t);
-                    }
-                    builder.build().await
+                    build_hf!(TextModelBuilder::new(dir))
                 }
             }
         }
