@@ -74,7 +74,13 @@ pub enum WeightsKind {
 /// (greedy "What is the capital of France?" gives "L'Étoile, la Marseillaise,
 /// ..." from the Q4_1 GGUF, and garbage from the folder with Q8_0 in-situ
 /// quantization), where transformers on the same GGUF, and mistralrs on the
-/// imported float folder, give "The capital of France is Paris.".
+/// imported float folder, give "The capital of France is Paris.". Measured
+/// cause, in part: SmolLM2's `down_proj` inputs reach 3058 while most values
+/// are below 1, and candle's quantized kernels quantize their inputs to 8 bits
+/// per block of 32; transformers with that input quantization answers
+/// "L'Étoile, la Marseilla...", the same wrong tokens. Keeping `ffn_down` in
+/// f32 fixes it in transformers but not in mistralrs's GGUF llama path (tried),
+/// so something else there still differs.
 const GGUF_NATIVE: &[&str] = &["qwen2", "qwen3", "phi2", "phi3", "starcoder2"];
 
 impl LoadedModel {
