@@ -157,7 +157,7 @@ rm -f "$RESULTS"/serving.llamacpp.json "$RESULTS"/serving.fusechat.json
   else
     PORT=$(free_port)
     # shellcheck disable=SC2206
-    FARGS=(serve --host "$HOST" --port "$PORT" --only --model "$MODEL_ID=$MODEL_FILE" ${FUSECHAT_ARGS:-})
+    FARGS=(serve --config "$HERE/fusechat-smollm2.toml" --host "$HOST" --port "$PORT" ${FUSECHAT_ARGS:-})
     log "starting fusechat on $HOST:$PORT: ${FARGS[*]}"
     "$FUSECHAT_BIN" "${FARGS[@]}" > "$WORK/fusechat.log" 2>&1 &
     FPID=$!; PIDS+=("$FPID")

@@ -8,6 +8,11 @@ use serde::Deserialize;
 /// The embedded default: the three real models fetched by `fusechat models fetch`.
 pub const DEFAULT_CONFIG: &str = include_str!("../../config/serve.toml");
 
+/// The linear layers of the architectures fusechat serves (`float_layers`).
+pub const LINEAR_LAYERS: &[&str] = &[
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head",
+];
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -146,10 +151,17 @@ pub struct ModelConfig {
     pub requantize: bool,
     /// Quantize the float weights of a Hugging Face folder when loading it
     /// (mistralrs in-situ quantization). Unset: `none`. Check a model's greedy
-    /// answers before turning it on: SmolLM2-135M decodes wrongly under
-    /// mistralrs 0.8.1's quantized path.
+    /// answers before turning it on, and see `float_layers`.
     #[serde(default)]
     pub isq: Option<Isq>,
+    /// With `isq`: the linear layers (by name: q_proj, k_proj, v_proj, o_proj,
+    /// gate_proj, up_proj, down_proj, lm_head) that keep their float weights.
+    /// Quantized kernels also quantize their inputs to 8 bits per block of 32,
+    /// which some layers do not survive: SmolLM2's `down_proj` inputs reach
+    /// 3058 while most values are below 1, and with its `q_proj` quantized
+    /// mistralrs answers "L'Étoile, la Marseillaise" instead of "Paris".
+    #[serde(default)]
+    pub float_layers: Vec<String>,
 }
 
 /// In-situ quantization of float weights at load time.
@@ -206,6 +218,7 @@ impl ModelConfig {
             defaults: SamplingDefaults::default(),
             requantize: true,
             isq: None,
+            float_layers: Vec::new(),
         }
     }
 
@@ -268,6 +281,13 @@ impl ServerConfig {
                 return Err(ConfigError::Invalid(format!(
                     "model id `{}` is used twice",
                     model.id
+                )));
+            }
+            if let Some(unknown) = model.float_layers.iter().find(|l| !LINEAR_LAYERS.contains(&l.as_str())) {
+                return Err(ConfigError::Invalid(format!(
+                    "model `{}`: `float_layers` names `{unknown}`; the layers are {}",
+                    model.id,
+                    LINEAR_LAYERS.join(", ")
                 )));
             }
             match (&model.path, &model.fetched) {

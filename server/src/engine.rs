@@ -13,12 +13,12 @@ use indexmap::IndexMap;
 use mistralrs::core::{RequestMessage, TokenizationRequest};
 use mistralrs::{
     Constraint, GgufModelBuilder, IsqType, Model, ModelDType, MultimodalModelBuilder, NormalRequest,
-    Request, Response, SamplingParams, TextModelBuilder, TokenSource,
+    Request, Response, SamplingParams, TextModelBuilder, TokenSource, Topology,
 };
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
-use crate::config::{Isq, ModelConfig, ModelSource, SamplingDefaults};
+use crate::config::{Isq, ModelConfig, ModelSource, SamplingDefaults, LINEAR_LAYERS};
 use crate::error::ApiError;
 use crate::queue::Admission;
 
@@ -117,6 +117,12 @@ impl LoadedModel {
                 // On CPU the activations stay f32: f16 overflows in Gemma 3 and
                 // has no fast CPU kernels anyway.
                 let dtype = if cfg!(feature = "cuda") { ModelDType::Auto } else { ModelDType::F32 };
+                let topology = match isq {
+                    Some(isq) if !config.float_layers.is_empty() => {
+                        Some(isq_topology(isq, &config.float_layers)?)
+                    }
+                    _ => None,
+                };
                 // The two builders have the same methods but no common trait.
                 macro_rules! build_hf {
                     ($builder:expr) => {{
@@ -125,8 +131,10 @@ impl LoadedModel {
                             .with_dtype(dtype)
                             .with_max_num_seqs(config.max_seqs)
                             .with_prefix_cache_n(None);
-                        if let Some(isq) = isq {
-                            builder = builder.with_isq(isq);
+                        match (isq, &topology) {
+                            (Some(_), Some(topology)) => builder = builder.with_topology(topology.clone()),
+                            (Some(isq), None) => builder = builder.with_isq(isq),
+                            (None, _) => {}
                         }
                         if let Some(t) = template {
                             builder = builder.with_jinja_explicit(t);
@@ -300,6 +308,23 @@ pub async fn resolve_weights(path: &Path, home: &Path, requantize: bool) -> anyh
     resolve_weights_folder(&out, Isq::None)
 }
 
+/// A mistralrs topology that quantizes every linear layer to `isq` except
+/// those named in `float_layers`.
+fn isq_topology(isq: IsqType, float_layers: &[String]) -> anyhow::Result<Topology> {
+    let quantized: Vec<&str> = LINEAR_LAYERS
+        .iter()
+        .copied()
+        .filter(|name| !float_layers.iter().any(|f| f == name))
+        .collect();
+    let name = match isq {
+        IsqType::Q8_0 => "q8_0",
+        IsqType::Q4K => "q4k",
+        other => bail!("no topology for {other:?}"),
+    };
+    let yaml = format!("'/(^|\\.)({})\\.weight$/':\n  isq: {name}\n", quantized.join("|"));
+    Topology::from_str(&yaml).with_context(|| format!("building the in-situ quantization topology:\n{yaml}"))
+}
+
 /// `home/requant/<stem>-<size>.q8_0.gguf`, written once.
 async fn requantized(gguf: &Path, home: &Path) -> anyhow::Result<PathBuf> {
     let mut name = derived_path(gguf, home, "requant")?.into_os_string();
@@ -371,4 +396,23 @@ fn fingerprint(kind: &WeightsKind) -> anyhow::Result<String> {
         std::io::copy(&mut f, &mut hasher)?;
     }
     Ok(format!("fp_{}", &hex::encode(hasher.finalize())[..16]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topology_quantizes_all_linear_layers_but_the_float_ones() {
+        let t = isq_topology(IsqType::Q8_0, &["q_proj".to_string(), "down_proj".to_string()]).unwrap();
+        let patterns = t.pattern_overrides();
+        assert_eq!(patterns.len(), 1);
+        let (re, layer) = &patterns[0];
+        assert_eq!(layer.isq, Some(IsqType::Q8_0));
+        assert!(re.is_match("model.layers.3.self_attn.k_proj.weight"));
+        assert!(re.is_match("model.layers.3.mlp.up_proj.weight"));
+        assert!(re.is_match("lm_head.weight"));
+        assert!(!re.is_match("model.layers.3.self_attn.q_proj.weight"));
+        assert!(!re.is_match("model.layers.3.mlp.down_proj.weight"));
+    }
 }
