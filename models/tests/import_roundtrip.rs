@@ -193,14 +193,13 @@ fn started(what: &str) -> Instant {
     Instant::now()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn smollm2_folder_generates_like_the_gguf() {
-    let gguf_path = model_file("SmolLM2-135M-Instruct.Q4_1.gguf");
-    let t = started("importing SmolLM2");
-    let (summary, _guard) = import(&gguf_path, "smollm2-135m-instruct");
+/// Imports `file` and loads both the GGUF file and the imported folder (f32) in mistral.rs.
+async fn gguf_and_folder(file: &str, name: &str, class: &str) -> (Model, Model, Option<tempfile::TempDir>) {
+    let gguf_path = model_file(file);
+    let t = started(&format!("importing {name}"));
+    let (summary, guard) = import(&gguf_path, name);
     println!("import took {:.1} s", t.elapsed().as_secs_f64());
-    assert_eq!(summary.architecture, "LlamaForCausalLM");
-
+    assert_eq!(summary.architecture, class);
     let gguf = GgufModelBuilder::new(
         gguf_path.parent().unwrap().to_string_lossy(),
         vec![gguf_path.file_name().unwrap().to_string_lossy()],
@@ -215,6 +214,13 @@ async fn smollm2_folder_generates_like_the_gguf() {
         .build()
         .await
         .expect("imported folder loads in mistral.rs from a local path");
+    (gguf, imported, guard)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smollm2_folder_generates_like_the_gguf() {
+    let (gguf, imported, _guard) =
+        gguf_and_folder("SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct", "LlamaForCausalLM").await;
 
     let prompts = [
         "What is the capital of France?",
@@ -263,26 +269,12 @@ async fn smollm2_folder_generates_like_the_gguf() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qwen2_folder_generates_like_the_gguf() {
-    let gguf_path = model_file("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf");
-    let t = started("importing Qwen2.5-Coder");
-    let (summary, _guard) = import(&gguf_path, "qwen2.5-coder-0.5b-instruct");
-    println!("import took {:.1} s", t.elapsed().as_secs_f64());
-    assert_eq!(summary.architecture, "Qwen2ForCausalLM");
-
-    let gguf = GgufModelBuilder::new(
-        gguf_path.parent().unwrap().to_string_lossy(),
-        vec![gguf_path.file_name().unwrap().to_string_lossy()],
+    let (gguf, imported, _guard) = gguf_and_folder(
+        "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        "qwen2.5-coder-0.5b-instruct",
+        "Qwen2ForCausalLM",
     )
-    .with_force_cpu()
-    .build()
-    .await
-    .expect("GGUF loads");
-    let imported = TextModelBuilder::new(summary.out_dir.to_string_lossy())
-        .with_force_cpu()
-        .with_dtype(ModelDType::F32)
-        .build()
-        .await
-        .expect("imported folder loads");
+    .await;
 
     let mut records = Vec::new();
     for user in ["Write a Python function that adds two numbers.", "What is 12 * 7?"] {
