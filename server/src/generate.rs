@@ -121,6 +121,7 @@ pub async fn start(
         _seats: seats,
     });
     let (tx, rx) = mpsc::channel(64 * req.n);
+    let is_text = matches!(req.prompt, crate::engine::Prompt::Text(_));
     for index in 0..req.n {
         let greedy = sampling.is_greedy() || sampling.temperature.is_none();
         let seeded = req.seed.filter(|_| !greedy).map(|seed| {
@@ -156,7 +157,9 @@ pub async fn start(
             prompt: req.prompt.clone(),
             sampling: params,
             logits_processor: seeded,
-            logprobs: req.logprobs.is_some(),
+            // Completions always ask the engine for the token text: see
+            // `ChoiceTask::leading_whitespace`.
+            logprobs: req.logprobs.is_some() || is_text,
             constraint: match &req.json_schema {
                 Some(schema) => Constraint::JsonSchema(schema.clone()),
                 None => Constraint::None,
@@ -165,6 +168,8 @@ pub async fn start(
         let engine_rx = model.start(job).await?;
         let choice = ChoiceTask {
             index: index as u32,
+            client_logprobs: req.logprobs.is_some(),
+            restore_leading_whitespace: is_text,
             trace: trace.clone(),
             stop: StopFilter::new(req.stop.clone()),
             prompt_tokens,
@@ -180,6 +185,10 @@ pub async fn start(
 
 struct ChoiceTask {
     index: u32,
+    /// Whether the client asked for log-probabilities.
+    client_logprobs: bool,
+    /// Put back the leading whitespace mistralrs trims from the first piece.
+    restore_leading_whitespace: bool,
     trace: Arc<RequestTrace>,
     stop: StopFilter,
     prompt_tokens: u64,
@@ -227,10 +236,21 @@ impl ChoiceTask {
             last_piece = Some(now);
             pieces += 1;
 
+            let mut logprob = chunk.logprob;
+            let text = if pieces == 1 && self.restore_leading_whitespace {
+                let whole = token_text(logprob.as_ref()).map(str::to_string);
+                if let (Some(l), Some(whole)) = (logprob.as_mut(), &whole) {
+                    l.token = whole.clone();
+                }
+                leading_whitespace(chunk.text, whole.as_deref())
+            } else {
+                chunk.text
+            };
+            let logprob = logprob.filter(|_| self.client_logprobs);
             let was_stopped = self.stop.is_stopped();
-            let filtered = self.stop.push(&chunk.text);
-            if !was_stopped && (!filtered.text.is_empty() || chunk.logprob.is_some()) {
-                let logprob = chunk.logprob.filter(|_| !filtered.stopped).map(convert_logprob);
+            let filtered = self.stop.push(&text);
+            if !was_stopped && (!filtered.text.is_empty() || logprob.is_some()) {
+                let logprob = logprob.filter(|_| !filtered.stopped).map(convert_logprob);
                 let piece = Event::Piece {
                     index: self.index,
                     text: filtered.text,
@@ -294,6 +314,28 @@ impl ChoiceTask {
     }
 }
 
+/// mistralrs trims the whitespace at the start of a sequence's first piece
+/// (right for chat, wrong for `/v1/completions`, where " Paris" continues
+/// "The capital of France is"). The engine's text of that first token still
+/// has it: put it back.
+fn leading_whitespace(text: String, token_text: Option<&str>) -> String {
+    let Some(token_text) = token_text else {
+        return text;
+    };
+    let trimmed = token_text.trim_start();
+    let ws = &token_text[..token_text.len() - trimmed.len()];
+    if ws.is_empty() || text.starts_with(ws) || !text.starts_with(trimmed) {
+        return text;
+    }
+    format!("{ws}{text}")
+}
+
+/// The engine's own decoding of a streamed token (its `token` field is the
+/// trimmed delta; `bytes` is the token decoded alone).
+fn token_text(logprob: Option<&mistralrs::core::ResponseLogprob>) -> Option<&str> {
+    logprob.and_then(|l| l.bytes.as_deref()).and_then(|b| std::str::from_utf8(b).ok())
+}
+
 fn into_chunk(response: Response) -> Result<EngineChunk, ApiError> {
     match response {
         Response::Chunk(mut chunk) => {
@@ -349,5 +391,21 @@ fn convert_logprob(l: mistralrs::core::ResponseLogprob) -> TokenLogprob {
                 }
             })
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::leading_whitespace;
+
+    #[test]
+    fn the_trimmed_space_of_the_first_token_comes_back() {
+        assert_eq!(leading_whitespace("Paris.".into(), Some(" Paris")), " Paris.");
+        assert_eq!(leading_whitespace("\n\nOnce".into(), Some("\n\n")), "\n\nOnce");
+        assert_eq!(leading_whitespace("".into(), Some("\n\n")), "\n\n");
+        assert_eq!(leading_whitespace("Hello".into(), Some("Hello")), "Hello");
+        assert_eq!(leading_whitespace("Hello".into(), None), "Hello");
+        // The piece is not that token's text: leave it alone.
+        assert_eq!(leading_whitespace("Bonjour".into(), Some(" Hello")), "Bonjour");
     }
 }

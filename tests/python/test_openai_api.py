@@ -137,6 +137,8 @@ def test_gemma_base_model_completes_text(server):
     r = c.completions.create(model=GEMMA, prompt="Paris is the capital of", max_tokens=8, temperature=0)
     assert r.object == "text_completion"
     assert "France" in r.choices[0].text, r.choices[0].text
+    # The continuation keeps its leading space (" France", not "France").
+    assert r.choices[0].text.startswith(" "), r.choices[0].text
     assert r.usage.completion_tokens >= 1
     streamed = "".join(ch.choices[0].text for ch in c.completions.create(
         model=GEMMA, prompt="Paris is the capital of", max_tokens=8, temperature=0, stream=True) if ch.choices)
