@@ -371,10 +371,15 @@ fn into_chunk(response: Response) -> Result<EngineChunk, ApiError> {
     }
 }
 
+/// mistralrs reports base-10 logarithms; OpenAI's logprobs are natural ones.
+fn natural_log(log10: f32) -> f32 {
+    log10 * std::f32::consts::LN_10
+}
+
 fn convert_logprob(l: mistralrs::core::ResponseLogprob) -> TokenLogprob {
     TokenLogprob {
         token: l.token,
-        logprob: l.logprob,
+        logprob: natural_log(l.logprob),
         bytes: l.bytes,
         // Under greedy decoding the engine (top_k = 1) reports -inf for every
         // alternative: those carry no information and are not valid JSON numbers.
@@ -385,7 +390,7 @@ fn convert_logprob(l: mistralrs::core::ResponseLogprob) -> TokenLogprob {
             .map(|t| {
                 let text = t.bytes.unwrap_or_default();
                 TopLogprob {
-                    logprob: t.logprob,
+                    logprob: natural_log(t.logprob),
                     bytes: Some(text.clone().into_bytes()),
                     token: text,
                 }

@@ -2,6 +2,7 @@
 
 import concurrent.futures
 import json
+import math
 import time
 
 import httpx
@@ -112,6 +113,13 @@ def test_logprobs(server):
         assert item.logprob <= 0.0
         assert len(item.top_logprobs) == 3
         assert all(a.logprob >= b.logprob for a, b in zip(item.top_logprobs, item.top_logprobs[1:]))
+    # Natural logarithms of one distribution: at temperature 1 the 20 most likely
+    # tokens hold at most all of the probability mass.
+    wide = c.chat.completions.create(
+        model=QWEN, messages=ASK, max_tokens=4, temperature=1.0, logprobs=True, top_logprobs=20)
+    for item in wide.choices[0].logprobs.content:
+        mass = sum(math.exp(t.logprob) for t in item.top_logprobs)
+        assert 0.2 < mass <= 1.001, mass
     # Greedy: the chosen token is the most likely one. (mistralrs reports no
     # alternatives under greedy decoding; see the README's known gaps.)
     greedy = c.chat.completions.create(
