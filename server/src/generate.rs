@@ -239,10 +239,14 @@ impl ChoiceTask {
             let mut logprob = chunk.logprob;
             let text = if pieces == 1 && self.restore_leading_whitespace {
                 let whole = token_text(logprob.as_ref()).map(str::to_string);
-                if let (Some(l), Some(whole)) = (logprob.as_mut(), &whole) {
-                    l.token = whole.clone();
+                let restored = leading_whitespace(chunk.text.clone(), whole.as_deref());
+                if restored != chunk.text {
+                    // The token's reported text lost the same whitespace.
+                    if let (Some(l), Some(whole)) = (logprob.as_mut(), whole) {
+                        l.token = whole;
+                    }
                 }
-                leading_whitespace(chunk.text, whole.as_deref())
+                restored
             } else {
                 chunk.text
             };
