@@ -80,7 +80,8 @@ pub enum WeightsKind {
 /// per block of 32; transformers with that input quantization answers
 /// "L'Étoile, la Marseilla...", the same wrong tokens. Keeping `ffn_down` in
 /// f32 fixes it in transformers but not in mistralrs's GGUF llama path (tried),
-/// so something else there still differs.
+/// so something else there still differs; quantizing `q_proj` also breaks it.
+/// The imported folder can still be quantized with `isq` + `float_layers`.
 const GGUF_NATIVE: &[&str] = &["qwen2", "qwen3", "phi2", "phi3", "starcoder2"];
 
 impl LoadedModel {
@@ -131,10 +132,10 @@ impl LoadedModel {
                             .with_dtype(dtype)
                             .with_max_num_seqs(config.max_seqs)
                             .with_prefix_cache_n(None);
-                        match (isq, &topology) {
-                            (Some(_), Some(topology)) => builder = builder.with_topology(topology.clone()),
-                            (Some(isq), None) => builder = builder.with_isq(isq),
-                            (None, _) => {}
+                        if let Some(topology) = &topology {
+                            builder = builder.with_topology(topology.clone());
+                        } else if let Some(isq) = isq {
+                            builder = builder.with_isq(isq);
                         }
                         if let Some(t) = template {
                             builder = builder.with_jinja_explicit(t);

@@ -158,7 +158,7 @@ pub async fn start(
             sampling: params,
             logits_processor: seeded,
             // Completions always ask the engine for the token text: see
-            // `ChoiceTask::leading_whitespace`.
+            // `missing_whitespace`.
             logprobs: req.logprobs.is_some() || is_text,
             constraint: match &req.json_schema {
                 Some(schema) => Constraint::JsonSchema(schema.clone()),
@@ -237,19 +237,18 @@ impl ChoiceTask {
             pieces += 1;
 
             let mut logprob = chunk.logprob;
-            let text = if pieces == 1 && self.restore_leading_whitespace {
-                let whole = token_text(logprob.as_ref()).map(str::to_string);
-                let restored = leading_whitespace(chunk.text.clone(), whole.as_deref());
-                if restored != chunk.text {
-                    // The token's reported text lost the same whitespace.
-                    if let (Some(l), Some(whole)) = (logprob.as_mut(), whole) {
-                        l.token = whole;
+            let mut text = chunk.text;
+            if pieces == 1 && self.restore_leading_whitespace {
+                if let Some(whole) = token_text(logprob.as_ref()).map(str::to_string) {
+                    if let Some(ws) = missing_whitespace(&text, &whole) {
+                        text.insert_str(0, ws);
+                        // The token's reported text lost the same whitespace.
+                        if let Some(l) = logprob.as_mut() {
+                            l.token = whole;
+                        }
                     }
                 }
-                restored
-            } else {
-                chunk.text
-            };
+            }
             let logprob = logprob.filter(|_| self.client_logprobs);
             let was_stopped = self.stop.is_stopped();
             let filtered = self.stop.push(&text);
@@ -321,17 +320,11 @@ impl ChoiceTask {
 /// mistralrs trims the whitespace at the start of a sequence's first piece
 /// (right for chat, wrong for `/v1/completions`, where " Paris" continues
 /// "The capital of France is"). The engine's text of that first token still
-/// has it: put it back.
-fn leading_whitespace(text: String, token_text: Option<&str>) -> String {
-    let Some(token_text) = token_text else {
-        return text;
-    };
+/// has it: the whitespace to put back, if `text` lost it.
+fn missing_whitespace<'a>(text: &str, token_text: &'a str) -> Option<&'a str> {
     let trimmed = token_text.trim_start();
     let ws = &token_text[..token_text.len() - trimmed.len()];
-    if ws.is_empty() || text.starts_with(ws) || !text.starts_with(trimmed) {
-        return text;
-    }
-    format!("{ws}{text}")
+    (!ws.is_empty() && !text.starts_with(ws) && text.starts_with(trimmed)).then_some(ws)
 }
 
 /// The engine's own decoding of a streamed token (its `token` field is the
@@ -405,16 +398,15 @@ fn convert_logprob(l: mistralrs::core::ResponseLogprob) -> TokenLogprob {
 
 #[cfg(test)]
 mod tests {
-    use super::leading_whitespace;
+    use super::missing_whitespace;
 
     #[test]
     fn the_trimmed_space_of_the_first_token_comes_back() {
-        assert_eq!(leading_whitespace("Paris.".into(), Some(" Paris")), " Paris.");
-        assert_eq!(leading_whitespace("\n\nOnce".into(), Some("\n\n")), "\n\nOnce");
-        assert_eq!(leading_whitespace("".into(), Some("\n\n")), "\n\n");
-        assert_eq!(leading_whitespace("Hello".into(), Some("Hello")), "Hello");
-        assert_eq!(leading_whitespace("Hello".into(), None), "Hello");
+        assert_eq!(missing_whitespace("Paris.", " Paris"), Some(" "));
+        assert_eq!(missing_whitespace("\n\nOnce", "\n\n"), None);
+        assert_eq!(missing_whitespace("", "\n\n"), Some("\n\n"));
+        assert_eq!(missing_whitespace("Hello", "Hello"), None);
         // The piece is not that token's text: leave it alone.
-        assert_eq!(leading_whitespace("Bonjour".into(), Some(" Hello")), "Bonjour");
+        assert_eq!(missing_whitespace("Bonjour", " Hello"), None);
     }
 }
