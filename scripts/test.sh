@@ -23,6 +23,22 @@ step "models"
 step "Rust tests"
 export FUSECHAT_IMPORTED_DIR="${FUSECHAT_IMPORTED_DIR:-$FUSECHAT_HOME/test-imported}"
 mkdir -p "$FUSECHAT_IMPORTED_DIR"
+# The trainer's tests read the imported folders; the import test rewrites them.
+for pair in smollm2-135m-instruct:SmolLM2-135M-Instruct.Q4_1.gguf \
+            gemma-3-270m:gemma-3-270m-q4_k_m.gguf \
+            qwen2.5-coder-0.5b-instruct:qwen2.5-coder-0.5b-instruct-q4_k_m.gguf; do
+  name="${pair%%:*}"; file="${pair#*:}"
+  if [ ! -f "$FUSECHAT_IMPORTED_DIR/$name/model.safetensors" ]; then
+    rm -rf "$FUSECHAT_IMPORTED_DIR/$name"
+    "$FUSECHAT_BIN" import "$FUSECHAT_HOME/models/$file" "$FUSECHAT_IMPORTED_DIR/$name"
+  fi
+done
 cargo test --release --locked --workspace -- --test-threads 1
+step "alpaca-eval in its own venv (tests/python/test_alpaca_eval.py)"
+export FUSECHAT_ALPACA_VENV="${FUSECHAT_ALPACA_VENV:-$FUSECHAT_HOME/alpaca-venv}"
+if [ ! -x "$FUSECHAT_ALPACA_VENV/bin/alpaca_eval" ]; then
+  python3 -m venv "$FUSECHAT_ALPACA_VENV"
+  "$FUSECHAT_ALPACA_VENV/bin/pip" install -q --disable-pip-version-check alpaca-eval==0.6.6
+fi
 step "transformers on the imported folders, the server with openai and curl"
 python3 -m pytest -q -p no:cacheprovider tests/python "$@"

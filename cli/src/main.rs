@@ -8,6 +8,10 @@ use clap::{Parser, Subcommand};
 use fusechat_models::fetch;
 use fusechat_server::config::{ModelConfig, ServerConfig};
 
+mod data;
+mod eval;
+mod train;
+
 #[derive(Parser)]
 #[command(name = "fusechat", version, about = "Fuse several LLMs into one small model, and serve them all behind the OpenAI API.")]
 struct Cli {
@@ -34,6 +38,20 @@ enum Command {
     },
     /// Print the server's OpenAPI document.
     Openapi,
+    /// Supervised fine-tuning of a model on conversations (JSONL `{"messages": [...]}`).
+    Sft(train::SftArgs),
+    /// Preference optimization (DPO / length-normalised DPO / IPO) on JSONL
+    /// `{"prompt", "chosen", "rejected"}` pairs.
+    Dpo(train::DpoArgs),
+    /// Sample every source through its OpenAI endpoint into the data store.
+    Sample(data::DataArgs),
+    /// Score the stored samples (math answers, code tests, reward model, judge).
+    Score(data::DataArgs),
+    /// Pair the scored samples into sft.jsonl, dpo.jsonl and the report.
+    Pair(data::DataArgs),
+    /// Evaluate models on the evaluation side of the prompt pools: math
+    /// accuracy, MBPP+ pass@1, AlpacaEval win rate; writes report.md/.json/.svg.
+    Eval(eval::EvalArgs),
 }
 
 #[derive(clap::Args)]
@@ -101,6 +119,12 @@ fn main() -> Result<()> {
             print!("{}", fusechat_server::openapi::document());
             Ok(())
         }
+        Command::Sft(args) => train::sft(args),
+        Command::Dpo(args) => train::dpo(args),
+        Command::Sample(args) => data::sample(args),
+        Command::Score(args) => data::score(args),
+        Command::Pair(args) => data::pair(args),
+        Command::Eval(args) => eval::eval(args),
     }
 }
 

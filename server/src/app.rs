@@ -13,12 +13,14 @@ use actix_web::{http::header, web, App, HttpServer};
 use crate::config::ServerConfig;
 use crate::engine::{weights_path, LoadedModel};
 use crate::error::ApiError;
-use crate::routes;
+use crate::{admin, routes};
 use crate::state::{AppState, ModelSlot};
 
 /// Runs the server until it is stopped (SIGINT or SIGTERM: graceful stop).
 pub async fn serve(config: ServerConfig, home: std::path::PathBuf) -> anyhow::Result<()> {
-    let state = web::Data::new(AppState::new(config.clone(), home));
+    let state = web::Data::new(
+        AppState::new(config.clone(), home).with_runtime(tokio::runtime::Handle::current()),
+    );
     let address = (config.listen.host.clone(), config.listen.port);
     let app_state = state.clone();
     let mut server = HttpServer::new(move || {
@@ -95,7 +97,23 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .service(
         web::scope("/admin")
             .wrap(from_fn(require_admin_key))
-            .route("/models", web::get().to(routes::admin_models))
+            .service(
+                web::resource("/models")
+                    .route(web::get().to(admin::list))
+                    .route(web::post().to(admin::load_model))
+                    .default_service(web::to(routes::method_not_allowed)),
+            )
+            .service(
+                web::resource("/models/{id}")
+                    .route(web::delete().to(admin::unload_model))
+                    .default_service(web::to(routes::method_not_allowed)),
+            )
+            .service(
+                web::resource("/aliases/{alias}")
+                    .route(web::put().to(admin::set_alias))
+                    .route(web::delete().to(admin::remove_alias))
+                    .default_service(web::to(routes::method_not_allowed)),
+            )
             .default_service(web::to(routes::not_found)),
     )
     .route("/health", web::get().to(routes::health))

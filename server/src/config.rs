@@ -39,7 +39,23 @@ pub struct ServerConfig {
     #[serde(default)]
     pub auth: AuthConfig,
     #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
     pub models: Vec<ModelConfig>,
+    /// Names clients use that point at a model id (`target = "smollm2-135m-instruct"`);
+    /// the admin routes repoint them atomically.
+    #[serde(default)]
+    pub aliases: std::collections::BTreeMap<String, String>,
+}
+
+/// Hot-swap: what the admin routes may load.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Only model folders (or GGUF files) under this folder may be loaded
+    /// through `POST /admin/models`. Unset: loading at runtime is refused.
+    /// Relative paths are taken from the config file's folder.
+    pub model_root: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -251,6 +267,11 @@ impl ServerConfig {
             source,
         })?;
         if let Some(base) = base {
+            if let Some(root) = &mut config.admin.model_root {
+                if root.is_relative() {
+                    *root = base.join(&*root);
+                }
+            }
             for model in &mut config.models {
                 for p in [&mut model.path, &mut model.chat_template].into_iter().flatten() {
                     if p.is_relative() {
@@ -312,6 +333,18 @@ impl ServerConfig {
                 )));
             }
         }
+        for (alias, target) in &self.aliases {
+            if seen.contains(alias.as_str()) {
+                return Err(ConfigError::Invalid(format!(
+                    "alias `{alias}` is also a model id; an alias needs a name of its own"
+                )));
+            }
+            if !seen.contains(target.as_str()) {
+                return Err(ConfigError::Invalid(format!(
+                    "alias `{alias}` points at `{target}`, which is not a configured model"
+                )));
+            }
+        }
         if self.limits.max_n == 0 || self.limits.max_tokens == 0 {
             return Err(ConfigError::Invalid(
                 "limits.max_n and limits.max_tokens must be at least 1".into(),
@@ -359,6 +392,17 @@ mod tests {
         let err = ServerConfig::parse("[listen]\nhots = \"x\"\n", Path::new("x.toml"), None)
             .unwrap_err();
         assert!(err.to_string().contains("hots"), "{err}");
+    }
+
+    #[test]
+    fn aliases_must_point_at_models_and_not_shadow_them() {
+        let base = "[[models]]\nid = \"a\"\npath = \"/x/a.gguf\"\n";
+        let ok = ServerConfig::parse(&format!("{base}[aliases]\ntarget = \"a\"\n"), Path::new("x.toml"), None).unwrap();
+        assert_eq!(ok.aliases["target"], "a");
+        let err = ServerConfig::parse(&format!("{base}[aliases]\ntarget = \"b\"\n"), Path::new("x.toml"), None).unwrap_err();
+        assert!(err.to_string().contains("not a configured model"), "{err}");
+        let err = ServerConfig::parse(&format!("{base}[aliases]\na = \"a\"\n"), Path::new("x.toml"), None).unwrap_err();
+        assert!(err.to_string().contains("also a model id"), "{err}");
     }
 
     #[test]

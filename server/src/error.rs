@@ -148,6 +148,31 @@ impl ApiError {
         }
     }
 
+    /// 403: an admin load outside the configured model root.
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self {
+            code: Some("forbidden_path"),
+            ..Self::new(StatusCode::FORBIDDEN, "permission_error", message)
+        }
+    }
+
+    /// 409: the request clashes with the current state (a load already running,
+    /// unloading a model an alias points at).
+    pub fn conflict(code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            code: Some(code),
+            ..Self::new(StatusCode::CONFLICT, "invalid_request_error", message)
+        }
+    }
+
+    /// 422: the weights could not be loaded; what was serving still serves.
+    pub fn load_failed(message: impl Into<String>) -> Self {
+        Self {
+            code: Some("model_load_failed"),
+            ..Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request_error", message)
+        }
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
     }

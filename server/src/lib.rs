@@ -3,9 +3,11 @@
 //! Follow a request: `routes` (HTTP) -> `validation` (checks, defaults) ->
 //! `generate` (context check, `queue` admission, engine sequences, `stop`
 //! filtering, timing) -> `respond` (JSON body or server-sent events).
-//! `engine` loads models; `state` holds them; `metrics` and `openapi` serve
+//! `engine` loads models; `state` holds them and their aliases; `admin`
+//! hot-swaps them; `metrics` and `openapi` serve
 //! `/metrics` and `/openapi.json`; `app` wires it together.
 
+pub mod admin;
 pub mod app;
 pub mod config;
 pub mod engine;

@@ -18,6 +18,13 @@ pub struct Metrics {
     pub requests_finished: IntCounterVec,
     pub http_requests: IntCounterVec,
     pub http_duration: HistogramVec,
+    /// Admin loads by model and result (`ok`, `failed`, `forbidden`).
+    pub model_loads: IntCounterVec,
+    pub model_load_seconds: HistogramVec,
+    pub model_unloads: IntCounterVec,
+    pub alias_swaps: IntCounterVec,
+    /// 1 per alias, labelled with the model it points at and its weights' fingerprint.
+    pub alias_info: IntGaugeVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -109,6 +116,36 @@ impl Metrics {
                 LATENCY_BUCKETS,
                 &["route", "method"],
             ),
+            model_loads: counter(
+                "fusechat_model_loads_total",
+                "Models loaded through the admin API, by result (ok, failed, forbidden).",
+                &["model", "result"],
+            ),
+            model_load_seconds: histogram(
+                "fusechat_model_load_seconds",
+                "Time to load a model through the admin API.",
+                LATENCY_BUCKETS,
+                &["model"],
+            ),
+            model_unloads: counter(
+                "fusechat_model_unloads_total",
+                "Models unloaded through the admin API.",
+                &["model"],
+            ),
+            alias_swaps: counter(
+                "fusechat_alias_swaps_total",
+                "Times an alias was pointed at a model.",
+                &["alias"],
+            ),
+            alias_info: {
+                let g = IntGaugeVec::new(
+                    Opts::new("fusechat_alias_info", "1 per alias, labelled with its model and that model's weights fingerprint."),
+                    &["alias", "model", "fingerprint"],
+                )
+                .expect("valid gauge");
+                registry.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
         }
     }
 

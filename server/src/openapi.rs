@@ -7,7 +7,7 @@ use utoipa::{Modify, OpenApi};
 
 use crate::error::{ErrorBody, ErrorDetail};
 use crate::protocol::*;
-use crate::routes;
+use crate::{admin, routes};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -24,6 +24,11 @@ use crate::routes;
         routes::ready,
         routes::metrics,
         routes::openapi_json,
+        admin::list,
+        admin::load_model,
+        admin::unload_model,
+        admin::set_alias,
+        admin::remove_alias,
     ),
     components(schemas(
         ChatCompletionRequest, CompletionRequest, SamplingRequest, StopSequences, PromptInput,
@@ -31,11 +36,13 @@ use crate::routes;
         ChatCompletion, ChatChoice, AssistantMessage, ChatCompletionChunk, ChunkChoice, ChunkDelta,
         ChoiceLogprobs, TokenLogprob, TopLogprob, Usage, Completion, CompletionChoice,
         CompletionLogprobs, ModelList, ModelCard, HealthStatus, ErrorBody, ErrorDetail,
+        admin::LoadModelRequest, admin::LoadedModelInfo, admin::SetAliasRequest, admin::AliasInfo,
     )),
     modifiers(&BearerAuth),
     tags(
         (name = "openai", description = "The OpenAI API"),
         (name = "ops", description = "Health, readiness, metrics"),
+        (name = "admin", description = "Hot-swap: load, alias, unload (admin key)"),
     )
 )]
 pub struct ApiDoc;

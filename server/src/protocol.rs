@@ -289,6 +289,9 @@ pub struct ModelCard {
     /// Context length in tokens, once loaded.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_model_len: Option<usize>,
+    /// For an alias: the model id it points at now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alias_of: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]

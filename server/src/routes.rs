@@ -41,7 +41,8 @@ async fn run(state: &AppState, shape: Shape, request: GenerateRequest) -> Result
         (crate::engine::Prompt::Text(p), true) => Some(p.clone()),
         _ => None,
     };
-    let header = Header::new(shape, request.model.clone(), model.fingerprint.clone(), echo);
+    // The concrete model answers (as OpenAI names the snapshot behind an alias).
+    let header = Header::new(shape, model.id.clone(), model.fingerprint.clone(), echo);
     let (n, stream, include_usage, want_logprobs) =
         (request.n, request.stream, request.include_usage, request.logprobs.is_some());
     let generation = generate::start(model, request, &state.config.limits, state.metrics.clone()).await?;
@@ -132,8 +133,25 @@ pub async fn list_models(state: web::Data<AppState>) -> HttpResponse {
                 _ => None,
             },
             id,
+            alias_of: None,
         })
-        .collect();
+        .collect::<Vec<_>>();
+    let mut data = data;
+    for (alias, target) in state.aliases() {
+        let (status, max_model_len) = match state.model(&alias) {
+            Ok(m) => ("ready".to_string(), Some(m.max_seq_len)),
+            Err(_) => ("unavailable".to_string(), None),
+        };
+        data.push(ModelCard {
+            id: alias,
+            object: "model",
+            created: 0,
+            owned_by: "fusechat".into(),
+            status,
+            max_model_len,
+            alias_of: Some(target),
+        });
+    }
     HttpResponse::Ok().json(ModelList { object: "list", data })
 }
 
@@ -184,23 +202,6 @@ pub async fn openapi_json() -> HttpResponse {
     HttpResponse::Ok()
         .content_type("application/json")
         .body(crate::openapi::document())
-}
-
-/// Admin: every configured model with its state and the weights it serves.
-pub async fn admin_models(state: web::Data<AppState>) -> HttpResponse {
-    let models: Vec<serde_json::Value> = state
-        .slots()
-        .into_iter()
-        .map(|(id, slot)| match slot {
-            ModelSlot::Ready(m) => serde_json::json!({
-                "id": id, "state": "ready", "fingerprint": m.fingerprint,
-                "max_model_len": m.max_seq_len, "max_seqs": m.admission.max_seqs(),
-                "running": m.admission.running(), "waiting": m.admission.waiting(),
-            }),
-            other => serde_json::json!({"id": id, "state": other.describe()}),
-        })
-        .collect();
-    HttpResponse::Ok().json(serde_json::json!({ "models": models }))
 }
 
 pub async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {

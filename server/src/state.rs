@@ -1,8 +1,15 @@
-//! What the HTTP handlers share: configuration, the models by id, metrics.
+//! What the HTTP handlers share: configuration, the models by id and the
+//! aliases pointing at them, metrics.
+//!
+//! Models and aliases live in one table behind one lock, so a request resolves
+//! `alias -> model -> weights` in one consistent read and a swap (repointing an
+//! alias) is a single write. A request holds an `Arc` of the model it resolved:
+//! it finishes on those weights even if the alias moves or the model is
+//! unloaded meanwhile; the old engine is dropped when its last request ends.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use crate::config::ServerConfig;
 use crate::engine::LoadedModel;
@@ -27,12 +34,35 @@ impl ModelSlot {
     }
 }
 
+#[derive(Default)]
+struct Table {
+    models: BTreeMap<String, ModelSlot>,
+    /// alias -> model id
+    aliases: BTreeMap<String, String>,
+}
+
 pub struct AppState {
     pub config: ServerConfig,
     /// Where fetched and imported models live (`FUSECHAT_HOME`).
     pub home: PathBuf,
     pub metrics: Arc<Metrics>,
-    models: RwLock<BTreeMap<String, ModelSlot>>,
+    table: RwLock<Table>,
+    /// Model ids with an admin load in progress.
+    loading: Mutex<HashSet<String>>,
+    /// The main runtime, where admin loads run (off the HTTP workers).
+    pub runtime: Option<tokio::runtime::Handle>,
+}
+
+/// Marks an admin load of one id as running; dropping it clears the mark.
+pub struct LoadGuard<'a> {
+    state: &'a AppState,
+    id: String,
+}
+
+impl Drop for LoadGuard<'_> {
+    fn drop(&mut self) {
+        self.state.loading.lock().expect("loading lock").remove(&self.id);
+    }
 }
 
 impl AppState {
@@ -46,45 +76,154 @@ impl AppState {
                 (m.id.clone(), ModelSlot::Loading)
             })
             .collect();
+        let aliases = config.aliases.clone();
         Self {
             config,
             home,
             metrics,
-            models: RwLock::new(models),
+            table: RwLock::new(Table { models, aliases }),
+            loading: Mutex::new(HashSet::new()),
+            runtime: None,
         }
     }
 
-    pub fn set(&self, id: &str, slot: ModelSlot) {
-        self.models
-            .write()
-            .expect("model table lock")
-            .insert(id.to_string(), slot);
+    pub fn with_runtime(mut self, handle: tokio::runtime::Handle) -> Self {
+        self.runtime = Some(handle);
+        self
     }
 
-    /// The model serving `id`: 404 when nobody serves it, 503 while it loads.
-    pub fn model(&self, id: &str) -> Result<Arc<LoadedModel>, ApiError> {
-        match self.models.read().expect("model table lock").get(id) {
-            None => Err(ApiError::model_not_found(id)),
+    pub fn set(&self, id: &str, slot: ModelSlot) {
+        self.metrics.register_model(id);
+        self.table
+            .write()
+            .expect("model table lock")
+            .models
+            .insert(id.to_string(), slot);
+        self.refresh_alias_info();
+    }
+
+    /// The model serving `name` (a model id or an alias): 404 when nobody
+    /// serves it, 503 while it loads.
+    pub fn model(&self, name: &str) -> Result<Arc<LoadedModel>, ApiError> {
+        let table = self.table.read().expect("model table lock");
+        let id = table.aliases.get(name).map(String::as_str).unwrap_or(name);
+        match table.models.get(id) {
+            None => Err(ApiError::model_not_found(name)),
             Some(ModelSlot::Ready(model)) => Ok(model.clone()),
-            Some(slot) => Err(ApiError::model_not_ready(id, &slot.describe())),
+            Some(slot) => Err(ApiError::model_not_ready(name, &slot.describe())),
         }
     }
 
     pub fn slots(&self) -> Vec<(String, ModelSlot)> {
-        self.models
-            .read()
-            .expect("model table lock")
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect()
+        let table = self.table.read().expect("model table lock");
+        table.models.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
+    /// (alias, model id) pairs.
+    pub fn aliases(&self) -> Vec<(String, String)> {
+        let table = self.table.read().expect("model table lock");
+        table.aliases.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     }
 
     pub fn all_ready(&self) -> bool {
-        self.models
+        self.table
             .read()
             .expect("model table lock")
+            .models
             .values()
             .all(|s| matches!(s, ModelSlot::Ready(_)))
+    }
+
+    /// Claims `id` for an admin load; 409 when one is already running.
+    pub fn begin_load(&self, id: &str) -> Result<LoadGuard<'_>, ApiError> {
+        if self.table.read().expect("model table lock").aliases.contains_key(id) {
+            return Err(ApiError::conflict(
+                "name_is_alias",
+                format!("`{id}` is an alias; load the weights under a model id and point the alias at it"),
+            ));
+        }
+        let mut loading = self.loading.lock().expect("loading lock");
+        if !loading.insert(id.to_string()) {
+            return Err(ApiError::conflict(
+                "load_in_progress",
+                format!("a load of `{id}` is already running"),
+            ));
+        }
+        Ok(LoadGuard {
+            state: self,
+            id: id.to_string(),
+        })
+    }
+
+    /// Points `alias` at the ready model `model`, atomically; returns the
+    /// model it pointed at before.
+    pub fn set_alias(&self, alias: &str, model: &str) -> Result<Option<String>, ApiError> {
+        let previous = {
+            let mut table = self.table.write().expect("model table lock");
+            if table.models.contains_key(alias) {
+                return Err(ApiError::conflict(
+                    "name_is_model",
+                    format!("`{alias}` is a model id; an alias needs a name of its own"),
+                ));
+            }
+            match table.models.get(model) {
+                Some(ModelSlot::Ready(_)) => {}
+                Some(slot) => return Err(ApiError::model_not_ready(model, &slot.describe())),
+                None => return Err(ApiError::model_not_found(model)),
+            }
+            table.aliases.insert(alias.to_string(), model.to_string())
+        };
+        self.metrics.alias_swaps.with_label_values(&[alias]).inc();
+        self.refresh_alias_info();
+        Ok(previous)
+    }
+
+    pub fn remove_alias(&self, alias: &str) -> Result<String, ApiError> {
+        let removed = self
+            .table
+            .write()
+            .expect("model table lock")
+            .aliases
+            .remove(alias)
+            .ok_or_else(|| ApiError::model_not_found(alias))?;
+        self.refresh_alias_info();
+        Ok(removed)
+    }
+
+    /// Removes a model; requests running on it finish first (they hold it).
+    pub fn unload(&self, id: &str) -> Result<(), ApiError> {
+        {
+            let mut table = self.table.write().expect("model table lock");
+            if !table.models.contains_key(id) {
+                return Err(ApiError::model_not_found(id));
+            }
+            let pointing: Vec<&String> = table.aliases.iter().filter(|(_, t)| *t == id).map(|(a, _)| a).collect();
+            if !pointing.is_empty() {
+                return Err(ApiError::conflict(
+                    "model_in_use",
+                    format!(
+                        "alias {} points at `{id}`; repoint or remove it first",
+                        pointing.iter().map(|a| format!("`{a}`")).collect::<Vec<_>>().join(", ")
+                    ),
+                ));
+            }
+            table.models.remove(id);
+        }
+        self.metrics.model_unloads.with_label_values(&[id]).inc();
+        Ok(())
+    }
+
+    /// `fusechat_alias_info{alias, model, fingerprint} 1` for each alias.
+    fn refresh_alias_info(&self) {
+        let table = self.table.read().expect("model table lock");
+        self.metrics.alias_info.reset();
+        for (alias, id) in &table.aliases {
+            let fingerprint = match table.models.get(id) {
+                Some(ModelSlot::Ready(m)) => m.fingerprint.as_str(),
+                _ => "",
+            };
+            self.metrics.alias_info.with_label_values(&[alias, id, fingerprint]).set(1);
+        }
     }
 
     /// Copies the queue state of every model into the gauges (at scrape time).

@@ -127,3 +127,31 @@ max_waiting = 1
     s = Server(config, "guarded")
     yield s
     s.stop()
+
+
+IMPORTED = Path(os.environ.get("FUSECHAT_IMPORTED_DIR", HOME / "test-imported"))
+BASE_SMOLLM2 = IMPORTED / "smollm2-135m-instruct"
+PROMPT = "What is 12 plus 30? Answer with the number."
+
+
+@pytest.fixture(scope="session")
+def trained_smollm2(tmp_path_factory):
+    """`fusechat sft` on the real SmolLM2 folder (one step on 8 small
+    conversations): the OUT/final folder it writes."""
+    if not (BASE_SMOLLM2 / "model.safetensors").is_file():
+        pytest.fail(f"{BASE_SMOLLM2} is missing: the Rust import test writes it (scripts/test.sh)")
+    work = tmp_path_factory.mktemp("sft")
+    data = work / "sft.jsonl"
+    with open(data, "w") as f:
+        for a in range(8):
+            f.write(json.dumps({"messages": [
+                {"role": "user", "content": f"What is {a} plus {a + 30}? Answer with the number."},
+                {"role": "assistant", "content": f"{a} + {a + 30} = {2 * a + 30}. The answer is {2 * a + 30}."},
+            ]}) + "\n")
+    out = work / "run"
+    subprocess.run(
+        [str(BIN), "sft", "--model", str(BASE_SMOLLM2), "--data", str(data), "--out", str(out),
+         "--epochs", "1", "--batch", "4", "--grad-accum", "1", "--lr", "5e-5", "--max-len", "256"],
+        check=True, timeout=900,
+    )
+    return out / "final"

@@ -1,0 +1,236 @@
+"""Training benchmark helper: prepares the data both trainers read, and runs
+the PyTorch + transformers side (SFT and DPO steps on the same rows, float32,
+full fine-tune, AdamW), writing per-step timings as JSON.
+
+  python3 bench/training_bench.py prepare --model DIR --out DIR --steps N
+  python3 bench/training_bench.py torch-sft --model DIR --data F --steps N --batch 4 --json OUT
+  python3 bench/training_bench.py torch-dpo --model DIR --data F --steps N --batch 2 --json OUT
+"""
+
+import argparse
+import json
+import random
+import resource
+import sys
+import time
+from pathlib import Path
+
+ALPACA = Path(__file__).resolve().parents[2] / "shared" / "data" / "instruction" / "alpaca_eval_gpt4_baseline.json"
+
+
+def rendered_len(tok, messages):
+    text = tok.apply_chat_template(messages, tokenize=False)
+    return len(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def prepare(args):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(args.model)
+    rows = json.loads(Path(args.alpaca).read_text())
+    random.Random(0).shuffle(rows)
+    long_rows = []
+    for r in rows:
+        msgs = [{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}]
+        n = rendered_len(tok, msgs)
+        if args.min_len <= n <= args.max_len:
+            long_rows.append((r, n))
+        if len(long_rows) >= 6 * args.steps:
+            break
+    need = 4 * args.steps
+    if len(long_rows) < need:
+        sys.exit(f"only {len(long_rows)} AlpacaEval rows render to {args.min_len}-{args.max_len} tokens; need {need}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "sft.jsonl", "w") as f:
+        for r, _ in long_rows[:need]:
+            f.write(json.dumps({"messages": [{"role": "user", "content": r["instruction"]},
+                                             {"role": "assistant", "content": r["output"]}]}) + "\n")
+    # DPO pairs: one instruction, its own answer as chosen and another long
+    # answer as rejected (only the lengths matter for speed).
+    with open(out / "dpo.jsonl", "w") as f:
+        for i in range(2 * args.steps):
+            (a, _), (b, _) = long_rows[2 * i], long_rows[2 * i + 1]
+            f.write(json.dumps({"prompt": [{"role": "user", "content": a["instruction"]}],
+                                "chosen": [{"role": "assistant", "content": a["output"]}],
+                                "rejected": [{"role": "assistant", "content": b["output"]}]}) + "\n")
+    lens = [n for _, n in long_rows[:need]]
+    print(json.dumps({"rows": need, "mean_tokens": sum(lens) / len(lens), "min": min(lens), "max": max(lens)}))
+
+
+def encode(tok, prompt, response):
+    """Token ids of prompt+response and a label list with -100 outside the response."""
+    full = tok.apply_chat_template(prompt + response, tokenize=False)
+    head = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    ids = tok(full, add_special_tokens=False)["input_ids"]
+    n_head = len(tok(head, add_special_tokens=False)["input_ids"])
+    labels = [-100] * n_head + ids[n_head:]
+    return ids, labels
+
+
+def pad(batch, pad_id):
+    import torch
+
+    width = max(len(ids) for ids, _ in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    attn = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, (x, y) in enumerate(batch):
+        ids[i, : len(x)] = torch.tensor(x)
+        labels[i, : len(y)] = torch.tensor(y)
+        attn[i, : len(x)] = 1
+    return ids, labels, attn
+
+
+def seq_logps(model, ids, labels, attn):
+    import torch
+
+    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
+    target = labels[:, 1:]
+    mask = target != -100
+    lp = torch.log_softmax(logits.float(), -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (lp * mask).sum(-1), mask.sum(-1)
+
+
+def run(args, kind):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    model.train()
+    model.config.use_cache = False
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    rows = [json.loads(l) for l in Path(args.data).read_text().splitlines() if l.strip()]
+    steps = []
+    if kind == "sft":
+        data = [encode(tok, r["messages"][:-1], r["messages"][-1:]) for r in rows]
+    else:
+        data = [(encode(tok, r["prompt"], r["chosen"]), encode(tok, r["prompt"], r["rejected"])) for r in rows]
+        # Reference log-probs once, as fusechat does (not timed in the steps).
+        with torch.no_grad():
+            refs = []
+            for i in range(0, len(data), args.batch):
+                chunk = data[i : i + args.batch]
+                ids, labels, attn = pad([c for c, _ in chunk] + [r for _, r in chunk], tok.pad_token_id)
+                lp, _ = seq_logps(model, ids, labels, attn)
+                m = len(chunk)
+                refs += list(zip(lp[:m].tolist(), lp[m:].tolist()))
+    for step in range(args.steps):
+        chunk = data[step * args.batch : (step + 1) * args.batch]
+        t0 = time.perf_counter()
+        if kind == "sft":
+            ids, labels, attn = pad(chunk, tok.pad_token_id)
+            loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+            tokens = int(attn.sum())
+        else:
+            m = len(chunk)
+            ids, labels, attn = pad([c for c, _ in chunk] + [r for _, r in chunk], tok.pad_token_id)
+            lp, _ = seq_logps(model, ids, labels, attn)
+            ref = refs[step * args.batch : step * args.batch + m]
+            ref_c = torch.tensor([r[0] for r in ref])
+            ref_r = torch.tensor([r[1] for r in ref])
+            logits = (lp[:m] - ref_c) - (lp[m:] - ref_r)
+            loss = -torch.nn.functional.logsigmoid(args.beta * logits).mean()
+            tokens = int(attn.sum())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        steps.append({"step": step + 1, "loss": float(loss), "seconds": dt, "tokens": tokens})
+        print(f"torch {kind} step {step + 1}: loss {float(loss):.4f} {dt:.2f}s {tokens / dt:.0f} tok/s", file=sys.stderr)
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    Path(args.json).write_text(json.dumps({
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "steps": steps, "peak_rss_kb": peak_kb,
+    }, indent=1))
+
+
+def peak_rss_gb(time_file):
+    for line in Path(time_file).read_text().splitlines():
+        if "Maximum resident set size" in line:
+            return int(line.split(":")[1]) / 1024 / 1024
+    return float("nan")
+
+
+def report(args):
+    """bench/results/training.md and .json from one run's files."""
+    d = Path(args.dir)
+    rows = []
+    for stage in ("sft", "dpo"):
+        t = json.loads((d / f"torch-{stage}.json").read_text())
+        steps = t["steps"][1:] or t["steps"]  # the first step warms up
+        rows.append({
+            "stage": stage, "trainer": f"PyTorch {t['torch']} + transformers ({t['threads']} threads)",
+            "steps": len(t["steps"]), "tokens_per_step": sum(s["tokens"] for s in steps) / len(steps),
+            "seconds_per_step": sum(s["seconds"] for s in steps) / len(steps),
+            "peak_rss_gb": peak_rss_gb(d / f"torch-{stage}.time"),
+            "losses": [s["loss"] for s in t["steps"]],
+        })
+        m = [json.loads(l) for l in (d / f"fusechat-{stage}" / "metrics.jsonl").read_text().splitlines()]
+        steps = m[1:] or m
+        rows.append({
+            "stage": stage, "trainer": "fusechat (candle 0.10, CPU)",
+            "steps": len(m), "tokens_per_step": sum(s["tokens"] for s in steps) / len(steps),
+            "seconds_per_step": sum(s["step_seconds"] for s in steps) / len(steps),
+            "peak_rss_gb": peak_rss_gb(d / f"fusechat-{stage}.time"),
+            "losses": [s["loss"] for s in m],
+        })
+    for r in rows:
+        r["tokens_per_s"] = r["tokens_per_step"] / r["seconds_per_step"]
+    out = Path(args.results)
+    (out / "training.json").write_text(json.dumps({"setup": args.setup, "rows": rows}, indent=1))
+    lines = [
+        "# Training speed: fusechat vs PyTorch + transformers",
+        "",
+        f"{args.setup}",
+        "",
+        "| stage | trainer | steps | tokens/step | s/step | tokens/s | peak RSS (GB) | fusechat / PyTorch |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for i, r in enumerate(rows):
+        ratio = f"{r['tokens_per_s'] / rows[i - 1]['tokens_per_s']:.2f}" if i % 2 else ""
+        lines.append(f"| {r['stage']} | {r['trainer']} | {r['steps']} | {r['tokens_per_step']:.0f} | "
+                     f"{r['seconds_per_step']:.2f} | {r['tokens_per_s']:.0f} | {r['peak_rss_gb']:.2f} | {ratio} |")
+    lines += ["", "Losses per step (same rows, same order, same initial weights):", ""]
+    for r in rows:
+        lines.append(f"- {r['stage']} {r['trainer'].split(' (')[0]}: " + ", ".join(f"{x:.4f}" for x in r["losses"]))
+    (out / "training.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("prepare")
+    a.add_argument("--model", required=True)
+    a.add_argument("--out", required=True)
+    a.add_argument("--steps", type=int, default=5)
+    a.add_argument("--alpaca", default=str(ALPACA))
+    a.add_argument("--min-len", type=int, default=440)
+    a.add_argument("--max-len", type=int, default=512)
+    for name in ("torch-sft", "torch-dpo"):
+        b = sub.add_parser(name)
+        b.add_argument("--model", required=True)
+        b.add_argument("--data", required=True)
+        b.add_argument("--steps", type=int, default=5)
+        b.add_argument("--batch", type=int, default=4)
+        b.add_argument("--lr", type=float, default=5e-6)
+        b.add_argument("--beta", type=float, default=0.1)
+        b.add_argument("--json", required=True)
+    c = sub.add_parser("report")
+    c.add_argument("--dir", required=True)
+    c.add_argument("--results", required=True)
+    c.add_argument("--setup", default="")
+    args = p.parse_args()
+    if args.cmd == "prepare":
+        prepare(args)
+    elif args.cmd == "report":
+        report(args)
+    else:
+        run(args, args.cmd.split("-")[1])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,304 @@
+//! Hot-swap, behind the admin key: load a Hugging Face folder (or GGUF file)
+//! from under `admin.model_root` as a model id, point an alias at a loaded
+//! model atomically, unload. A load that fails leaves what was serving in
+//! place and says why; requests already running finish on the weights they
+//! started with (see `state`).
+
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix_web::{web, HttpResponse};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::config::{Isq, ModelConfig};
+use crate::engine::LoadedModel;
+use crate::error::{ApiError, ErrorBody};
+use crate::state::{AppState, ModelSlot};
+use crate::validation::parse_body;
+
+/// `POST /admin/models`
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoadModelRequest {
+    /// The model id clients (or an alias) will use. Loading an id that is
+    /// already served replaces it once the new weights are ready.
+    pub id: String,
+    /// A Hugging Face folder or GGUF file, absolute or relative to `admin.model_root`.
+    #[schema(value_type = String)]
+    pub path: PathBuf,
+    /// Point this alias at the model once it is loaded.
+    pub alias: Option<String>,
+    pub max_seqs: Option<usize>,
+    pub max_waiting: Option<usize>,
+    /// In-situ quantization: `none` (default), `q8_0`, `q4k`.
+    #[schema(value_type = Option<String>)]
+    pub isq: Option<Isq>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct LoadedModelInfo {
+    pub id: String,
+    pub path: String,
+    /// Hash of the weights; responses from this model carry it as `system_fingerprint`.
+    pub fingerprint: String,
+    pub load_seconds: f64,
+    /// Whether an earlier model with this id was replaced.
+    pub replaced: bool,
+    pub alias: Option<String>,
+}
+
+/// `PUT /admin/aliases/{alias}`
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetAliasRequest {
+    pub model: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct AliasInfo {
+    pub alias: String,
+    pub model: String,
+    pub fingerprint: String,
+    /// The model the alias pointed at before, if any.
+    pub previous: Option<String>,
+}
+
+/// The folder or file `requested` names, if it lies under `root` once every
+/// link is followed; 403 otherwise (`..`, an absolute path elsewhere, a link
+/// leading out), 422 when it does not exist.
+pub fn under_root(root: &Path, requested: &Path) -> Result<PathBuf, ApiError> {
+    if requested.components().any(|c| matches!(c, Component::ParentDir)) {
+        return Err(ApiError::forbidden(format!(
+            "`{}`: `..` is not allowed in model paths",
+            requested.display()
+        )));
+    }
+    let root = root.canonicalize().map_err(|e| {
+        ApiError::forbidden(format!("the model root {} is not usable: {e}", root.display()))
+    })?;
+    let joined = if requested.is_absolute() { requested.to_path_buf() } else { root.join(requested) };
+    let resolved = match joined.canonicalize() {
+        Ok(p) => p,
+        // Say "outside" before "missing" so the answer does not probe the disk.
+        Err(_) if !joined.starts_with(&root) => {
+            return Err(ApiError::forbidden(format!(
+                "{} is outside the model root {}",
+                requested.display(),
+                root.display()
+            )))
+        }
+        Err(e) => {
+            return Err(ApiError::load_failed(format!("{}: {e}", requested.display())));
+        }
+    };
+    if !resolved.starts_with(&root) {
+        return Err(ApiError::forbidden(format!(
+            "{} is outside the model root {} (links are followed)",
+            requested.display(),
+            root.display()
+        )));
+    }
+    Ok(resolved)
+}
+
+/// Loads a model (replacing one with the same id only once the new one is ready).
+#[utoipa::path(
+    post,
+    path = "/admin/models",
+    tag = "admin",
+    request_body = LoadModelRequest,
+    responses(
+        (status = 200, description = "Loaded (and the alias repointed, if given)", body = LoadedModelInfo),
+        (status = 401, description = "Missing or wrong admin key", body = ErrorBody),
+        (status = 403, description = "Path outside `admin.model_root`, or no root configured", body = ErrorBody),
+        (status = 409, description = "A load of this id is already running", body = ErrorBody),
+        (status = 422, description = "The weights did not load (`model_load_failed`); the old model keeps serving", body = ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn load_model(state: web::Data<AppState>, body: web::Bytes) -> Result<HttpResponse, ApiError> {
+    let request: LoadModelRequest = parse_body(&body)?;
+    let id = request.id.trim().to_string();
+    if id.is_empty() {
+        return Err(ApiError::invalid_param("id", "`id` must not be empty"));
+    }
+    let count = |result: &str| state.metrics.model_loads.with_label_values(&[&id, result]).inc();
+    let Some(root) = &state.config.admin.model_root else {
+        count("forbidden");
+        return Err(ApiError::forbidden(
+            "loading models at runtime is off: set admin.model_root in the server config",
+        ));
+    };
+    let path = under_root(root, &request.path).inspect_err(|e| {
+        count(if e.status.as_u16() == 403 { "forbidden" } else { "failed" })
+    })?;
+    let _guard = state.begin_load(&id)?;
+    let mut config = ModelConfig::from_path(&id, path.clone());
+    config.max_seqs = request.max_seqs.unwrap_or(config.max_seqs).max(1);
+    config.max_waiting = request.max_waiting.unwrap_or(config.max_waiting);
+    config.isq = request.isq;
+    let replaced = state.slots().iter().any(|(m, _)| *m == id);
+    let started = Instant::now();
+    // The engine build is heavy, blocking work: run it on the main runtime,
+    // not on this HTTP worker's thread.
+    let (home, load_path) = (state.home.clone(), path.clone());
+    let load = async move { LoadedModel::load(&config, &load_path, &home).await };
+    let outcome = match &state.runtime {
+        Some(handle) => handle
+            .spawn(load)
+            .await
+            .map_err(|e| anyhow::anyhow!("the load task died: {e}"))
+            .and_then(|r| r),
+        None => load.await,
+    };
+    let model = match outcome {
+        Ok(model) => model,
+        Err(e) => {
+            count("failed");
+            tracing::warn!(model = %id, "admin load failed: {e:#}");
+            return Err(ApiError::load_failed(format!(
+                "cannot load `{id}` from {}: {e:#}. Nothing changed: what was serving still serves.",
+                path.display()
+            )));
+        }
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    let fingerprint = model.fingerprint.clone();
+    state.set(&id, ModelSlot::Ready(Arc::new(model)));
+    count("ok");
+    state.metrics.model_load_seconds.with_label_values(&[&id]).observe(seconds);
+    tracing::info!(model = %id, path = %path.display(), %fingerprint, seconds, "loaded through the admin API");
+    if let Some(alias) = &request.alias {
+        state.set_alias(alias, &id)?;
+    }
+    Ok(HttpResponse::Ok().json(LoadedModelInfo {
+        id,
+        path: path.display().to_string(),
+        fingerprint,
+        load_seconds: seconds,
+        replaced,
+        alias: request.alias,
+    }))
+}
+
+/// Unloads a model; running requests finish first. Refused while an alias points at it.
+#[utoipa::path(
+    delete,
+    path = "/admin/models/{id}",
+    tag = "admin",
+    params(("id" = String, Path, description = "Model id")),
+    responses(
+        (status = 200, description = "Unloaded"),
+        (status = 404, description = "No such model", body = ErrorBody),
+        (status = 409, description = "An alias points at it (`model_in_use`)", body = ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn unload_model(state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    state.unload(&id)?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({"id": id.as_str(), "unloaded": true})))
+}
+
+/// Points an alias at a loaded model, atomically: the next request that
+/// names the alias runs on the new model.
+#[utoipa::path(
+    put,
+    path = "/admin/aliases/{alias}",
+    tag = "admin",
+    params(("alias" = String, Path, description = "The name clients use")),
+    request_body = SetAliasRequest,
+    responses(
+        (status = 200, body = AliasInfo),
+        (status = 404, description = "No such model", body = ErrorBody),
+        (status = 409, description = "The alias is a model id", body = ErrorBody),
+        (status = 503, description = "The model is not ready", body = ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn set_alias(
+    state: web::Data<AppState>,
+    alias: web::Path<String>,
+    body: web::Bytes,
+) -> Result<HttpResponse, ApiError> {
+    let request: SetAliasRequest = parse_body(&body)?;
+    let previous = state.set_alias(&alias, &request.model)?;
+    let fingerprint = state.model(&alias)?.fingerprint.clone();
+    tracing::info!(%alias, model = %request.model, ?previous, "alias repointed");
+    Ok(HttpResponse::Ok().json(AliasInfo {
+        alias: alias.into_inner(),
+        model: request.model,
+        fingerprint,
+        previous,
+    }))
+}
+
+/// Removes an alias (the model stays loaded).
+#[utoipa::path(
+    delete,
+    path = "/admin/aliases/{alias}",
+    tag = "admin",
+    params(("alias" = String, Path, description = "The alias")),
+    responses((status = 200, description = "Removed"), (status = 404, body = ErrorBody)),
+    security(("api_key" = []))
+)]
+pub async fn remove_alias(state: web::Data<AppState>, alias: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let model = state.remove_alias(&alias)?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({"alias": alias.as_str(), "model": model, "removed": true})))
+}
+
+/// Every model with its state and weights, and every alias.
+#[utoipa::path(
+    get,
+    path = "/admin/models",
+    tag = "admin",
+    responses((status = 200, description = "`{models: [...], aliases: {alias: model}}`")),
+    security(("api_key" = []))
+)]
+pub async fn list(state: web::Data<AppState>) -> HttpResponse {
+    let models: Vec<serde_json::Value> = state
+        .slots()
+        .into_iter()
+        .map(|(id, slot)| match slot {
+            ModelSlot::Ready(m) => serde_json::json!({
+                "id": id, "state": "ready", "fingerprint": m.fingerprint,
+                "max_model_len": m.max_seq_len, "max_seqs": m.admission.max_seqs(),
+                "running": m.admission.running(), "waiting": m.admission.waiting(),
+            }),
+            other => serde_json::json!({"id": id, "state": other.describe()}),
+        })
+        .collect();
+    let aliases: serde_json::Map<String, serde_json::Value> =
+        state.aliases().into_iter().map(|(a, m)| (a, m.into())).collect();
+    HttpResponse::Ok().json(serde_json::json!({ "models": models, "aliases": aliases }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_paths_under_the_root_are_allowed() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        let outside = dir.path().join("outside");
+        std::fs::create_dir_all(root.join("fused/final")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("escape")).unwrap();
+        std::os::unix::fs::symlink(root.join("fused"), root.join("inner-link")).unwrap();
+
+        let ok = under_root(&root, Path::new("fused/final")).unwrap();
+        assert_eq!(ok, root.canonicalize().unwrap().join("fused/final"));
+        assert!(under_root(&root, &root.join("fused")).is_ok(), "absolute inside");
+        assert!(under_root(&root, Path::new("inner-link/final")).is_ok(), "a link that stays inside");
+        for bad in [Path::new("fused/../../outside"), Path::new("escape"), outside.as_path(), Path::new("/etc")] {
+            let err = under_root(&root, bad).unwrap_err();
+            assert_eq!(err.status.as_u16(), 403, "{bad:?}: {err}");
+        }
+        let err = under_root(&root, Path::new("missing")).unwrap_err();
+        assert_eq!(err.status.as_u16(), 422, "{err}");
+        let err = under_root(&root, &outside.join("missing")).unwrap_err();
+        assert_eq!(err.status.as_u16(), 403, "{err}");
+    }
+}

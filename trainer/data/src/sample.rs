@@ -1,0 +1,258 @@
+//! `fusechat sample`: N responses per training prompt and source, through
+//! the sources' OpenAI endpoints, into the store. Resumable: keys already in
+//! the store are not requested again.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::client::Endpoint;
+use crate::config::{Config, SourceConfig};
+use crate::prompts::{self, Prompt, Side};
+use crate::store::{SampleRecord, Store};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SampleSummary {
+    pub planned: usize,
+    pub already_done: usize,
+    pub requested: usize,
+    pub ok: usize,
+    pub failed: usize,
+    pub truncated: usize,
+    pub empty: usize,
+    pub completion_tokens: u64,
+    pub elapsed_s: f64,
+    pub responses_per_s: f64,
+    pub tokens_per_s: f64,
+    pub per_source: HashMap<String, SourceStats>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SourceStats {
+    pub ok: usize,
+    pub failed: usize,
+    pub completion_tokens: u64,
+}
+
+/// The request body for one sample.
+pub fn request_body(config: &Config, source: &SourceConfig, prompt: &Prompt, idx: u32) -> Value {
+    let mut body = json!({
+        "model": source.model(),
+        "messages": [{"role": "user", "content": prompt.text}],
+        "max_tokens": source.max_tokens.unwrap_or(config.sampling.max_tokens),
+        "user": format!("fusechat-data/{}/{}/{}", prompt.id, source.id, idx),
+    });
+    let o = body.as_object_mut().unwrap();
+    if let Some(t) = source.temperature {
+        o.insert("temperature".into(), json!(t));
+    }
+    if let Some(t) = source.top_p {
+        o.insert("top_p".into(), json!(t));
+    }
+    if let Some(t) = source.top_k {
+        o.insert("top_k".into(), json!(t));
+    }
+    if let Some(t) = source.repetition_penalty {
+        o.insert("repetition_penalty".into(), json!(t));
+    }
+    if config.sampling.seeded {
+        let key = format!("{}/{}/{}", prompt.id, source.id, idx);
+        let seed = (prompts::unit_hash(config.sampling.seed, &key) * (1u64 << 31) as f64) as u64;
+        o.insert("seed".into(), json!(seed));
+    }
+    body
+}
+
+fn write_split(config: &Config, all: &[Prompt]) -> Result<()> {
+    let out = config.output_dir();
+    std::fs::create_dir_all(&out)?;
+    let tmp = out.join("split.jsonl.tmp");
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+    for p in all {
+        writeln!(
+            f,
+            "{}",
+            json!({"id": p.id, "pool": p.pool, "domain": p.domain, "side": p.side.as_str()})
+        )?;
+    }
+    f.into_inner()?.sync_all()?;
+    std::fs::rename(&tmp, out.join("split.jsonl"))?;
+    Ok(())
+}
+
+pub async fn run(config: &Config) -> Result<SampleSummary> {
+    if config.sources.is_empty() {
+        bail!("no [[sources]] in the config");
+    }
+    let (all, train) = prompts::load_all(config)?;
+    if train.is_empty() {
+        bail!("no training prompts: check [[pools]]");
+    }
+    let store = Arc::new(Store::open(&config.store_path())?);
+    store.set_meta("split_seed", &config.prompts.split_seed.to_string())?;
+    store.set_meta("eval_fraction", &config.prompts.eval_fraction.to_string())?;
+    store.record_prompts(&all).context("recording the split")?;
+    write_split(config, &all)?;
+    assert!(train.iter().all(|p| p.side == Side::Train));
+
+    let mut endpoints: HashMap<String, Arc<Endpoint>> = HashMap::new();
+    for e in &config.endpoints {
+        endpoints.insert(e.name.clone(), Endpoint::new(e)?);
+    }
+    for (name, e) in &endpoints {
+        if config.sources.iter().any(|s| &s.endpoint == name) {
+            if let Err(msg) = e.check().await {
+                tracing::warn!("endpoint `{name}`: {msg}; its samples will be recorded as failed");
+                eprintln!("fusechat sample: warning: endpoint `{name}`: {msg}");
+            }
+        }
+    }
+
+    let done = store.done_keys(config.sampling.retry_failed)?;
+    let mut jobs = Vec::new();
+    let mut planned = 0;
+    for p in &train {
+        for s in &config.sources {
+            if !s.serves(p.domain) {
+                continue;
+            }
+            for idx in 0..config.sampling.n_for(p.domain) {
+                planned += 1;
+                if !done.contains(&(p.id.clone(), s.id.clone(), idx)) {
+                    jobs.push((p.clone(), s.clone(), idx));
+                }
+            }
+        }
+    }
+    let already_done = planned - jobs.len();
+    eprintln!(
+        "fusechat sample: {} training prompts, {} sources: {planned} samples planned, {already_done} already in {}, {} to request",
+        train.len(),
+        config.sources.len(),
+        config.store_path().display(),
+        jobs.len()
+    );
+
+    let bar = if config.sampling.progress {
+        indicatif::ProgressBar::new(jobs.len() as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:30}] {pos}/{len} responses  {per_sec}  ETA {eta}  {msg}",
+        )
+        .unwrap()
+        .progress_chars("=> "),
+    );
+
+    let start = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for (p, s, idx) in jobs.iter().cloned() {
+        let ep = endpoints[&s.endpoint].clone();
+        let body = request_body(config, &s, &p, idx);
+        set.spawn(async move {
+            let r = ep.chat(&body).await;
+            (p.id, s.id, idx, body, r)
+        });
+    }
+    let mut summary = SampleSummary {
+        planned,
+        already_done,
+        requested: jobs.len(),
+        ok: 0,
+        failed: 0,
+        truncated: 0,
+        empty: 0,
+        completion_tokens: 0,
+        elapsed_s: 0.0,
+        responses_per_s: 0.0,
+        tokens_per_s: 0.0,
+        per_source: HashMap::new(),
+    };
+    let mut last_error = None;
+    while let Some(joined) = set.join_next().await {
+        let (prompt_id, source, idx, body, r) = joined.context("a sampling task panicked")?;
+        let stats = summary.per_source.entry(source.clone()).or_default();
+        let rec = match r {
+            Ok(resp) => {
+                summary.ok += 1;
+                stats.ok += 1;
+                let ct = resp.completion_tokens.unwrap_or(0);
+                summary.completion_tokens += ct;
+                stats.completion_tokens += ct;
+                if resp.finish_reason.as_deref() == Some("length") {
+                    summary.truncated += 1;
+                }
+                if resp.text.trim().is_empty() {
+                    summary.empty += 1;
+                }
+                SampleRecord {
+                    prompt_id,
+                    source,
+                    idx,
+                    ok: true,
+                    request: body,
+                    text: Some(resp.text),
+                    finish_reason: resp.finish_reason,
+                    prompt_tokens: resp.prompt_tokens,
+                    completion_tokens: resp.completion_tokens,
+                    latency_ms: resp.latency.as_millis() as u64,
+                    attempts: resp.attempts,
+                    error: None,
+                }
+            }
+            Err(f) => {
+                summary.failed += 1;
+                stats.failed += 1;
+                last_error = Some(f.to_string());
+                SampleRecord {
+                    prompt_id,
+                    source,
+                    idx,
+                    ok: false,
+                    request: body,
+                    text: None,
+                    finish_reason: None,
+                    prompt_tokens: None,
+                    completion_tokens: None,
+                    latency_ms: 0,
+                    attempts: f.attempts,
+                    error: Some(f.message),
+                }
+            }
+        };
+        store
+            .put_sample(&rec)
+            .context("writing a sample to the store")?;
+        bar.inc(1);
+        if summary.failed > 0 {
+            bar.set_message(format!("{} failed", summary.failed));
+        }
+    }
+    bar.finish();
+    let elapsed = start.elapsed().as_secs_f64();
+    summary.elapsed_s = elapsed;
+    if elapsed > 0.0 {
+        summary.responses_per_s = summary.ok as f64 / elapsed;
+        summary.tokens_per_s = summary.completion_tokens as f64 / elapsed;
+    }
+    let out = config.output_dir();
+    std::fs::write(
+        out.join("sample_stats.json"),
+        serde_json::to_string_pretty(&summary)?,
+    )?;
+    eprintln!(
+        "fusechat sample: {} ok ({} cut by the length limit, {} empty), {} failed, in {:.1}s: {:.2} responses/s, {:.1} tokens/s",
+        summary.ok, summary.truncated, summary.empty, summary.failed, elapsed, summary.responses_per_s, summary.tokens_per_s
+    );
+    if let Some(e) = last_error {
+        eprintln!("fusechat sample: last failure: {e}");
+    }
+    Ok(summary)
+}

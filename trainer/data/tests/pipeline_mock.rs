@@ -1,0 +1,424 @@
+//! sample -> score -> pair against a mock OpenAI server with sources that
+//! misbehave in every way the issue lists; the run goes on, failures are
+//! recorded per sample, a rerun asks only for what failed.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use fusechat_data::{pair, prompts::Side, sample, score, store::Store, Config};
+use serde_json::Value;
+
+fn config_text(dir: &std::path::Path, mock: &str, dead: u16) -> String {
+    format!(
+        r#"
+[run]
+output = "{out}"
+
+[prompts]
+data_dir = "{data}"
+eval_fraction = 0.3
+math_suffix = ""
+
+[[pools]]
+name = "p"
+domain = "math"
+format = "jsonl"
+file = "pool.jsonl"
+
+[[endpoints]]
+name = "mock"
+base_url = "{mock}"
+concurrency = 4
+timeout_s = 10
+max_retries = 2
+backoff_s = 0.05
+
+[[endpoints]]
+name = "dead"
+base_url = "http://127.0.0.1:{dead}/v1"
+max_retries = 1
+backoff_s = 0.05
+
+[[sources]]
+id = "good"
+endpoint = "mock"
+temperature = 0.8
+top_p = 0.95
+
+[[sources]]
+id = "garbage"
+endpoint = "mock"
+
+[[sources]]
+id = "empty"
+endpoint = "mock"
+
+[[sources]]
+id = "cut"
+endpoint = "mock"
+
+[[sources]]
+id = "flaky"
+endpoint = "mock"
+
+[[sources]]
+id = "limited"
+endpoint = "mock"
+
+[[sources]]
+id = "broken"
+endpoint = "mock"
+
+[[sources]]
+id = "down"
+endpoint = "dead"
+
+[sampling]
+n = {{ math = 2 }}
+max_tokens = 32
+progress = false
+
+[pairing]
+sft_fraction = 0.4
+"#,
+        out = dir.join("out").display(),
+        data = dir.display(),
+    )
+}
+
+#[test]
+fn misbehaving_sources_are_recorded_and_the_run_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    common::math_pool(dir.path(), 20);
+    let mock = common::mock(Duration::ZERO);
+    let dead = common::free_port();
+    let config =
+        Config::parse(&config_text(dir.path(), &mock.base_url(), dead), dir.path()).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+
+    let summary = rt.block_on(sample::run(&config)).unwrap();
+    let store = Store::open(&config.store_path()).unwrap();
+    let train = store.prompts(Some(Side::Train)).unwrap();
+    let eval = store.prompts(Some(Side::Eval)).unwrap();
+    assert_eq!(
+        train.len() + eval.len(),
+        20,
+        "every prompt's side is recorded"
+    );
+    assert!(!eval.is_empty() && !train.is_empty());
+    assert_eq!(summary.planned, train.len() * 8 * 2);
+
+    let samples = store.samples().unwrap();
+    assert_eq!(samples.len(), summary.planned);
+    let eval_ids: std::collections::HashSet<_> = eval.iter().map(|p| p.id.clone()).collect();
+    assert!(
+        samples.iter().all(|s| !eval_ids.contains(&s.prompt_id)),
+        "an eval prompt was sampled"
+    );
+    let by_source = |src: &str| {
+        samples
+            .iter()
+            .filter(|s| s.source == src)
+            .collect::<Vec<_>>()
+    };
+    for s in by_source("garbage") {
+        assert!(!s.ok);
+        assert!(
+            s.error.as_deref().unwrap().contains("garbage"),
+            "{:?}",
+            s.error
+        );
+    }
+    for s in by_source("broken") {
+        assert!(!s.ok);
+        assert!(s.error.as_deref().unwrap().contains("400"), "{:?}", s.error);
+    }
+    for s in by_source("down") {
+        assert!(!s.ok);
+        assert!(
+            s.error.as_deref().unwrap().contains("unreachable")
+                || s.error.as_deref().unwrap().contains("connect"),
+            "{:?}",
+            s.error
+        );
+    }
+    for s in by_source("empty") {
+        assert!(s.ok && s.text.is_empty());
+    }
+    for s in by_source("cut") {
+        assert!(s.ok && s.truncated && s.finish_reason.as_deref() == Some("length"));
+    }
+    for s in by_source("flaky").into_iter().chain(by_source("limited")) {
+        assert!(s.ok, "{s:?}");
+    }
+    // Retry-After: 1 was honoured (the retry came at least ~1 s later).
+    {
+        let log = mock.log.lock().unwrap();
+        let mut first: HashMap<&str, std::time::Instant> = HashMap::new();
+        let mut gaps = Vec::new();
+        for (user, model, t) in &log.requests {
+            if model == "limited" {
+                if let Some(t0) = first.get(user.as_str()) {
+                    gaps.push(t.duration_since(*t0));
+                } else {
+                    first.insert(user, *t);
+                }
+            }
+        }
+        assert_eq!(gaps.len(), train.len() * 2);
+        assert!(
+            gaps.iter().all(|g| *g >= Duration::from_millis(950)),
+            "{gaps:?}"
+        );
+    }
+
+    // Scoring and pairing.
+    rt.block_on(score::run(&config)).unwrap();
+    let report = pair::run(&config).unwrap();
+    let out = config.output_dir();
+    for f in [
+        "sft.jsonl",
+        "dpo.jsonl",
+        "report.md",
+        "report.json",
+        "report.svg",
+        "split.jsonl",
+    ] {
+        assert!(out.join(f).exists(), "{f} missing");
+    }
+    let sft: Vec<Value> = std::fs::read_to_string(out.join("sft.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let dpo: Vec<Value> = std::fs::read_to_string(out.join("dpo.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(sft.len(), report.sft_rows);
+    assert_eq!(dpo.len(), report.dpo_pairs);
+    assert!(
+        !sft.is_empty() && !dpo.is_empty(),
+        "sft {} dpo {}",
+        sft.len(),
+        dpo.len()
+    );
+    for row in &sft {
+        assert_eq!(row["messages"][0]["role"], "user");
+        assert_eq!(row["messages"][1]["role"], "assistant");
+        assert!(
+            row["messages"][1]["content"]
+                .as_str()
+                .unwrap()
+                .contains("Thinking"),
+            "SFT took a wrong answer: {row}"
+        );
+    }
+    for row in &dpo {
+        assert_eq!(row["prompt"][0]["role"], "user");
+        assert!(row["chosen"][0]["content"]
+            .as_str()
+            .unwrap()
+            .contains("Thinking"));
+        assert!(row["rejected"][0]["content"]
+            .as_str()
+            .unwrap()
+            .contains("999999"));
+        let src = row["metadata"]["source"].as_str().unwrap();
+        assert!(["good", "flaky", "limited"].contains(&src), "{src}");
+        assert_eq!(row["metadata"]["scores"]["chosen"]["passed"], true);
+        assert_eq!(row["metadata"]["scores"]["rejected"]["passed"], false);
+    }
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("| good |") && md.contains("dropped"), "{md}");
+    let math = &report.domains["math"];
+    assert_eq!(math.sources["good"].pass_rate, Some(0.5));
+    assert_eq!(math.sources["garbage"].failed_requests, train.len() * 2);
+    assert_eq!(math.sources["cut"].truncated, train.len() * 2);
+
+    // A rerun asks again only for the failed samples; nothing ok is requested twice.
+    let before = mock.count();
+    let again = rt.block_on(sample::run(&config)).unwrap();
+    assert_eq!(
+        again.requested,
+        train.len() * 2 * 3,
+        "garbage, broken and down again"
+    );
+    let after = mock.users();
+    let asked_again: Vec<&String> = after[before..].iter().collect();
+    assert!(
+        asked_again
+            .iter()
+            .all(|u| u.contains("/garbage/") || u.contains("/broken/")),
+        "{asked_again:?}"
+    );
+    let (rows, distinct) = store.sample_counts().unwrap();
+    assert_eq!(rows, distinct);
+    assert_eq!(rows as usize, summary.planned);
+}
+
+#[test]
+fn a_changed_split_is_refused_instead_of_leaking_eval_prompts() {
+    let dir = tempfile::tempdir().unwrap();
+    common::math_pool(dir.path(), 20);
+    let mock = common::mock(Duration::ZERO);
+    let text = config_text(dir.path(), &mock.base_url(), common::free_port());
+    let config = Config::parse(&text, dir.path()).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(sample::run(&config)).unwrap();
+    let moved = Config::parse(
+        &text.replace("eval_fraction = 0.3", "eval_fraction = 0.6"),
+        dir.path(),
+    )
+    .unwrap();
+    let err = format!("{:#}", rt.block_on(sample::run(&moved)).unwrap_err());
+    assert!(err.contains("split"), "{err}");
+}
+
+#[test]
+fn malformed_prompt_file_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("pool.jsonl"),
+        "{\"id\":1,\"prompt\":\"a\"}\n{\"id\":2,\"prompt\":\"b\"\n",
+    )
+    .unwrap();
+    let config = Config::parse(
+        &config_text(dir.path(), "http://127.0.0.1:9/v1", 9),
+        dir.path(),
+    )
+    .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let err = format!("{:#}", rt.block_on(sample::run(&config)).unwrap_err());
+    assert!(err.contains("pool.jsonl:2"), "{err}");
+    assert!(
+        !config.store_path().exists()
+            || Store::open(&config.store_path())
+                .unwrap()
+                .samples()
+                .unwrap()
+                .is_empty()
+    );
+}
+
+fn scorer_config(dir: &std::path::Path, base: &str, reward_api: &str, judge_model: &str) -> String {
+    std::fs::write(
+        dir.join("instr.jsonl"),
+        (0..12)
+            .map(|i| format!("{{\"id\":{i},\"prompt\":\"Tell me something [[{i}]]\"}}\n"))
+            .collect::<String>(),
+    )
+    .unwrap();
+    let root = base.trim_end_matches("/v1");
+    format!(
+        r#"
+[run]
+output = "{out}"
+[prompts]
+data_dir = "{data}"
+eval_fraction = 0.0
+math_suffix = ""
+[[pools]]
+name = "m"
+domain = "math"
+format = "jsonl"
+file = "pool.jsonl"
+[[pools]]
+name = "i"
+domain = "instruction"
+format = "jsonl"
+file = "instr.jsonl"
+[[endpoints]]
+name = "mock"
+base_url = "{base}"
+backoff_s = 0.05
+[[sources]]
+id = "good"
+endpoint = "mock"
+[sampling]
+n = {{ math = 2, instruction = 2 }}
+progress = false
+[scoring.reward]
+url = "{root}/{reward_api}"
+api = "{reward_api}"
+model = "rm"
+domains = ["math"]
+[scoring.judge]
+endpoint = "mock"
+model = "{judge_model}"
+[pairing]
+sft_fraction = 0.0
+window = [0.01, 0.1]
+"#,
+        out = dir.join("out").display(),
+        data = dir.display(),
+    )
+}
+
+#[test]
+fn judge_and_reward_scorers_rank_and_the_window_filters() {
+    let dir = tempfile::tempdir().unwrap();
+    common::math_pool(dir.path(), 12);
+    let mock = common::mock(Duration::ZERO);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+
+    // /classify: gap 0.05, inside the window: every math prompt pairs.
+    let config = Config::parse(
+        &scorer_config(dir.path(), &mock.base_url(), "classify", "judge"),
+        dir.path(),
+    )
+    .unwrap();
+    rt.block_on(sample::run(&config)).unwrap();
+    let s = rt.block_on(score::run(&config)).unwrap();
+    assert_eq!(s.scored["judge"], 24);
+    assert_eq!(s.scored["reward"], 24);
+    assert_eq!(s.scored["math"], 24);
+    let report = pair::run(&config).unwrap();
+    assert_eq!(report.domains["math"].dpo_pairs, 12);
+    assert_eq!(
+        report.domains["instruction"].dpo_pairs, 12,
+        "judge 8 vs 3 pairs every instruction prompt"
+    );
+    assert_eq!(
+        report.domains["instruction"].sources["good"].mean_judge,
+        Some(5.5)
+    );
+    let dpo = std::fs::read_to_string(config.output_dir().join("dpo.jsonl")).unwrap();
+    let first: Value = serde_json::from_str(dpo.lines().next().unwrap()).unwrap();
+    assert!(first["metadata"]["scores"]["chosen"]
+        .get("reward")
+        .is_some());
+
+    // {"scores"} shape: gap 0.8, outside the window: math pairs are dropped, with the reason.
+    let dir2 = tempfile::tempdir().unwrap();
+    common::math_pool(dir2.path(), 12);
+    let config = Config::parse(
+        &scorer_config(dir2.path(), &mock.base_url(), "scores", "judge-garbage"),
+        dir2.path(),
+    )
+    .unwrap();
+    rt.block_on(sample::run(&config)).unwrap();
+    let s = rt.block_on(score::run(&config)).unwrap();
+    assert_eq!(s.scored["reward"], 24);
+    assert_eq!(
+        s.failed["judge"], 24,
+        "an unparsable judge reply is a recorded failure"
+    );
+    let report = pair::run(&config).unwrap();
+    assert_eq!(report.domains["math"].dpo_pairs, 0);
+    assert_eq!(
+        report.domains["math"].dropped["dpo: reward gap outside the window"],
+        12
+    );
+    assert_eq!(report.domains["instruction"].dpo_pairs, 0);
+    // Failed judge scores are retried by the next `score`.
+    let again = rt.block_on(score::run(&config)).unwrap();
+    assert_eq!(again.failed["judge"], 24);
+    assert!(
+        again.scored.get("reward").is_none(),
+        "reward scores were redone"
+    );
+}

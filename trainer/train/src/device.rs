@@ -1,0 +1,42 @@
+//! The one place the training device is chosen: CUDA when the crate is built
+//! with the `cuda` feature and a GPU is there (unless `--cpu`), else the CPU.
+
+use candle_core::Device;
+
+use crate::error::Result;
+
+pub fn select(force_cpu: bool) -> Result<Device> {
+    if force_cpu {
+        return Ok(Device::Cpu);
+    }
+    #[cfg(feature = "cuda")]
+    {
+        if candle_core::utils::cuda_is_available() {
+            return Ok(Device::new_cuda(0)?);
+        }
+        tracing::warn!("built with cuda, but no CUDA device found: training on the CPU");
+    }
+    Ok(Device::Cpu)
+}
+
+pub fn describe(device: &Device) -> String {
+    match device {
+        Device::Cpu => format!("cpu ({} threads)", candle_core::utils::get_num_threads()),
+        other => format!("{other:?}"),
+    }
+}
+
+/// Keeps freed memory in the process instead of returning it to the kernel:
+/// a training step allocates and frees gigabytes of activations, and with
+/// glibc's defaults a fifth of the step went to the kernel zeroing fresh pages
+/// (measured with perf on SmolLM2, batch 4 x 512; about 10% faster with this).
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes glibc's allocator thresholds; called
+    // before the training allocations, it has no other effect.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_TOP_PAD, 1 << 30);
+    }
+}

@@ -1,0 +1,158 @@
+//! Gemma 3 text decoder (transformers' `modeling_gemma3.py`, `Gemma3ForCausalLM`):
+//! embeddings scaled by sqrt(hidden), RMSNorm with `(1 + w)`, four norms per block
+//! (input, post-attention, pre- and post-feed-forward), per-head q/k RMSNorm before RoPE,
+//! attention scale `query_pre_attn_scalar^-0.5`, sliding-window local layers with their own
+//! RoPE base (`rope_local_base_freq`) and global layers with `rope_theta` (+ `rope_scaling`),
+//! GeLU-tanh gated MLP, optional attention / final logit soft-capping.
+
+use candle_core::{Tensor, D};
+
+use super::config::{ModelConfig, RopeScaling};
+use super::layers::{inv_freq, Linear, Mlp, Result, RmsNorm, RopeTables, SelfAttention};
+use super::Weights;
+
+#[derive(Clone)]
+struct Block {
+    input_norm: RmsNorm,
+    attn: SelfAttention,
+    post_attn_norm: RmsNorm,
+    pre_ff_norm: RmsNorm,
+    mlp: Mlp,
+    post_ff_norm: RmsNorm,
+    sliding: bool,
+}
+
+#[derive(Clone)]
+pub(crate) struct Gemma3 {
+    embed: Tensor,
+    embed_scale: f64,
+    blocks: Vec<Block>,
+    norm: RmsNorm,
+    lm_head: Tensor,
+    inv_freq_global: Vec<f32>,
+    inv_freq_local: Vec<f32>,
+    scale: f64,
+    window: usize,
+    final_softcap: Option<f64>,
+}
+
+impl Gemma3 {
+    pub fn new(config: &ModelConfig, w: &Weights) -> super::Result<Self> {
+        let eps = config.rms_norm_eps;
+        let norm = |name: &str| -> super::Result<RmsNorm> {
+            Ok(RmsNorm {
+                weight: w.get(name)?,
+                eps,
+                plus_one: true,
+            })
+        };
+        let bias = config.qkv_bias();
+        let linear = |name: &str, bias: bool| -> super::Result<Linear> {
+            Ok(Linear {
+                weight: w.get(&format!("{name}.weight"))?,
+                bias: if bias {
+                    Some(w.get(&format!("{name}.bias"))?)
+                } else {
+                    None
+                },
+            })
+        };
+        let act = config.activation().map_err(|m| w.config_error(m))?;
+        let sliding = config.sliding_layers();
+        let mut blocks = Vec::with_capacity(config.num_hidden_layers);
+        for (i, &sliding) in sliding.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            blocks.push(Block {
+                input_norm: norm(&format!("{p}.input_layernorm.weight"))?,
+                attn: SelfAttention {
+                    q: linear(&format!("{p}.self_attn.q_proj"), bias)?,
+                    k: linear(&format!("{p}.self_attn.k_proj"), bias)?,
+                    v: linear(&format!("{p}.self_attn.v_proj"), bias)?,
+                    o: linear(&format!("{p}.self_attn.o_proj"), bias)?,
+                    q_norm: Some(norm(&format!("{p}.self_attn.q_norm.weight"))?),
+                    k_norm: Some(norm(&format!("{p}.self_attn.k_norm.weight"))?),
+                    heads: config.num_attention_heads,
+                    kv_heads: config.num_kv_heads(),
+                    head_dim: config.head_dim(),
+                    softcap: config.attn_logit_softcapping,
+                },
+                post_attn_norm: norm(&format!("{p}.post_attention_layernorm.weight"))?,
+                pre_ff_norm: norm(&format!("{p}.pre_feedforward_layernorm.weight"))?,
+                mlp: Mlp {
+                    gate: linear(&format!("{p}.mlp.gate_proj"), false)?,
+                    up: linear(&format!("{p}.mlp.up_proj"), false)?,
+                    down: linear(&format!("{p}.mlp.down_proj"), false)?,
+                    act,
+                },
+                post_ff_norm: norm(&format!("{p}.post_feedforward_layernorm.weight"))?,
+                sliding,
+            });
+        }
+        let embed = w.get("model.embed_tokens.weight")?;
+        let lm_head = if config.tied_embeddings() {
+            embed.clone()
+        } else {
+            w.get("lm_head.weight")?
+        };
+        let (theta, scaling) = config.rope_global().map_err(|m| w.config_error(m))?;
+        let head_dim = config.head_dim();
+        // transformers multiplies by `hidden_size**0.5` cast to the weight dtype; the
+        // trainer's weights are f32 (or f64 in tests), so the f32 value is used.
+        let embed_scale = match embed.dtype() {
+            candle_core::DType::F64 => (config.hidden_size as f64).sqrt(),
+            _ => (config.hidden_size as f32).sqrt() as f64,
+        };
+        Ok(Self {
+            embed,
+            embed_scale,
+            blocks,
+            norm: norm("model.norm.weight")?,
+            lm_head,
+            inv_freq_global: inv_freq(head_dim, theta, scaling),
+            inv_freq_local: inv_freq(head_dim, config.rope_local_theta(), RopeScaling::None),
+            scale: config.attention_scale(),
+            window: config.sliding_window_len(),
+            final_softcap: config.final_logit_softcapping,
+        })
+    }
+
+    /// `ids: (b, s)` u32 -> logits `(b, s, vocab)`.
+    pub fn forward(&self, ids: &Tensor, fused: bool, rows: Option<&Tensor>) -> Result<Tensor> {
+        let (b, s) = ids.dims2()?;
+        let (dtype, device) = (self.embed.dtype(), self.embed.device());
+        let global_q = RopeTables::new(&self.inv_freq_global, s, self.scale, dtype, device)?;
+        let global_k = RopeTables::new(&self.inv_freq_global, s, 1.0, dtype, device)?;
+        let local_q = RopeTables::new(&self.inv_freq_local, s, self.scale, dtype, device)?;
+        let local_k = RopeTables::new(&self.inv_freq_local, s, 1.0, dtype, device)?;
+        let mut x = (self.embed.index_select(&ids.flatten_all()?, 0)? * self.embed_scale)?;
+        for block in &self.blocks {
+            let (rq, rk, window) = if block.sliding {
+                (&local_q, &local_k, Some(self.window))
+            } else {
+                (&global_q, &global_k, None)
+            };
+            let h = block.input_norm.forward(&x, fused)?;
+            let h = block.attn.forward(&h, (b, s), rq, rk, window, fused)?;
+            let h = block.post_attn_norm.forward(&h, fused)?;
+            x = (x + h)?;
+            let h = block.pre_ff_norm.forward(&x, fused)?;
+            let h = block.mlp.forward(&h, fused)?;
+            let h = block.post_ff_norm.forward(&h, fused)?;
+            x = (x + h)?;
+        }
+        // Only the requested rows of (b * s) reach the vocabulary projection.
+        let x = match rows {
+            Some(rows) => x.index_select(rows, 0)?,
+            None => x,
+        };
+        let x = self.norm.forward(&x, fused)?;
+        let mut logits = x.matmul(&self.lm_head.t()?)?;
+        if let Some(cap) = self.final_softcap {
+            logits = ((logits / cap)?.tanh()? * cap)?;
+        }
+        match rows {
+            Some(_) => Ok(logits),
+            None => logits.reshape((b, s, logits.dim(D::Minus1)?)),
+        }
+    }
+}

@@ -1,0 +1,107 @@
+//! Supervised fine-tuning: the mean negative log-likelihood of the learned
+//! (assistant) tokens, over all tokens of an optimizer step.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+
+use crate::batch::Batch;
+use crate::chat::ChatTokenizer;
+use crate::data::{self, OnBadInput, SftExample};
+use crate::error::Result;
+use crate::fingerprint;
+use crate::loss::learned_logps;
+use crate::model::CausalLm;
+use crate::trainer::{self, GradSum, Objective, RunSummary, StepOutput, TrainOptions};
+
+pub struct SftOptions {
+    pub model: PathBuf,
+    pub data: PathBuf,
+    pub out: PathBuf,
+    pub max_len: usize,
+    pub on_bad_input: OnBadInput,
+    pub train: TrainOptions,
+}
+
+pub struct SftObjective {
+    pub examples: Vec<SftExample>,
+    pub pad_id: u32,
+    pub device: Device,
+}
+
+impl Objective for SftObjective {
+    fn name(&self) -> &'static str {
+        "sft"
+    }
+
+    fn len(&self) -> usize {
+        self.examples.len()
+    }
+
+    fn curves(&self) -> &'static [&'static str] {
+        &["loss", "learning_rate", "grad_norm"]
+    }
+
+    fn step(&self, model: &CausalLm, examples: &[usize], micro_batch: usize) -> Result<StepOutput> {
+        let params = model.parameters();
+        let learned: usize = examples.iter().map(|&i| self.examples[i].tokens.learned_count()).sum();
+        let norm = learned.max(1) as f64;
+        let mut grads = GradSum::new(params);
+        let (mut loss_sum, mut tokens) = (0f64, 0usize);
+        for chunk in examples.chunks(micro_batch) {
+            let rows: Vec<_> = chunk.iter().map(|&i| &self.examples[i].tokens).collect();
+            let batch = Batch::new(&rows, self.pad_id, &self.device)?;
+            let nll = learned_logps(model, &batch)?.sum_all()?.neg()?;
+            let loss = (nll / norm)?;
+            loss_sum += loss.to_scalar::<f32>()? as f64;
+            grads.add(params, &loss.backward()?)?;
+            tokens += batch.tokens;
+        }
+        Ok(StepOutput {
+            grads: grads.finish(params)?,
+            loss: loss_sum,
+            tokens,
+            extra: vec![("learned_tokens", learned as f64)],
+        })
+    }
+}
+
+/// `fusechat sft`: loads the model and data, trains, writes `OUT/final`.
+pub fn sft(options: &SftOptions, device: &Device) -> Result<RunSummary> {
+    let chat = ChatTokenizer::load(&options.model)?;
+    let data = data::load_sft(&options.data, &chat, options.max_len, options.on_bad_input)?;
+    tracing::info!(
+        "{}: {} conversations ({} lines skipped)",
+        options.data.display(),
+        data.examples.len(),
+        data.skipped.len()
+    );
+    let model = CausalLm::load(&options.model, device)?;
+    let model_hash = fingerprint::model_folder(&options.model)?;
+    let identity = serde_json::json!({
+        "objective": "sft",
+        "model": model_hash,
+        "data": data.sha256,
+        "max_len": options.max_len,
+        "train": options.train,
+    });
+    let run_key = fingerprint::json(&identity);
+    let objective = SftObjective {
+        examples: data.examples,
+        pad_id: chat.pad_id(),
+        device: device.clone(),
+    };
+    let provenance = provenance(&options.model, &options.data, identity, data.skipped.len());
+    trainer::run(&model, &objective, &options.train, &options.out, &options.model, &run_key, provenance)
+}
+
+/// What produced a final folder: saved as `fusechat_train.json`.
+pub(crate) fn provenance(model: &Path, data: &Path, identity: serde_json::Value, skipped: usize) -> serde_json::Value {
+    serde_json::json!({
+        "base_model": model.display().to_string(),
+        "data": data.display().to_string(),
+        "skipped_lines": skipped,
+        "run": identity,
+        "fusechat_version": env!("CARGO_PKG_VERSION"),
+    })
+}

@@ -1,0 +1,398 @@
+//! The training loop SFT and DPO share: data order, gradient accumulation,
+//! gradient-norm clipping, AdamW under the cosine schedule, metrics, progress,
+//! checkpoints and resume, and the final Hugging Face folder.
+//!
+//! One optimizer step: take the step's examples (micro_batch x grad_accum of
+//! the epoch's seeded permutation), let the objective run forward + backward
+//! over them micro-batch by micro-batch (it normalises so the summed gradient
+//! is the step's mean), clip, update, log, and checkpoint every N steps.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor, Var};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::Serialize;
+
+use crate::checkpoint::{self, TrainerState};
+use crate::error::{io, Result, TrainError};
+use crate::metrics::{self, MetricsLog};
+use crate::model::CausalLm;
+use crate::optim::{AdamW, AdamWConfig};
+use crate::schedule::CosineSchedule;
+
+/// Settings of the loop itself (the objective has its own).
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainOptions {
+    pub epochs: usize,
+    /// Stop after this many optimizer steps (the schedule spans them).
+    pub max_steps: Option<usize>,
+    pub micro_batch: usize,
+    pub grad_accum: usize,
+    pub lr: f64,
+    pub warmup_ratio: f64,
+    pub weight_decay: f64,
+    pub max_grad_norm: f64,
+    pub seed: u64,
+    /// Not part of the run's identity:
+    #[serde(skip)]
+    pub checkpoint_every: usize,
+    #[serde(skip)]
+    pub keep_checkpoints: usize,
+    #[serde(skip)]
+    pub save_dtype: DType,
+    /// Discard the checkpoints in OUT and start over.
+    #[serde(skip)]
+    pub fresh: bool,
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        Self {
+            epochs: 3,
+            max_steps: None,
+            micro_batch: 4,
+            grad_accum: 2,
+            lr: 5e-6,
+            warmup_ratio: 0.1,
+            weight_decay: 0.0,
+            max_grad_norm: 1.0,
+            seed: 42,
+            checkpoint_every: 50,
+            keep_checkpoints: 2,
+            save_dtype: DType::F32,
+            fresh: false,
+        }
+    }
+}
+
+/// What an objective returns for one optimizer step.
+pub struct StepOutput {
+    /// Summed gradients, one per parameter (already normalised to the step's mean).
+    pub grads: Vec<Tensor>,
+    pub loss: f64,
+    /// Real tokens processed (forward + backward) in the step.
+    pub tokens: usize,
+    /// Extra metrics for the log (e.g. `rewards/margins`).
+    pub extra: Vec<(&'static str, f64)>,
+}
+
+/// SFT or DPO: how one optimizer step's examples become gradients.
+pub trait Objective {
+    /// `"sft"` or `"dpo"` (titles, provenance).
+    fn name(&self) -> &'static str;
+    fn len(&self) -> usize;
+    fn step(&self, model: &CausalLm, examples: &[usize], micro_batch: usize) -> Result<StepOutput>;
+    /// Metrics drawn at the end.
+    fn curves(&self) -> &'static [&'static str];
+}
+
+/// Sums the gradients of several backward passes, parameter by parameter.
+pub struct GradSum {
+    grads: Vec<Option<Tensor>>,
+}
+
+impl GradSum {
+    pub fn new(params: &[(String, Var)]) -> Self {
+        Self {
+            grads: vec![None; params.len()],
+        }
+    }
+
+    pub fn add(&mut self, params: &[(String, Var)], store: &GradStore) -> Result<()> {
+        for ((_, var), slot) in params.iter().zip(self.grads.iter_mut()) {
+            if let Some(g) = store.get(var.as_tensor()) {
+                *slot = Some(match slot.take() {
+                    Some(sum) => (sum + g)?,
+                    None => g.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The sums; a parameter the loss never reached is an error (it would
+    /// mean a gradient is silently cut somewhere in the model).
+    pub fn finish(self, params: &[(String, Var)]) -> Result<Vec<Tensor>> {
+        params
+            .iter()
+            .zip(self.grads)
+            .map(|((name, _), g)| {
+                g.ok_or_else(|| {
+                    TrainError::Config(format!("no gradient reached {name}: the graph is cut"))
+                })
+            })
+            .collect()
+    }
+}
+
+/// Scales `grads` so their global L2 norm is at most `max_norm` (if > 0);
+/// returns the norm before clipping.
+pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
+    let mut total = 0f64;
+    for g in grads.iter() {
+        total += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    }
+    let norm = total.sqrt();
+    if max_norm > 0.0 && norm > max_norm {
+        let scale = max_norm / (norm + 1e-6);
+        for g in grads.iter_mut() {
+            *g = (&*g * scale)?;
+        }
+    }
+    Ok(norm)
+}
+
+/// The examples of the epoch in training order.
+fn epoch_order(len: usize, seed: u64, epoch: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..len).collect();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_add(epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    order.shuffle(&mut rng);
+    order
+}
+
+pub struct RunSummary {
+    pub out: PathBuf,
+    pub final_dir: PathBuf,
+    pub steps: usize,
+    pub resumed_from: Option<usize>,
+    pub last_loss: Option<f64>,
+    pub tokens_per_s: f64,
+}
+
+/// Paths of a run folder.
+pub fn final_dir(out: &Path) -> PathBuf {
+    out.join("final")
+}
+
+fn checkpoints(out: &Path) -> PathBuf {
+    out.join("checkpoints")
+}
+
+/// Trains `model` with `objective` into `out`; `source` is the folder the
+/// model came from (tokenizer and generation config are copied from it);
+/// `run_key` identifies model + data + settings (a checkpoint with another key
+/// is refused rather than mixed in); `provenance` is saved next to the final model.
+pub fn run(
+    model: &CausalLm,
+    objective: &dyn Objective,
+    options: &TrainOptions,
+    out: &Path,
+    source: &Path,
+    run_key: &str,
+    provenance: serde_json::Value,
+) -> Result<RunSummary> {
+    std::fs::create_dir_all(out).map_err(io(out))?;
+    let n = objective.len();
+    let per_step = options.micro_batch.max(1) * options.grad_accum.max(1);
+    let steps_per_epoch = n.div_ceil(per_step);
+    let full = steps_per_epoch * options.epochs.max(1);
+    let total = options.max_steps.unwrap_or(full).max(1);
+    let schedule = CosineSchedule::new(options.lr, options.warmup_ratio, total);
+    let params = model.parameters();
+    let mut optimizer = AdamW::new(
+        params,
+        AdamWConfig {
+            weight_decay: options.weight_decay,
+            ..AdamWConfig::default()
+        },
+    )?;
+
+    let ckpt_root = checkpoints(out);
+    if options.fresh && ckpt_root.exists() {
+        std::fs::remove_dir_all(&ckpt_root).map_err(io(&ckpt_root))?;
+    }
+    let mut start = 0;
+    let mut resumed_from = None;
+    if let Some((dir, state)) = checkpoint::latest(&ckpt_root)? {
+        if state.run_key != run_key {
+            return Err(TrainError::Checkpoint {
+                path: dir,
+                message: "belongs to a run with another model, data or settings; pass --fresh to \
+                          discard it, or choose another --out"
+                    .into(),
+            });
+        }
+        if state.step >= total && final_dir(out).join("model.safetensors").is_file() {
+            tracing::info!("{} is already trained ({} steps): nothing to do", out.display(), state.step);
+            return Ok(RunSummary {
+                out: out.into(),
+                final_dir: final_dir(out),
+                steps: state.step,
+                resumed_from: Some(state.step),
+                last_loss: None,
+                tokens_per_s: 0.0,
+            });
+        }
+        checkpoint::restore(&dir, model, &mut optimizer, &state)?;
+        tracing::info!("resuming from {} (step {} of {total})", dir.display(), state.step);
+        start = state.step;
+        resumed_from = Some(state.step);
+    }
+    let mut log = MetricsLog::open(&out.join("metrics.jsonl"), start)?;
+
+    let bar = ProgressBar::new(total as u64).with_position(start as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{prefix} [{bar:30}] {pos}/{len} steps {msg} ({elapsed} < {eta})",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_prefix(objective.name());
+    let started = Instant::now();
+    let mut tokens_done = 0usize;
+    let mut last_loss = None;
+    let mut order_epoch = usize::MAX;
+    let mut order = Vec::new();
+    for step in start..total {
+        let epoch = step / steps_per_epoch;
+        let in_epoch = step % steps_per_epoch;
+        if epoch != order_epoch {
+            order = epoch_order(n, options.seed, epoch);
+            order_epoch = epoch;
+        }
+        let examples = &order[in_epoch * per_step..((in_epoch + 1) * per_step).min(n)];
+        let step_start = Instant::now();
+        let mut output = objective.step(model, examples, options.micro_batch.max(1))?;
+        if !output.loss.is_finite() {
+            return Err(TrainError::Config(format!(
+                "the loss became {} at step {}: lower the learning rate",
+                output.loss,
+                step + 1
+            )));
+        }
+        let grad_norm = clip_grad_norm(&mut output.grads, options.max_grad_norm)?;
+        let lr = schedule.lr(step);
+        optimizer.step(params, &output.grads, lr)?;
+        let seconds = step_start.elapsed().as_secs_f64();
+        tokens_done += output.tokens;
+        let tokens_per_s = output.tokens as f64 / seconds.max(1e-9);
+        let mut record = serde_json::json!({
+            "step": step + 1,
+            "epoch": (step + 1) as f64 / steps_per_epoch as f64,
+            "loss": output.loss,
+            "learning_rate": lr,
+            "grad_norm": grad_norm,
+            "tokens": output.tokens,
+            "tokens_per_s": tokens_per_s,
+            "step_seconds": seconds,
+        });
+        for (key, value) in &output.extra {
+            record[*key] = serde_json::json!(value);
+        }
+        log.write(&record)?;
+        last_loss = Some(output.loss);
+        bar.set_message(format!("loss {:.4} | {tokens_per_s:.0} tok/s", output.loss));
+        bar.inc(1);
+        if bar.is_hidden() {
+            eprintln!(
+                "{} step {}/{total} loss {:.4} lr {lr:.3e} grad_norm {grad_norm:.3} {tokens_per_s:.0} tok/s",
+                objective.name(),
+                step + 1,
+                output.loss
+            );
+        }
+        let done = step + 1;
+        if done == total || (options.checkpoint_every > 0 && done % options.checkpoint_every == 0) {
+            let state = TrainerState {
+                step: done,
+                total_steps: total,
+                epoch: done / steps_per_epoch,
+                step_in_epoch: done % steps_per_epoch,
+                seed: options.seed,
+                run_key: run_key.to_string(),
+            };
+            checkpoint::save(&ckpt_root, model, &optimizer, &state, options.keep_checkpoints)?;
+        }
+    }
+    bar.finish();
+    write_final(model, out, source, options.save_dtype, provenance)?;
+    metrics::plot(
+        &out.join("metrics.jsonl"),
+        &out.join("curves.svg"),
+        objective.name(),
+        objective.curves(),
+    )?;
+    let elapsed = started.elapsed().as_secs_f64();
+    Ok(RunSummary {
+        out: out.into(),
+        final_dir: final_dir(out),
+        steps: total,
+        resumed_from,
+        last_loss,
+        tokens_per_s: tokens_done as f64 / elapsed.max(1e-9),
+    })
+}
+
+/// Files next to the weights that a Hugging Face folder needs.
+const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+];
+
+/// `OUT/final`: weights, config, tokenizer files and the run's provenance,
+/// written beside and renamed into place.
+fn write_final(
+    model: &CausalLm,
+    out: &Path,
+    source: &Path,
+    dtype: DType,
+    provenance: serde_json::Value,
+) -> Result<()> {
+    let dest = final_dir(out);
+    let tmp = out.join(".final.tmp");
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    model.save(&tmp, dtype)?;
+    for name in TOKENIZER_FILES {
+        let from = source.join(name);
+        if from.is_file() {
+            std::fs::copy(&from, tmp.join(name)).map_err(io(&from))?;
+        }
+    }
+    let prov = tmp.join("fusechat_train.json");
+    std::fs::write(&prov, serde_json::to_vec_pretty(&provenance).expect("json")).map_err(io(&prov))?;
+    if dest.exists() {
+        std::fs::remove_dir_all(&dest).map_err(io(&dest))?;
+    }
+    std::fs::rename(&tmp, &dest).map_err(io(&dest))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn epoch_orders_are_seeded_permutations() {
+        let a = epoch_order(10, 1, 0);
+        assert_eq!(a, epoch_order(10, 1, 0));
+        assert_ne!(a, epoch_order(10, 1, 1));
+        let mut sorted = a.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..10).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn clipping_scales_to_the_max_norm() {
+        let dev = candle_core::Device::Cpu;
+        let mut grads = vec![
+            Tensor::new(&[3.0f32], &dev).unwrap(),
+            Tensor::new(&[4.0f32], &dev).unwrap(),
+        ];
+        let norm = clip_grad_norm(&mut grads, 1.0).unwrap();
+        assert!((norm - 5.0).abs() < 1e-6);
+        let a = grads[0].to_vec1::<f32>().unwrap()[0];
+        let b = grads[1].to_vec1::<f32>().unwrap()[0];
+        assert!(((a * a + b * b).sqrt() - 1.0).abs() < 1e-5);
+    }
+}

@@ -1,0 +1,162 @@
+//! SFT and DPO on the real SmolLM2-135M-Instruct (imported by `scripts/test.sh`):
+//! a few steps on a small set must move the model the right way, the first DPO
+//! loss is ln 2 (policy = reference), and the final folder loads back with the
+//! same logits.
+
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+use fusechat_train::data::OnBadInput;
+use fusechat_train::dpo::{dpo, DpoOptions};
+use fusechat_train::loss::PreferenceLoss;
+use fusechat_train::metrics;
+use fusechat_train::model::CausalLm;
+use fusechat_train::sft::{sft, SftOptions};
+use fusechat_train::trainer::TrainOptions;
+
+fn smollm2() -> PathBuf {
+    let base = std::env::var_os("FUSECHAT_IMPORTED_DIR")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/fusechat/test-imported"));
+    let dir = base.join("smollm2-135m-instruct");
+    assert!(
+        dir.join("model.safetensors").is_file(),
+        "{} is missing: run scripts/test.sh (its import test writes it)",
+        dir.display()
+    );
+    dir
+}
+
+/// Word problems with their worked answers, in the format the fusion data uses.
+fn problems() -> Vec<(String, String, String)> {
+    (0..16)
+        .map(|i| {
+            let (a, b) = (3 + i * 7 % 11, 2 + i * 5 % 9);
+            (
+                format!("Tom has {a} apples and buys {b} more. How many apples does he have now?"),
+                format!("Tom starts with {a} apples and buys {b} more, so he has {a} + {b} = {}. The answer is {}.", a + b, a + b),
+                format!("Tom has {a} apples. The answer is {}.", a * b + 1),
+            )
+        })
+        .collect()
+}
+
+fn options(steps: usize, lr: f64) -> TrainOptions {
+    TrainOptions {
+        epochs: 1,
+        max_steps: Some(steps),
+        micro_batch: 4,
+        grad_accum: 1,
+        lr,
+        warmup_ratio: 0.0,
+        checkpoint_every: 0,
+        keep_checkpoints: 1,
+        ..TrainOptions::default()
+    }
+}
+
+#[test]
+fn sft_lowers_the_loss_and_the_final_folder_loads_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("sft.jsonl");
+    let lines: Vec<String> = problems()
+        .iter()
+        .map(|(q, good, _)| {
+            serde_json::json!({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": good}]}).to_string()
+        })
+        .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let out = dir.path().join("run");
+    let opts = SftOptions {
+        model: smollm2(),
+        data: data.clone(),
+        out: out.clone(),
+        max_len: 256,
+        on_bad_input: OnBadInput::Fail,
+        train: TrainOptions { epochs: 2, max_steps: None, ..options(0, 1e-4) },
+    };
+    let summary = sft(&opts, &Device::Cpu).unwrap();
+    assert_eq!(summary.steps, 8, "16 conversations, batch 4, 2 epochs");
+    let records = metrics::read(&out.join("metrics.jsonl")).unwrap();
+    let losses: Vec<f64> = records.iter().map(|r| r["loss"].as_f64().unwrap()).collect();
+    eprintln!("sft losses: {losses:?}");
+    for r in &records {
+        assert!(r["grad_norm"].as_f64().unwrap() > 0.0);
+    }
+    let first = (losses[0] + losses[1]) / 2.0;
+    let last = (losses[6] + losses[7]) / 2.0;
+    assert!(last < first * 0.8, "loss {first:.4} -> {last:.4}");
+    assert!(out.join("curves.svg").is_file());
+
+    // The final folder is a Hugging Face folder with the trained weights.
+    let final_dir = out.join("final");
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "fusechat_train.json"] {
+        assert!(final_dir.join(f).is_file(), "{f} missing");
+    }
+    let base = CausalLm::load(&smollm2(), &Device::Cpu).unwrap();
+    let trained = CausalLm::load(&final_dir, &Device::Cpu).unwrap();
+    let ids = Tensor::new(&[[1u32, 504, 3458, 314, 2489]], &Device::Cpu).unwrap();
+    let diff = (base.forward(&ids).unwrap() - trained.forward(&ids).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(diff > 1e-3, "training changed the logits by only {diff}");
+
+    // Running again with the same settings finds the run finished and does nothing.
+    let again = sft(&opts, &Device::Cpu).unwrap();
+    assert_eq!(again.resumed_from, Some(8));
+    assert_eq!(metrics::read(&out.join("metrics.jsonl")).unwrap().len(), 8);
+}
+
+#[test]
+fn dpo_starts_at_ln2_and_raises_the_margin() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("dpo.jsonl");
+    let lines: Vec<String> = problems()
+        .iter()
+        .take(8)
+        .map(|(q, good, bad)| {
+            serde_json::json!({
+                "prompt": [{"role": "user", "content": q}],
+                "chosen": [{"role": "assistant", "content": good}],
+                "rejected": [{"role": "assistant", "content": bad}],
+                "metadata": {"source": "test"}
+            })
+            .to_string()
+        })
+        .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    for loss in [PreferenceLoss::Ln, PreferenceLoss::Sigmoid] {
+        let out = dir.path().join(format!("run-{loss:?}"));
+        let opts = DpoOptions {
+            model: smollm2(),
+            data: data.clone(),
+            out: out.clone(),
+            max_len: 256,
+            on_bad_input: OnBadInput::Fail,
+            loss,
+            beta: if loss == PreferenceLoss::Ln { 10.0 } else { 0.1 },
+            label_smoothing: 0.0,
+            train: TrainOptions { epochs: 3, max_steps: None, micro_batch: 2, grad_accum: 2, ..options(0, 2e-5) },
+        };
+        let summary = dpo(&opts, &Device::Cpu).unwrap();
+        assert_eq!(summary.steps, 6);
+        let records = metrics::read(&out.join("metrics.jsonl")).unwrap();
+        let margins: Vec<f64> = records.iter().map(|r| r["rewards/margins"].as_f64().unwrap()).collect();
+        eprintln!("{loss:?} losses {:?}", records.iter().map(|r| r["loss"].as_f64().unwrap()).collect::<Vec<_>>());
+        eprintln!("{loss:?} margins {margins:?}");
+        let first_loss = records[0]["loss"].as_f64().unwrap();
+        assert!((first_loss - std::f64::consts::LN_2).abs() < 2e-3, "first loss {first_loss}");
+        assert!(margins[0].abs() < 0.05, "first margin {}", margins[0]);
+        assert!(margins[5] > margins[0] + 0.05, "margins {margins:?}");
+        for key in ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen", "logps/rejected", "learning_rate", "grad_norm"] {
+            assert!(records[0].get(key).is_some(), "{key} not logged");
+        }
+        assert!(out.join("reference_logps.json").is_file());
+    }
+}
