@@ -23,10 +23,10 @@ $PY prepare --model "$MODEL" --out "$WORK" --steps "$STEPS"
 # SFT: batch 4 sequences per step; DPO: 2 pairs (4 sequences) per step.
 $T "$WORK/torch-sft.time" $PY torch-sft --model "$MODEL" --data "$WORK/sft.jsonl" --steps "$STEPS" --batch 4 --json "$WORK/torch-sft.json"
 $T "$WORK/fusechat-sft.time" "$FUSECHAT_BIN" sft --model "$MODEL" --data "$WORK/sft.jsonl" --out "$WORK/fusechat-sft" \
-  --max-steps "$STEPS" --epochs 1 --batch 4 --grad-accum 1 --max-len 512 --warmup-ratio 0 --checkpoint-every 0 --save-dtype bf16
+  --max-steps "$STEPS" --epochs 1 --batch 4 --grad-accum 1 --max-len 512 --warmup-ratio 0 --checkpoint-every 0 --on-bad-input fail --save-dtype bf16
 $T "$WORK/torch-dpo.time" $PY torch-dpo --model "$MODEL" --data "$WORK/dpo.jsonl" --steps "$STEPS" --batch 2 --beta 0.1 --lr 1e-6 --json "$WORK/torch-dpo.json"
 $T "$WORK/fusechat-dpo.time" "$FUSECHAT_BIN" dpo --model "$MODEL" --data "$WORK/dpo.jsonl" --out "$WORK/fusechat-dpo" \
-  --max-steps "$STEPS" --epochs 1 --batch 2 --grad-accum 1 --max-len 512 --warmup-ratio 0 --checkpoint-every 0 \
+  --max-steps "$STEPS" --epochs 1 --batch 2 --grad-accum 1 --max-len 512 --warmup-ratio 0 --checkpoint-every 0 --on-bad-input fail \
   --loss sigmoid --beta 0.1 --lr 1e-6 --save-dtype bf16
 SETUP="$(date -u +%Y-%m-%d), $(nproc) CPU cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), model $(basename "$MODEL") float32, $STEPS steps each; the first step is excluded from the means (warm-up). SFT: 4 sequences of 440-512 tokens per step; DPO: 2 pairs (4 sequences) per step, sigmoid loss, reference log-probs computed once before the steps (not timed). Peak RSS of the whole process (/usr/bin/time), including model load and the final save."
 $PY report --dir "$WORK" --results "$HERE/results" --setup "$SETUP"

@@ -47,10 +47,20 @@ def prepare(args):
             f.write(json.dumps({"messages": [{"role": "user", "content": r["instruction"]},
                                              {"role": "assistant", "content": r["output"]}]}) + "\n")
     # DPO pairs: one instruction, its own answer as chosen and another long
-    # answer as rejected (only the lengths matter for speed).
+    # answer as rejected (only the lengths matter for speed), both within the limit.
+    pairs = []
+    for i, (a, _) in enumerate(long_rows):
+        for b, _ in long_rows[i + 1:] + long_rows[:i]:
+            rejected = [{"role": "user", "content": a["instruction"]}, {"role": "assistant", "content": b["output"]}]
+            if args.min_len <= rendered_len(tok, rejected) <= args.max_len:
+                pairs.append((a, b))
+                break
+        if len(pairs) == 2 * args.steps:
+            break
+    if len(pairs) < 2 * args.steps:
+        sys.exit(f"only {len(pairs)} DPO pairs fit in {args.max_len} tokens; need {2 * args.steps}")
     with open(out / "dpo.jsonl", "w") as f:
-        for i in range(2 * args.steps):
-            (a, _), (b, _) = long_rows[2 * i], long_rows[2 * i + 1]
+        for a, b in pairs:
             f.write(json.dumps({"prompt": [{"role": "user", "content": a["instruction"]}],
                                 "chosen": [{"role": "assistant", "content": a["output"]}],
                                 "rejected": [{"role": "assistant", "content": b["output"]}]}) + "\n")
@@ -139,8 +149,8 @@ def run(args, kind):
         opt.step()
         opt.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
-        steps.append({"step": step + 1, "loss": float(loss), "seconds": dt, "tokens": tokens})
-        print(f"torch {kind} step {step + 1}: loss {float(loss):.4f} {dt:.2f}s {tokens / dt:.0f} tok/s", file=sys.stderr)
+        steps.append({"step": step + 1, "loss": loss.item(), "seconds": dt, "tokens": tokens})
+        print(f"torch {kind} step {step + 1}: loss {loss.item():.4f} {dt:.2f}s {tokens / dt:.0f} tok/s", file=sys.stderr)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     Path(args.json).write_text(json.dumps({
         "torch": torch.__version__, "threads": torch.get_num_threads(), "steps": steps, "peak_rss_kb": peak_kb,
@@ -193,7 +203,7 @@ def report(args):
         ratio = f"{r['tokens_per_s'] / rows[i - 1]['tokens_per_s']:.2f}" if i % 2 else ""
         lines.append(f"| {r['stage']} | {r['trainer']} | {r['steps']} | {r['tokens_per_step']:.0f} | "
                      f"{r['seconds_per_step']:.2f} | {r['tokens_per_s']:.0f} | {r['peak_rss_gb']:.2f} | {ratio} |")
-    lines += ["", "Losses per step (same rows, same order, same initial weights):", ""]
+    lines += ["", "Losses per step (same rows and initial weights; fusechat shuffles the rows with its seed while the PyTorch side takes them in file order, and PyTorch also learns the newline after the end-of-turn token, so the losses are not comparable step by step):", ""]
     for r in rows:
         lines.append(f"- {r['stage']} {r['trainer'].split(' (')[0]}: " + ", ".join(f"{x:.4f}" for x in r["losses"]))
     (out / "training.md").write_text("\n".join(lines) + "\n")
