@@ -15,7 +15,10 @@ import sys
 import time
 from pathlib import Path
 
-ALPACA = Path(__file__).resolve().parents[2] / "shared" / "data" / "instruction" / "alpaca_eval_gpt4_baseline.json"
+import os
+
+DATA = Path(os.environ.get("FUSECHAT_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+ALPACA = DATA / "instruction" / "alpaca_eval_gpt4_baseline.json"
 
 
 def rendered_len(tok, messages):
