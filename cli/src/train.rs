@@ -111,6 +111,20 @@ impl CommonArgs {
         if self.batch == 0 || self.grad_accum == 0 {
             bail!("--batch and --grad-accum must be at least 1");
         }
+        if self.epochs == 0 || self.max_steps == Some(0) {
+            bail!("--epochs and --max-steps must be at least 1");
+        }
+        if !(0.0..=1.0).contains(&self.warmup_ratio) {
+            bail!("--warmup-ratio must lie in [0, 1], got {}", self.warmup_ratio);
+        }
+        if let Some(lr) = self.lr {
+            if !(lr.is_finite() && lr > 0.0) {
+                bail!("--lr must be a positive number, got {lr}");
+            }
+        }
+        if !(self.max_grad_norm >= 0.0) || self.weight_decay < 0.0 {
+            bail!("--max-grad-norm and --weight-decay must not be negative");
+        }
         Ok(())
     }
 }
@@ -172,6 +186,9 @@ pub fn dpo(args: DpoArgs) -> Result<()> {
     }
     if !(0.0..0.5).contains(&args.label_smoothing) {
         bail!("--label-smoothing must lie in [0, 0.5)");
+    }
+    if args.loss == PreferenceLoss::Ipo && args.label_smoothing > 0.0 {
+        bail!("--label-smoothing applies to the sigmoid and ln losses, not to ipo");
     }
     fusechat_train::device::tune_allocator();
     let device = fusechat_train::device::select(c.cpu)?;

@@ -76,7 +76,10 @@ pub fn under_root(root: &Path, requested: &Path) -> Result<PathBuf, ApiError> {
         )));
     }
     let root = root.canonicalize().map_err(|e| {
-        ApiError::forbidden(format!("the model root {} is not usable: {e}", root.display()))
+        ApiError::forbidden(format!(
+            "the model root {} is not usable ({e}): fix admin.model_root in the server config",
+            root.display()
+        ))
     })?;
     let joined = if requested.is_absolute() { requested.to_path_buf() } else { root.join(requested) };
     let resolved = match joined.canonicalize() {
@@ -99,6 +102,21 @@ pub fn under_root(root: &Path, requested: &Path) -> Result<PathBuf, ApiError> {
             requested.display(),
             root.display()
         )));
+    }
+    // The files the loader opens must stay inside too (a folder of links out is refused).
+    if resolved.is_dir() {
+        let entries = std::fs::read_dir(&resolved)
+            .map_err(|e| ApiError::load_failed(format!("{}: {e}", requested.display())))?;
+        for entry in entries.flatten() {
+            let inside = entry.path().canonicalize().is_ok_and(|p| p.starts_with(&root));
+            if !inside {
+                return Err(ApiError::forbidden(format!(
+                    "{} links outside the model root {}",
+                    entry.path().display(),
+                    root.display()
+                )));
+            }
+        }
     }
     Ok(resolved)
 }
@@ -134,6 +152,18 @@ pub async fn load_model(state: web::Data<AppState>, body: web::Bytes) -> Result<
     let path = under_root(root, &request.path).inspect_err(|e| {
         count(if e.status.as_u16() == 403 { "forbidden" } else { "failed" })
     })?;
+    if let Some(alias) = &request.alias {
+        // Checked before loading, so a bad alias never leaves new weights half-installed.
+        if alias.trim().is_empty() {
+            return Err(ApiError::invalid_param("alias", "an alias must not be empty"));
+        }
+        if *alias == id || state.slots().iter().any(|(m, _)| m == alias) {
+            return Err(ApiError::conflict(
+                "name_is_model",
+                format!("alias `{alias}` is a model id; an alias needs a name of its own"),
+            ));
+        }
+    }
     let _guard = state.begin_load(&id)?;
     let mut config = ModelConfig::from_path(&id, path.clone());
     config.max_seqs = request.max_seqs.unwrap_or(config.max_seqs).max(1);
@@ -223,8 +253,7 @@ pub async fn set_alias(
     body: web::Bytes,
 ) -> Result<HttpResponse, ApiError> {
     let request: SetAliasRequest = parse_body(&body)?;
-    let previous = state.set_alias(&alias, &request.model)?;
-    let fingerprint = state.model(&alias)?.fingerprint.clone();
+    let (previous, fingerprint) = state.set_alias(&alias, &request.model)?;
     tracing::info!(%alias, model = %request.model, ?previous, "alias repointed");
     Ok(HttpResponse::Ok().json(AliasInfo {
         alias: alias.into_inner(),
@@ -287,6 +316,13 @@ mod tests {
         std::fs::create_dir_all(&outside).unwrap();
         std::os::unix::fs::symlink(&outside, root.join("escape")).unwrap();
         std::os::unix::fs::symlink(root.join("fused"), root.join("inner-link")).unwrap();
+
+        let secret = outside.join("model.safetensors");
+        std::fs::write(&secret, b"x").unwrap();
+        std::fs::create_dir_all(root.join("linked")).unwrap();
+        std::os::unix::fs::symlink(&secret, root.join("linked/model.safetensors")).unwrap();
+        let err = under_root(&root, Path::new("linked")).unwrap_err();
+        assert_eq!(err.status.as_u16(), 403, "a file linking out: {err}");
 
         let ok = under_root(&root, Path::new("fused/final")).unwrap();
         assert_eq!(ok, root.canonicalize().unwrap().join("fused/final"));

@@ -136,11 +136,20 @@ impl AppState {
 
     /// Claims `id` for an admin load; 409 when one is already running.
     pub fn begin_load(&self, id: &str) -> Result<LoadGuard<'_>, ApiError> {
-        if self.table.read().expect("model table lock").aliases.contains_key(id) {
-            return Err(ApiError::conflict(
-                "name_is_alias",
-                format!("`{id}` is an alias; load the weights under a model id and point the alias at it"),
-            ));
+        {
+            let table = self.table.read().expect("model table lock");
+            if table.aliases.contains_key(id) {
+                return Err(ApiError::conflict(
+                    "name_is_alias",
+                    format!("`{id}` is an alias; load the weights under a model id and point the alias at it"),
+                ));
+            }
+            if matches!(table.models.get(id), Some(ModelSlot::Loading)) {
+                return Err(ApiError::conflict(
+                    "load_in_progress",
+                    format!("`{id}` is still loading from the server config; try again when /ready says so"),
+                ));
+            }
         }
         let mut loading = self.loading.lock().expect("loading lock");
         if !loading.insert(id.to_string()) {
@@ -157,8 +166,11 @@ impl AppState {
 
     /// Points `alias` at the ready model `model`, atomically; returns the
     /// model it pointed at before.
-    pub fn set_alias(&self, alias: &str, model: &str) -> Result<Option<String>, ApiError> {
-        let previous = {
+    pub fn set_alias(&self, alias: &str, model: &str) -> Result<(Option<String>, String), ApiError> {
+        if alias.trim().is_empty() {
+            return Err(ApiError::invalid_param("alias", "an alias must not be empty"));
+        }
+        let (previous, fingerprint) = {
             let mut table = self.table.write().expect("model table lock");
             if table.models.contains_key(alias) {
                 return Err(ApiError::conflict(
@@ -166,16 +178,16 @@ impl AppState {
                     format!("`{alias}` is a model id; an alias needs a name of its own"),
                 ));
             }
-            match table.models.get(model) {
-                Some(ModelSlot::Ready(_)) => {}
+            let fingerprint = match table.models.get(model) {
+                Some(ModelSlot::Ready(m)) => m.fingerprint.clone(),
                 Some(slot) => return Err(ApiError::model_not_ready(model, &slot.describe())),
                 None => return Err(ApiError::model_not_found(model)),
-            }
-            table.aliases.insert(alias.to_string(), model.to_string())
+            };
+            (table.aliases.insert(alias.to_string(), model.to_string()), fingerprint)
         };
         self.metrics.alias_swaps.with_label_values(&[alias]).inc();
         self.refresh_alias_info();
-        Ok(previous)
+        Ok((previous, fingerprint))
     }
 
     pub fn remove_alias(&self, alias: &str) -> Result<String, ApiError> {
@@ -192,10 +204,20 @@ impl AppState {
 
     /// Removes a model; requests running on it finish first (they hold it).
     pub fn unload(&self, id: &str) -> Result<(), ApiError> {
+        if self.loading.lock().expect("loading lock").contains(id) {
+            return Err(ApiError::conflict("load_in_progress", format!("a load of `{id}` is running; unload it after")));
+        }
         {
             let mut table = self.table.write().expect("model table lock");
-            if !table.models.contains_key(id) {
-                return Err(ApiError::model_not_found(id));
+            match table.models.get(id) {
+                None => return Err(ApiError::model_not_found(id)),
+                Some(ModelSlot::Loading) => {
+                    return Err(ApiError::conflict(
+                        "load_in_progress",
+                        format!("`{id}` is still loading from the server config; unload it once loaded"),
+                    ))
+                }
+                Some(_) => {}
             }
             let pointing: Vec<&String> = table.aliases.iter().filter(|(_, t)| *t == id).map(|(a, _)| a).collect();
             if !pointing.is_empty() {
@@ -215,7 +237,8 @@ impl AppState {
 
     /// `fusechat_alias_info{alias, model, fingerprint} 1` for each alias.
     fn refresh_alias_info(&self) {
-        let table = self.table.read().expect("model table lock");
+        // Under the write lock: two refreshes never interleave their reset and sets.
+        let table = self.table.write().expect("model table lock");
         self.metrics.alias_info.reset();
         for (alias, id) in &table.aliases {
             let fingerprint = match table.models.get(id) {

@@ -4,6 +4,7 @@ concurrent load, with zero failed requests, every response naming its weights
 in `system_fingerprint`; loads outside the model root are refused (403);
 a load that fails leaves the old model serving."""
 
+import json
 import shutil
 import threading
 import time
@@ -24,6 +25,11 @@ def swap_server(tmp_path_factory, trained_smollm2):
     # A folder whose weights are corrupt, and one naming an unknown architecture.
     shutil.copytree(BASE_SMOLLM2, root / "corrupt", ignore=shutil.ignore_patterns("model.safetensors"))
     (root / "corrupt" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not safetensors")
+    shutil.copytree(BASE_SMOLLM2, root / "wrongarch")
+    config = json.loads((root / "wrongarch" / "config.json").read_text())
+    config.update(architectures=["NoSuchModelForCausalLM"], model_type="no_such_model")
+    (root / "wrongarch" / "config.json").write_text(json.dumps(config))
+    shutil.copytree(BASE_SMOLLM2, root / "noconfig", ignore=shutil.ignore_patterns("config.json"))
     outside = tmp_path_factory.mktemp("outside")
     (root / "escape").symlink_to(outside)
     config = f"""
@@ -62,15 +68,19 @@ def test_refusals_leave_serving_untouched(swap_server):
         r = httpx.post(s.base + "/admin/models", headers=ADMIN, json={"id": "x", "path": path})
         assert r.status_code == 403, (path, r.text)
         assert r.json()["error"]["type"] == "permission_error"
-    r = httpx.post(s.base + "/admin/models", headers=ADMIN, json={"id": "smollm2-base", "path": "corrupt"}, timeout=600)
-    assert r.status_code == 422, r.text
-    assert r.json()["error"]["code"] == "model_load_failed"
-    assert "still serves" in r.json()["error"]["message"]
+    # Corrupt weights, an unknown architecture, no config.json, no folder at all.
+    for broken in ["corrupt", "wrongarch", "noconfig", "missing"]:
+        r = httpx.post(s.base + "/admin/models", headers=ADMIN, json={"id": "smollm2-base", "path": broken}, timeout=600)
+        assert r.status_code == 422, (broken, r.text)
+        error = r.json()["error"]
+        assert error["code"] == "model_load_failed", (broken, error)
+        if broken != "missing":
+            assert "still serves" in error["message"], (broken, error)
     after = chat(s.base)
     assert after.status_code == 200 and after.json()["system_fingerprint"] == before
     metrics = httpx.get(s.base + "/metrics").text
     assert 'fusechat_model_loads_total{model="x",result="forbidden"} 4' in metrics
-    assert 'fusechat_model_loads_total{model="smollm2-base",result="failed"} 1' in metrics
+    assert 'fusechat_model_loads_total{model="smollm2-base",result="failed"} 4' in metrics
 
 
 def test_swap_under_load_fails_nothing(swap_server):

@@ -40,8 +40,9 @@ pub struct Encoded {
 }
 
 impl Encoded {
+    /// Learned tokens that are targets (the first token predicts nothing before it).
     pub fn learned_count(&self) -> usize {
-        self.learn.iter().filter(|&&l| l).count()
+        self.learn.iter().skip(1).filter(|&&l| l).count()
     }
 }
 
@@ -173,9 +174,14 @@ impl ChatTokenizer {
     /// Byte ranges of the rendered conversation that are learned: each
     /// assistant turn's content and end-of-turn marker.
     pub fn assistant_spans(&self, messages: &[Message]) -> Result<(String, Vec<Range<usize>>)> {
+        self.assistant_spans_from(messages, 0)
+    }
+
+    /// As `assistant_spans`, for the assistant turns at index `first` or later only.
+    fn assistant_spans_from(&self, messages: &[Message], first: usize) -> Result<(String, Vec<Range<usize>>)> {
         let full = self.render(messages, false)?;
         let mut spans = Vec::new();
-        for (i, message) in messages.iter().enumerate() {
+        for (i, message) in messages.iter().enumerate().skip(first) {
             if message.role != "assistant" {
                 continue;
             }
@@ -198,7 +204,14 @@ impl ChatTokenizer {
 
     /// Tokens of a conversation and which are learned (see the module doc).
     pub fn encode(&self, messages: &[Message]) -> Result<Encoded> {
-        let (text, spans) = self.assistant_spans(messages)?;
+        self.encode_from(messages, 0)
+    }
+
+    /// Tokens of a conversation where only the assistant turns at index
+    /// `first` or later are learned: a preference pair's response after a
+    /// (possibly multi-turn) prompt whose own assistant turns are context.
+    pub fn encode_from(&self, messages: &[Message], first: usize) -> Result<Encoded> {
+        let (text, spans) = self.assistant_spans_from(messages, first)?;
         let encoding = self
             .tokenizer
             .encode(text.as_str(), false)
@@ -319,6 +332,13 @@ pub(crate) mod tests {
             chat.learned_text(&encoded).unwrap(),
             vec!["2 + 3 = 5. The answer is 5.<|im_end|>".to_string()]
         );
+    }
+
+    #[test]
+    fn a_multi_turn_prompt_is_context_only() {
+        let chat = ChatTokenizer::load(&imported("smollm2-135m-instruct")).unwrap();
+        let encoded = chat.encode_from(&conversation(), 3).unwrap();
+        assert_eq!(chat.learned_text(&encoded).unwrap(), vec!["The answer is 16.<|im_end|>".to_string()]);
     }
 
     #[test]

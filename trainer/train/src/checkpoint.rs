@@ -113,7 +113,7 @@ pub fn latest(root: &Path) -> Result<Option<(PathBuf, TrainerState)>> {
     let text = std::fs::read_to_string(&path).map_err(io(&path))?;
     let state = serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint {
         path: path.clone(),
-        message: format!("unreadable state: {e}"),
+        message: format!("unreadable state ({e}); pass --fresh to start over or choose another --out"),
     })?;
     Ok(Some((dir, state)))
 }
@@ -130,7 +130,7 @@ pub fn restore(dir: &Path, model: &CausalLm, optimizer: &mut AdamW, state: &Trai
     for (name, var) in model.parameters() {
         let tensor = weights.remove(name).ok_or_else(|| TrainError::Checkpoint {
             path: weights_path.clone(),
-            message: format!("no tensor {name}"),
+            message: format!("no tensor {name}: not a checkpoint of this model; pass --fresh or choose another --out"),
         })?;
         var.set(&tensor.to_dtype(var.dtype())?)?;
     }

@@ -204,7 +204,8 @@ pub fn load_dpo(
         let encode = |response: Vec<Message>, name: &str| {
             let mut messages = prompt.clone();
             messages.extend(response);
-            let tokens = chat.encode(&messages).map_err(|e| e.to_string())?;
+            // Assistant turns inside the prompt are context, not learned.
+            let tokens = chat.encode_from(&messages, prompt.len()).map_err(|e| e.to_string())?;
             if tokens.learned_count() == 0 {
                 return Err(format!("{name} is empty"));
             }
@@ -213,6 +214,9 @@ pub fn load_dpo(
         };
         let chosen = encode(chosen, "prompt + chosen")?;
         let rejected = encode(rejected, "prompt + rejected")?;
+        if chosen.ids == rejected.ids {
+            return Err("chosen and rejected render to the same tokens: the pair teaches nothing".into());
+        }
         Ok(DpoExample {
             line,
             chosen,
@@ -285,6 +289,13 @@ mod tests {
         assert_eq!(data.skipped[0].line, 2);
         assert!(data.skipped[0].reason.contains("chosen equals rejected"));
         let pair = &data.examples[1];
+        // A multi-turn prompt: only the response is learned.
+        let multi = write(concat!(
+            r#"{"prompt":[{"role":"user","content":"1+1?"},{"role":"assistant","content":"2"},{"role":"user","content":"2+2?"}],"chosen":"4","rejected":"5"}"#,
+            "\n",
+        ));
+        let data_multi = load_dpo(multi.path(), &chat, 256, OnBadInput::Fail).unwrap();
+        assert_eq!(chat.learned_text(&data_multi.examples[0].chosen).unwrap(), vec!["4<|im_end|>"]);
         assert_eq!(chat.learned_text(&pair.chosen).unwrap(), vec!["Four.<|im_end|>"]);
         assert_eq!(chat.learned_text(&pair.rejected).unwrap(), vec!["Five.<|im_end|>"]);
     }

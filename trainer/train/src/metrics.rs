@@ -35,7 +35,11 @@ impl MetricsLog {
                 }
             }
         }
-        std::fs::write(path, kept).map_err(io(path))?;
+        // Rewritten beside and renamed: a kill here never loses the kept steps.
+        let tmp = path.with_extension("jsonl.tmp");
+        std::fs::write(&tmp, kept).map_err(io(&tmp))?;
+        File::open(&tmp).and_then(|f| f.sync_all()).map_err(io(&tmp))?;
+        std::fs::rename(&tmp, path).map_err(io(path))?;
         let file = OpenOptions::new().append(true).open(path).map_err(io(path))?;
         Ok(Self {
             path: path.to_path_buf(),

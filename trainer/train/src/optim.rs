@@ -100,7 +100,7 @@ impl AdamW {
             for (prefix, slot) in [("exp_avg", &mut self.exp_avg), ("exp_avg_sq", &mut self.exp_avg_sq)] {
                 let key = format!("{prefix}.{name}");
                 let tensor = state.remove(&key).ok_or_else(|| {
-                    TrainError::Config(format!("optimizer state lacks {key}"))
+                    TrainError::Config(format!("optimizer state lacks {key}: the checkpoint is of another model; pass --fresh or choose another --out"))
                 })?;
                 if tensor.dims() != var.dims() {
                     return Err(TrainError::Config(format!(

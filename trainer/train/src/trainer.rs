@@ -149,7 +149,12 @@ pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
 /// The examples of the epoch in training order.
 fn epoch_order(len: usize, seed: u64, epoch: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..len).collect();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_add(epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    // splitmix64 of the epoch, mixed into the seed: (seed, epoch) pairs never collide
+    // the way seed + epoch would (seed 43 epoch 0 = seed 42 epoch 1).
+    let mut z = (epoch as u64).wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ z ^ (z >> 31));
     order.shuffle(&mut rng);
     order
 }
@@ -202,8 +207,12 @@ pub fn run(
     )?;
 
     let ckpt_root = checkpoints(out);
-    if options.fresh && ckpt_root.exists() {
-        std::fs::remove_dir_all(&ckpt_root).map_err(io(&ckpt_root))?;
+    if options.fresh {
+        for stale in [ckpt_root.clone(), final_dir(out)] {
+            if stale.exists() {
+                std::fs::remove_dir_all(&stale).map_err(io(&stale))?;
+            }
+        }
     }
     let mut start = 0;
     let mut resumed_from = None;
@@ -266,6 +275,13 @@ pub fn run(
             )));
         }
         let grad_norm = clip_grad_norm(&mut output.grads, options.max_grad_norm)?;
+        if !grad_norm.is_finite() {
+            return Err(TrainError::Config(format!(
+                "the gradient norm became {grad_norm} at step {}: lower the learning rate; the \
+                 last checkpoint is untouched",
+                step + 1
+            )));
+        }
         let lr = schedule.lr(step);
         optimizer.step(params, &output.grads, lr)?;
         let seconds = step_start.elapsed().as_secs_f64();
@@ -377,6 +393,7 @@ mod tests {
         let a = epoch_order(10, 1, 0);
         assert_eq!(a, epoch_order(10, 1, 0));
         assert_ne!(a, epoch_order(10, 1, 1));
+        assert_ne!(epoch_order(10, 43, 0), epoch_order(10, 42, 1));
         let mut sorted = a.clone();
         sorted.sort();
         assert_eq!(sorted, (0..10).collect::<Vec<_>>());
