@@ -115,7 +115,10 @@ impl CommonArgs {
             bail!("--epochs and --max-steps must be at least 1");
         }
         if !(0.0..=1.0).contains(&self.warmup_ratio) {
-            bail!("--warmup-ratio must lie in [0, 1], got {}", self.warmup_ratio);
+            bail!(
+                "--warmup-ratio must lie in [0, 1], got {}",
+                self.warmup_ratio
+            );
         }
         if let Some(lr) = self.lr {
             if !(lr.is_finite() && lr > 0.0) {
@@ -164,7 +167,10 @@ pub fn sft(args: SftArgs) -> Result<()> {
     c.check()?;
     fusechat_train::device::tune_allocator();
     let device = fusechat_train::device::select(c.cpu)?;
-    eprintln!("fusechat: training on {}", fusechat_train::device::describe(&device));
+    eprintln!(
+        "fusechat: training on {}",
+        fusechat_train::device::describe(&device)
+    );
     let options = SftOptions {
         model: c.model.clone(),
         data: c.data.clone(),
@@ -173,7 +179,8 @@ pub fn sft(args: SftArgs) -> Result<()> {
         on_bad_input: c.on_bad_input(),
         train: c.train_options(5e-6),
     };
-    let summary = sft::sft(&options, &device).with_context(|| format!("SFT into {}", c.out.display()))?;
+    let summary =
+        sft::sft(&options, &device).with_context(|| format!("SFT into {}", c.out.display()))?;
     report(&summary);
     Ok(())
 }
@@ -192,7 +199,10 @@ pub fn dpo(args: DpoArgs) -> Result<()> {
     }
     fusechat_train::device::tune_allocator();
     let device = fusechat_train::device::select(c.cpu)?;
-    eprintln!("fusechat: training on {}", fusechat_train::device::describe(&device));
+    eprintln!(
+        "fusechat: training on {}",
+        fusechat_train::device::describe(&device)
+    );
     let options = DpoOptions {
         model: c.model.clone(),
         data: c.data.clone(),
@@ -204,7 +214,8 @@ pub fn dpo(args: DpoArgs) -> Result<()> {
         label_smoothing: args.label_smoothing,
         train: c.train_options(1e-6),
     };
-    let summary = dpo::dpo(&options, &device).with_context(|| format!("DPO into {}", c.out.display()))?;
+    let summary =
+        dpo::dpo(&options, &device).with_context(|| format!("DPO into {}", c.out.display()))?;
     report(&summary);
     Ok(())
 }

@@ -16,9 +16,16 @@ fn imported_smollm2() -> PathBuf {
     let base = std::env::var_os("FUSECHAT_IMPORTED_DIR")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/fusechat/test-imported"));
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                .join(".cache/fusechat/test-imported")
+        });
     let dir = base.join("smollm2-135m-instruct");
-    assert!(dir.join("tokenizer.json").is_file(), "{} is missing: run scripts/test.sh", dir.display());
+    assert!(
+        dir.join("tokenizer.json").is_file(),
+        "{} is missing: run scripts/test.sh",
+        dir.display()
+    );
     dir
 }
 
@@ -42,10 +49,16 @@ fn write_data(dir: &Path) -> (PathBuf, PathBuf) {
     let mut dpo_lines = Vec::new();
     for i in 0..48 {
         let q = format!("What is {i} plus {}?", i % 7);
-        let good = format!("{i} + {} = {}. The answer is {}.", i % 7, i + i % 7, i + i % 7);
+        let good = format!(
+            "{i} + {} = {}. The answer is {}.",
+            i % 7,
+            i + i % 7,
+            i + i % 7
+        );
         let bad = format!("The answer is {}.", i * 3);
         sft_lines.push(serde_json::json!({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": good}]}).to_string());
-        dpo_lines.push(serde_json::json!({"prompt": q, "chosen": good, "rejected": bad}).to_string());
+        dpo_lines
+            .push(serde_json::json!({"prompt": q, "chosen": good, "rejected": bad}).to_string());
     }
     std::fs::write(&sft, sft_lines.join("\n")).unwrap();
     std::fs::write(&dpo, dpo_lines.join("\n")).unwrap();
@@ -60,8 +73,25 @@ fn command(stage: &str, model: &Path, data: &Path, out: &Path) -> Command {
         .arg(data)
         .arg("--out")
         .arg(out)
-        .args(["--epochs", "3", "--batch", "2", "--grad-accum", "2", "--lr", "1e-3", "--max-len", "128"])
-        .args(["--checkpoint-every", "3", "--keep-checkpoints", "2", "--cpu"])
+        .args([
+            "--epochs",
+            "3",
+            "--batch",
+            "2",
+            "--grad-accum",
+            "2",
+            "--lr",
+            "1e-3",
+            "--max-len",
+            "128",
+        ])
+        .args([
+            "--checkpoint-every",
+            "3",
+            "--keep-checkpoints",
+            "2",
+            "--cpu",
+        ])
         .env("RUST_LOG", "warn");
     if stage == "dpo" {
         cmd.args(["--beta", "0.5", "--loss", "sigmoid"]);
@@ -70,7 +100,9 @@ fn command(stage: &str, model: &Path, data: &Path, out: &Path) -> Command {
 }
 
 fn lines(path: &Path) -> usize {
-    std::fs::read_to_string(path).map(|t| t.lines().count()).unwrap_or(0)
+    std::fs::read_to_string(path)
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
 }
 
 /// Waits until the run has logged `steps` steps, then SIGKILLs it.
@@ -109,13 +141,25 @@ fn run_interrupted_and_compare(stage: &str) {
     let status = command(stage, &model, &data, &straight).status().unwrap();
     assert!(status.success());
     let expected = losses(&straight);
-    assert_eq!(expected.len(), 36, "48 examples / (2 x 2) per step x 3 epochs");
+    assert_eq!(
+        expected.len(),
+        36,
+        "48 examples / (2 x 2) per step x 3 epochs"
+    );
 
     let resumed = dir.path().join("resumed");
     let metrics = resumed.join("metrics.jsonl");
-    kill_after(command(stage, &model, &data, &resumed).spawn().unwrap(), &metrics, 5);
+    kill_after(
+        command(stage, &model, &data, &resumed).spawn().unwrap(),
+        &metrics,
+        5,
+    );
     assert!(!resumed.join("final").exists());
-    kill_after(command(stage, &model, &data, &resumed).spawn().unwrap(), &metrics, 20);
+    kill_after(
+        command(stage, &model, &data, &resumed).spawn().unwrap(),
+        &metrics,
+        20,
+    );
     let status = command(stage, &model, &data, &resumed).status().unwrap();
     assert!(status.success());
 
@@ -139,7 +183,9 @@ fn dpo_killed_twice_resumes_to_the_same_run() {
 fn bad_model_folder_says_what_to_do() {
     let dir = tempfile::tempdir().unwrap();
     let (sft, _) = write_data(dir.path());
-    let output = command("sft", dir.path(), &sft, &dir.path().join("out")).output().unwrap();
+    let output = command("sft", dir.path(), &sft, &dir.path().join("out"))
+        .output()
+        .unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("fusechat import"), "{stderr}");

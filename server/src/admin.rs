@@ -69,7 +69,10 @@ pub struct AliasInfo {
 /// link is followed; 403 otherwise (`..`, an absolute path elsewhere, a link
 /// leading out), 422 when it does not exist.
 pub fn under_root(root: &Path, requested: &Path) -> Result<PathBuf, ApiError> {
-    if requested.components().any(|c| matches!(c, Component::ParentDir)) {
+    if requested
+        .components()
+        .any(|c| matches!(c, Component::ParentDir))
+    {
         return Err(ApiError::forbidden(format!(
             "`{}`: `..` is not allowed in model paths",
             requested.display()
@@ -81,7 +84,11 @@ pub fn under_root(root: &Path, requested: &Path) -> Result<PathBuf, ApiError> {
             root.display()
         ))
     })?;
-    let joined = if requested.is_absolute() { requested.to_path_buf() } else { root.join(requested) };
+    let joined = if requested.is_absolute() {
+        requested.to_path_buf()
+    } else {
+        root.join(requested)
+    };
     let resolved = match joined.canonicalize() {
         Ok(p) => p,
         // Say "outside" before "missing" so the answer does not probe the disk.
@@ -93,7 +100,10 @@ pub fn under_root(root: &Path, requested: &Path) -> Result<PathBuf, ApiError> {
             )))
         }
         Err(e) => {
-            return Err(ApiError::load_failed(format!("{}: {e}", requested.display())));
+            return Err(ApiError::load_failed(format!(
+                "{}: {e}",
+                requested.display()
+            )));
         }
     };
     if !resolved.starts_with(&root) {
@@ -108,7 +118,10 @@ pub fn under_root(root: &Path, requested: &Path) -> Result<PathBuf, ApiError> {
         let entries = std::fs::read_dir(&resolved)
             .map_err(|e| ApiError::load_failed(format!("{}: {e}", requested.display())))?;
         for entry in entries.flatten() {
-            let inside = entry.path().canonicalize().is_ok_and(|p| p.starts_with(&root));
+            let inside = entry
+                .path()
+                .canonicalize()
+                .is_ok_and(|p| p.starts_with(&root));
             if !inside {
                 return Err(ApiError::forbidden(format!(
                     "{} links outside the model root {}",
@@ -136,13 +149,22 @@ pub fn under_root(root: &Path, requested: &Path) -> Result<PathBuf, ApiError> {
     ),
     security(("api_key" = []))
 )]
-pub async fn load_model(state: web::Data<AppState>, body: web::Bytes) -> Result<HttpResponse, ApiError> {
+pub async fn load_model(
+    state: web::Data<AppState>,
+    body: web::Bytes,
+) -> Result<HttpResponse, ApiError> {
     let request: LoadModelRequest = parse_body(&body)?;
     let id = request.id.trim().to_string();
     if id.is_empty() {
         return Err(ApiError::invalid_param("id", "`id` must not be empty"));
     }
-    let count = |result: &str| state.metrics.model_loads.with_label_values(&[&id, result]).inc();
+    let count = |result: &str| {
+        state
+            .metrics
+            .model_loads
+            .with_label_values(&[&id, result])
+            .inc()
+    };
     let Some(root) = &state.config.admin.model_root else {
         count("forbidden");
         return Err(ApiError::forbidden(
@@ -150,12 +172,19 @@ pub async fn load_model(state: web::Data<AppState>, body: web::Bytes) -> Result<
         ));
     };
     let path = under_root(root, &request.path).inspect_err(|e| {
-        count(if e.status.as_u16() == 403 { "forbidden" } else { "failed" })
+        count(if e.status.as_u16() == 403 {
+            "forbidden"
+        } else {
+            "failed"
+        })
     })?;
     if let Some(alias) = &request.alias {
         // Checked before loading, so a bad alias never leaves new weights half-installed.
         if alias.trim().is_empty() {
-            return Err(ApiError::invalid_param("alias", "an alias must not be empty"));
+            return Err(ApiError::invalid_param(
+                "alias",
+                "an alias must not be empty",
+            ));
         }
         if *alias == id || state.slots().iter().any(|(m, _)| m == alias) {
             return Err(ApiError::conflict(
@@ -198,7 +227,11 @@ pub async fn load_model(state: web::Data<AppState>, body: web::Bytes) -> Result<
     let fingerprint = model.fingerprint.clone();
     state.set(&id, ModelSlot::Ready(Arc::new(model)));
     count("ok");
-    state.metrics.model_load_seconds.with_label_values(&[&id]).observe(seconds);
+    state
+        .metrics
+        .model_load_seconds
+        .with_label_values(&[&id])
+        .observe(seconds);
     tracing::info!(model = %id, path = %path.display(), %fingerprint, seconds, "loaded through the admin API");
     if let Some(alias) = &request.alias {
         state.set_alias(alias, &id)?;
@@ -226,7 +259,10 @@ pub async fn load_model(state: web::Data<AppState>, body: web::Bytes) -> Result<
     ),
     security(("api_key" = []))
 )]
-pub async fn unload_model(state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+pub async fn unload_model(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
     state.unload(&id)?;
     Ok(HttpResponse::Ok().json(serde_json::json!({"id": id.as_str(), "unloaded": true})))
 }
@@ -272,9 +308,13 @@ pub async fn set_alias(
     responses((status = 200, description = "Removed"), (status = 404, body = ErrorBody)),
     security(("api_key" = []))
 )]
-pub async fn remove_alias(state: web::Data<AppState>, alias: web::Path<String>) -> Result<HttpResponse, ApiError> {
+pub async fn remove_alias(
+    state: web::Data<AppState>,
+    alias: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
     let model = state.remove_alias(&alias)?;
-    Ok(HttpResponse::Ok().json(serde_json::json!({"alias": alias.as_str(), "model": model, "removed": true})))
+    Ok(HttpResponse::Ok()
+        .json(serde_json::json!({"alias": alias.as_str(), "model": model, "removed": true})))
 }
 
 /// Every model with its state and weights, and every alias.
@@ -298,8 +338,11 @@ pub async fn list(state: web::Data<AppState>) -> HttpResponse {
             other => serde_json::json!({"id": id, "state": other.describe()}),
         })
         .collect();
-    let aliases: serde_json::Map<String, serde_json::Value> =
-        state.aliases().into_iter().map(|(a, m)| (a, m.into())).collect();
+    let aliases: serde_json::Map<String, serde_json::Value> = state
+        .aliases()
+        .into_iter()
+        .map(|(a, m)| (a, m.into()))
+        .collect();
     HttpResponse::Ok().json(serde_json::json!({ "models": models, "aliases": aliases }))
 }
 
@@ -326,9 +369,20 @@ mod tests {
 
         let ok = under_root(&root, Path::new("fused/final")).unwrap();
         assert_eq!(ok, root.canonicalize().unwrap().join("fused/final"));
-        assert!(under_root(&root, &root.join("fused")).is_ok(), "absolute inside");
-        assert!(under_root(&root, Path::new("inner-link/final")).is_ok(), "a link that stays inside");
-        for bad in [Path::new("fused/../../outside"), Path::new("escape"), outside.as_path(), Path::new("/etc")] {
+        assert!(
+            under_root(&root, &root.join("fused")).is_ok(),
+            "absolute inside"
+        );
+        assert!(
+            under_root(&root, Path::new("inner-link/final")).is_ok(),
+            "a link that stays inside"
+        );
+        for bad in [
+            Path::new("fused/../../outside"),
+            Path::new("escape"),
+            outside.as_path(),
+            Path::new("/etc"),
+        ] {
             let err = under_root(&root, bad).unwrap_err();
             assert_eq!(err.status.as_u16(), 403, "{bad:?}: {err}");
         }

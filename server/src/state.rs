@@ -61,7 +61,11 @@ pub struct LoadGuard<'a> {
 
 impl Drop for LoadGuard<'_> {
     fn drop(&mut self) {
-        self.state.loading.lock().expect("loading lock").remove(&self.id);
+        self.state
+            .loading
+            .lock()
+            .expect("loading lock")
+            .remove(&self.id);
     }
 }
 
@@ -116,13 +120,21 @@ impl AppState {
 
     pub fn slots(&self) -> Vec<(String, ModelSlot)> {
         let table = self.table.read().expect("model table lock");
-        table.models.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        table
+            .models
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 
     /// (alias, model id) pairs.
     pub fn aliases(&self) -> Vec<(String, String)> {
         let table = self.table.read().expect("model table lock");
-        table.aliases.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        table
+            .aliases
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 
     pub fn all_ready(&self) -> bool {
@@ -166,9 +178,16 @@ impl AppState {
 
     /// Points `alias` at the ready model `model`, atomically; returns the
     /// model it pointed at before.
-    pub fn set_alias(&self, alias: &str, model: &str) -> Result<(Option<String>, String), ApiError> {
+    pub fn set_alias(
+        &self,
+        alias: &str,
+        model: &str,
+    ) -> Result<(Option<String>, String), ApiError> {
         if alias.trim().is_empty() {
-            return Err(ApiError::invalid_param("alias", "an alias must not be empty"));
+            return Err(ApiError::invalid_param(
+                "alias",
+                "an alias must not be empty",
+            ));
         }
         let (previous, fingerprint) = {
             let mut table = self.table.write().expect("model table lock");
@@ -183,7 +202,10 @@ impl AppState {
                 Some(slot) => return Err(ApiError::model_not_ready(model, &slot.describe())),
                 None => return Err(ApiError::model_not_found(model)),
             };
-            (table.aliases.insert(alias.to_string(), model.to_string()), fingerprint)
+            (
+                table.aliases.insert(alias.to_string(), model.to_string()),
+                fingerprint,
+            )
         };
         self.metrics.alias_swaps.with_label_values(&[alias]).inc();
         self.refresh_alias_info();
@@ -205,7 +227,10 @@ impl AppState {
     /// Removes a model; requests running on it finish first (they hold it).
     pub fn unload(&self, id: &str) -> Result<(), ApiError> {
         if self.loading.lock().expect("loading lock").contains(id) {
-            return Err(ApiError::conflict("load_in_progress", format!("a load of `{id}` is running; unload it after")));
+            return Err(ApiError::conflict(
+                "load_in_progress",
+                format!("a load of `{id}` is running; unload it after"),
+            ));
         }
         {
             let mut table = self.table.write().expect("model table lock");
@@ -214,18 +239,29 @@ impl AppState {
                 Some(ModelSlot::Loading) => {
                     return Err(ApiError::conflict(
                         "load_in_progress",
-                        format!("`{id}` is still loading from the server config; unload it once loaded"),
+                        format!(
+                            "`{id}` is still loading from the server config; unload it once loaded"
+                        ),
                     ))
                 }
                 Some(_) => {}
             }
-            let pointing: Vec<&String> = table.aliases.iter().filter(|(_, t)| *t == id).map(|(a, _)| a).collect();
+            let pointing: Vec<&String> = table
+                .aliases
+                .iter()
+                .filter(|(_, t)| *t == id)
+                .map(|(a, _)| a)
+                .collect();
             if !pointing.is_empty() {
                 return Err(ApiError::conflict(
                     "model_in_use",
                     format!(
                         "alias {} points at `{id}`; repoint or remove it first",
-                        pointing.iter().map(|a| format!("`{a}`")).collect::<Vec<_>>().join(", ")
+                        pointing
+                            .iter()
+                            .map(|a| format!("`{a}`"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     ),
                 ));
             }
@@ -245,7 +281,10 @@ impl AppState {
                 Some(ModelSlot::Ready(m)) => m.fingerprint.as_str(),
                 _ => "",
             };
-            self.metrics.alias_info.with_label_values(&[alias, id, fingerprint]).set(1);
+            self.metrics
+                .alias_info
+                .with_label_values(&[alias, id, fingerprint])
+                .set(1);
         }
     }
 

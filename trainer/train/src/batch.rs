@@ -28,7 +28,12 @@ pub struct Batch {
 
 impl Batch {
     pub fn new(rows: &[&Encoded], pad_id: u32, device: &Device) -> Result<Self> {
-        let len = rows.iter().map(|r| r.ids.len().saturating_sub(1)).max().unwrap_or(0).max(1);
+        let len = rows
+            .iter()
+            .map(|r| r.ids.len().saturating_sub(1))
+            .max()
+            .unwrap_or(0)
+            .max(1);
         let mut inputs = vec![pad_id; rows.len() * len];
         let mut targets = vec![pad_id; rows.len() * len];
         let mut mask = vec![0f32; rows.len() * len];
@@ -80,18 +85,36 @@ mod tests {
 
     #[test]
     fn shifts_pads_and_masks() {
-        let a = Encoded { ids: vec![1, 2, 3, 4], learn: vec![false, false, true, true] };
-        let b = Encoded { ids: vec![5, 6], learn: vec![false, true] };
+        let a = Encoded {
+            ids: vec![1, 2, 3, 4],
+            learn: vec![false, false, true, true],
+        };
+        let b = Encoded {
+            ids: vec![5, 6],
+            learn: vec![false, true],
+        };
         let batch = Batch::new(&[&a, &b], 0, &Device::Cpu).unwrap();
-        assert_eq!(batch.inputs.to_vec2::<u32>().unwrap(), vec![vec![1, 2, 3], vec![5, 0, 0]]);
-        assert_eq!(batch.targets.to_vec2::<u32>().unwrap(), vec![vec![2, 3, 4], vec![6, 0, 0]]);
+        assert_eq!(
+            batch.inputs.to_vec2::<u32>().unwrap(),
+            vec![vec![1, 2, 3], vec![5, 0, 0]]
+        );
+        assert_eq!(
+            batch.targets.to_vec2::<u32>().unwrap(),
+            vec![vec![2, 3, 4], vec![6, 0, 0]]
+        );
         assert_eq!(
             batch.mask.to_vec2::<f32>().unwrap(),
             vec![vec![0.0, 1.0, 1.0], vec![1.0, 0.0, 0.0]]
         );
         assert_eq!(batch.learned, vec![2, 1]);
-        assert_eq!(batch.learned_positions.to_vec1::<u32>().unwrap(), vec![1, 2, 3]);
-        assert_eq!(batch.learned_targets.to_vec1::<u32>().unwrap(), vec![3, 4, 6]);
+        assert_eq!(
+            batch.learned_positions.to_vec1::<u32>().unwrap(),
+            vec![1, 2, 3]
+        );
+        assert_eq!(
+            batch.learned_targets.to_vec1::<u32>().unwrap(),
+            vec![3, 4, 6]
+        );
         assert_eq!(
             batch.membership.to_vec2::<f32>().unwrap(),
             vec![vec![1.0, 1.0, 0.0], vec![0.0, 0.0, 1.0]]

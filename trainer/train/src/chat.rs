@@ -178,7 +178,11 @@ impl ChatTokenizer {
     }
 
     /// As `assistant_spans`, for the assistant turns at index `first` or later only.
-    fn assistant_spans_from(&self, messages: &[Message], first: usize) -> Result<(String, Vec<Range<usize>>)> {
+    fn assistant_spans_from(
+        &self,
+        messages: &[Message],
+        first: usize,
+    ) -> Result<(String, Vec<Range<usize>>)> {
         let full = self.render(messages, false)?;
         let mut spans = Vec::new();
         for (i, message) in messages.iter().enumerate().skip(first) {
@@ -301,7 +305,10 @@ pub(crate) mod tests {
             .zip(&encoded.learn)
             .filter(|(&id, &l)| l && id == im_end)
             .count();
-        assert_eq!(learned_ends, 2, "each assistant turn's <|im_end|> is learned");
+        assert_eq!(
+            learned_ends, 2,
+            "each assistant turn's <|im_end|> is learned"
+        );
         // The ids are those of the plain render (what the server sees at inference).
         let text = chat.render(&conversation(), false).unwrap();
         let plain = chat.tokenizer().encode(text.as_str(), false).unwrap();
@@ -320,7 +327,10 @@ pub(crate) mod tests {
             chat.learned_text(&encoded).unwrap(),
             vec!["Hello! How can I help?<end_of_turn>".to_string()]
         );
-        assert_eq!(encoded.ids[0], chat.tokenizer().token_to_id("<bos>").unwrap());
+        assert_eq!(
+            encoded.ids[0],
+            chat.tokenizer().token_to_id("<bos>").unwrap()
+        );
         assert!(!encoded.learn[0]);
     }
 
@@ -338,7 +348,10 @@ pub(crate) mod tests {
     fn a_multi_turn_prompt_is_context_only() {
         let chat = ChatTokenizer::load(&imported("smollm2-135m-instruct")).unwrap();
         let encoded = chat.encode_from(&conversation(), 3).unwrap();
-        assert_eq!(chat.learned_text(&encoded).unwrap(), vec!["The answer is 16.<|im_end|>".to_string()]);
+        assert_eq!(
+            chat.learned_text(&encoded).unwrap(),
+            vec!["The answer is 16.<|im_end|>".to_string()]
+        );
     }
 
     #[test]

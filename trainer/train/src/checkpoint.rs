@@ -35,7 +35,9 @@ const STATE: &str = "state.json";
 const OPTIMIZER: &str = "optimizer.safetensors";
 
 fn fsync(path: &Path) -> Result<()> {
-    File::open(path).and_then(|f| f.sync_all()).map_err(io(path))
+    File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(io(path))
 }
 
 /// Writes a checkpoint under `root` and keeps the newest `keep` of them.
@@ -57,8 +59,11 @@ pub fn save(
     let opt_path = tmp.join(OPTIMIZER);
     candle_core::safetensors::save(&optimizer.state(model.parameters()), &opt_path)?;
     let state_path = tmp.join(STATE);
-    std::fs::write(&state_path, serde_json::to_vec_pretty(state).expect("serializable"))
-        .map_err(io(&state_path))?;
+    std::fs::write(
+        &state_path,
+        serde_json::to_vec_pretty(state).expect("serializable"),
+    )
+    .map_err(io(&state_path))?;
     for entry in std::fs::read_dir(&tmp).map_err(io(&tmp))? {
         fsync(&entry.map_err(io(&tmp))?.path())?;
     }
@@ -113,20 +118,28 @@ pub fn latest(root: &Path) -> Result<Option<(PathBuf, TrainerState)>> {
     let text = std::fs::read_to_string(&path).map_err(io(&path))?;
     let state = serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint {
         path: path.clone(),
-        message: format!("unreadable state ({e}); pass --fresh to start over or choose another --out"),
+        message: format!(
+            "unreadable state ({e}); pass --fresh to start over or choose another --out"
+        ),
     })?;
     Ok(Some((dir, state)))
 }
 
 /// Loads a checkpoint's weights into `model` and its state into `optimizer`.
-pub fn restore(dir: &Path, model: &CausalLm, optimizer: &mut AdamW, state: &TrainerState) -> Result<()> {
+pub fn restore(
+    dir: &Path,
+    model: &CausalLm,
+    optimizer: &mut AdamW,
+    state: &TrainerState,
+) -> Result<()> {
     let device = model
         .parameters()
         .first()
         .map(|(_, v)| v.device().clone())
         .ok_or_else(|| TrainError::Config("the model has no parameters".into()))?;
     let weights_path = dir.join("model.safetensors");
-    let mut weights: HashMap<String, Tensor> = candle_core::safetensors::load(&weights_path, &device)?;
+    let mut weights: HashMap<String, Tensor> =
+        candle_core::safetensors::load(&weights_path, &device)?;
     for (name, var) in model.parameters() {
         let tensor = weights.remove(name).ok_or_else(|| TrainError::Checkpoint {
             path: weights_path.clone(),

@@ -205,7 +205,9 @@ pub fn load_dpo(
             let mut messages = prompt.clone();
             messages.extend(response);
             // Assistant turns inside the prompt are context, not learned.
-            let tokens = chat.encode_from(&messages, prompt.len()).map_err(|e| e.to_string())?;
+            let tokens = chat
+                .encode_from(&messages, prompt.len())
+                .map_err(|e| e.to_string())?;
             if tokens.learned_count() == 0 {
                 return Err(format!("{name} is empty"));
             }
@@ -215,7 +217,9 @@ pub fn load_dpo(
         let chosen = encode(chosen, "prompt + chosen")?;
         let rejected = encode(rejected, "prompt + rejected")?;
         if chosen.ids == rejected.ids {
-            return Err("chosen and rejected render to the same tokens: the pair teaches nothing".into());
+            return Err(
+                "chosen and rejected render to the same tokens: the pair teaches nothing".into(),
+            );
         }
         Ok(DpoExample {
             line,
@@ -257,7 +261,11 @@ mod tests {
         assert_eq!(data.examples[0].line, 1);
         let lines: Vec<usize> = data.skipped.iter().map(|s| s.line).collect();
         assert_eq!(lines, vec![2, 4, 5]);
-        assert!(data.skipped[0].reason.contains("JSON"), "{:?}", data.skipped);
+        assert!(
+            data.skipped[0].reason.contains("JSON"),
+            "{:?}",
+            data.skipped
+        );
         assert!(data.skipped[1].reason.contains("no assistant turn"));
         assert!(data.skipped[2].reason.contains("longer than the limit 64"));
 
@@ -295,8 +303,17 @@ mod tests {
             "\n",
         ));
         let data_multi = load_dpo(multi.path(), &chat, 256, OnBadInput::Fail).unwrap();
-        assert_eq!(chat.learned_text(&data_multi.examples[0].chosen).unwrap(), vec!["4<|im_end|>"]);
-        assert_eq!(chat.learned_text(&pair.chosen).unwrap(), vec!["Four.<|im_end|>"]);
-        assert_eq!(chat.learned_text(&pair.rejected).unwrap(), vec!["Five.<|im_end|>"]);
+        assert_eq!(
+            chat.learned_text(&data_multi.examples[0].chosen).unwrap(),
+            vec!["4<|im_end|>"]
+        );
+        assert_eq!(
+            chat.learned_text(&pair.chosen).unwrap(),
+            vec!["Four.<|im_end|>"]
+        );
+        assert_eq!(
+            chat.learned_text(&pair.rejected).unwrap(),
+            vec!["Five.<|im_end|>"]
+        );
     }
 }

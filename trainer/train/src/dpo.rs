@@ -44,7 +44,12 @@ pub struct DpoObjective {
 }
 
 /// Summed learned-token log-probs of each row, with the model as it is now.
-fn logps_of(model: &CausalLm, rows: &[&Encoded], pad_id: u32, device: &Device) -> Result<(Tensor, Batch)> {
+fn logps_of(
+    model: &CausalLm,
+    rows: &[&Encoded],
+    pad_id: u32,
+    device: &Device,
+) -> Result<(Tensor, Batch)> {
     let batch = Batch::new(rows, pad_id, device)?;
     let learned = learned_logps(model, &batch)?;
     Ok((row_sums(&batch, &learned)?, batch))
@@ -60,7 +65,13 @@ impl Objective for DpoObjective {
     }
 
     fn curves(&self) -> &'static [&'static str] {
-        &["loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"]
+        &[
+            "loss",
+            "rewards/margins",
+            "rewards/accuracies",
+            "logps/chosen",
+            "logps/rejected",
+        ]
     }
 
     fn step(&self, model: &CausalLm, examples: &[usize], micro_batch: usize) -> Result<StepOutput> {
@@ -85,7 +96,12 @@ impl Objective for DpoObjective {
             let chosen_len: Vec<f32> = batch.learned[..m].iter().map(|&c| c as f32).collect();
             let rejected_len: Vec<f32> = batch.learned[m..].iter().map(|&c| c as f32).collect();
             let t = |v: Vec<f32>| Tensor::from_vec(v, m, &self.device);
-            let (rc, rr, lc, lr) = (t(reference_chosen)?, t(reference_rejected)?, t(chosen_len)?, t(rejected_len)?);
+            let (rc, rr, lc, lr) = (
+                t(reference_chosen)?,
+                t(reference_rejected)?,
+                t(chosen_len)?,
+                t(rejected_len)?,
+            );
             let out = preference_loss(
                 &PairLogps {
                     policy_chosen: &policy_chosen,
@@ -161,7 +177,11 @@ pub fn reference_logps(
     let mut result = Vec::with_capacity(examples.len());
     for chunk in examples.chunks(micro_batch.max(1)) {
         let m = chunk.len();
-        let rows: Vec<&Encoded> = chunk.iter().map(|e| &e.chosen).chain(chunk.iter().map(|e| &e.rejected)).collect();
+        let rows: Vec<&Encoded> = chunk
+            .iter()
+            .map(|e| &e.chosen)
+            .chain(chunk.iter().map(|e| &e.rejected))
+            .collect();
         let (logps, _) = logps_of(model, &rows, pad_id, device)?;
         let values = logps.detach().to_vec1::<f32>()?;
         result.extend((0..m).map(|i| (values[i], values[m + i])));
@@ -227,5 +247,13 @@ pub fn dpo(options: &DpoOptions, device: &Device) -> Result<RunSummary> {
         device: device.clone(),
     };
     let provenance = provenance(&options.model, &options.data, identity, data.skipped.len());
-    trainer::run(&model, &objective, &options.train, &options.out, &options.model, &run_key, provenance)
+    trainer::run(
+        &model,
+        &objective,
+        &options.train,
+        &options.out,
+        &options.model,
+        &run_key,
+        provenance,
+    )
 }

@@ -13,7 +13,10 @@ use crate::model::CausalLm;
 /// backward over the logits (`model::token_logprobs`), never materializing the
 /// log-softmax; elsewhere `logit[target] - logsumexp(logits)`.
 pub fn token_logps(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    Ok(crate::model::token_logprobs(&logits.contiguous()?, targets)?)
+    Ok(crate::model::token_logprobs(
+        &logits.contiguous()?,
+        targets,
+    )?)
 }
 
 /// log p(target) of each learned position of `batch`: (n,). The model projects
@@ -25,7 +28,10 @@ pub fn learned_logps(model: &CausalLm, batch: &Batch) -> Result<Tensor> {
 
 /// Per-row sums of `learned_logps`: (rows,).
 pub fn row_sums(batch: &Batch, learned: &Tensor) -> Result<Tensor> {
-    Ok(batch.membership.matmul(&learned.unsqueeze(1)?)?.squeeze(1)?)
+    Ok(batch
+        .membership
+        .matmul(&learned.unsqueeze(1)?)?
+        .squeeze(1)?)
 }
 
 /// `log(1 + exp(x))`, stable for large |x|.
@@ -138,7 +144,11 @@ mod tests {
         assert!((got[1] as f64 - (0.5 - lse1)).abs() < 1e-5);
         // d/dlogits of log p(target) = onehot - softmax.
         let grads = lp.sum_all().unwrap().backward().unwrap();
-        let g = grads.get(logits.as_tensor()).unwrap().to_vec3::<f32>().unwrap();
+        let g = grads
+            .get(logits.as_tensor())
+            .unwrap()
+            .to_vec3::<f32>()
+            .unwrap();
         let p2 = (3.0 - lse0).exp();
         assert!((g[0][0][2] as f64 - (1.0 - p2)).abs() < 1e-5, "{g:?}");
     }
@@ -146,7 +156,12 @@ mod tests {
     /// Two pairs worked by hand for each loss.
     #[test]
     fn hand_worked_pairs() {
-        let (pc, pr, rc, rr) = ([-10.0f32, -20.0], [-12.0f32, -18.0], [-11.0f32, -19.0], [-11.0f32, -19.0]);
+        let (pc, pr, rc, rr) = (
+            [-10.0f32, -20.0],
+            [-12.0f32, -18.0],
+            [-11.0f32, -19.0],
+            [-11.0f32, -19.0],
+        );
         let (lc, lr) = ([4.0f32, 10.0], [2.0f32, 5.0]);
         let (tpc, tpr, trc, trr, tlc, tlr) = (t(&pc), t(&pr), t(&rc), t(&rr), t(&lc), t(&lr));
         let logps = PairLogps {
@@ -179,7 +194,11 @@ mod tests {
                             - smoothing * ln_sigmoid(-beta * (c - r))
                     }
                 };
-                assert!((got[i] as f64 - want).abs() < 1e-5, "{kind:?} pair {i}: {} vs {want}", got[i]);
+                assert!(
+                    (got[i] as f64 - want).abs() < 1e-5,
+                    "{kind:?} pair {i}: {} vs {want}",
+                    got[i]
+                );
                 let reward = out.chosen_rewards.to_vec1::<f32>().unwrap()[i] as f64;
                 assert!((reward - beta * c).abs() < 1e-5);
             }
@@ -217,14 +236,28 @@ mod tests {
         use crate::model::{Architecture, ModelConfig};
         for arch in [Architecture::Llama, Architecture::Gemma3] {
             let model = CausalLm::random(ModelConfig::tiny(arch), &Device::Cpu, 3).unwrap();
-            let a = Encoded { ids: vec![1, 5, 9, 12, 7, 3], learn: vec![false, false, false, true, true, true] };
-            let b = Encoded { ids: vec![2, 8, 4, 6], learn: vec![false, true, false, true] };
+            let a = Encoded {
+                ids: vec![1, 5, 9, 12, 7, 3],
+                learn: vec![false, false, false, true, true, true],
+            };
+            let b = Encoded {
+                ids: vec![2, 8, 4, 6],
+                learn: vec![false, true, false, true],
+            };
             let batch = Batch::new(&[&a, &b], 0, &Device::Cpu).unwrap();
             let full = token_logps(&model.forward(&batch.inputs).unwrap(), &batch.targets).unwrap();
-            let want = (full * &batch.mask).unwrap().sum(1).unwrap().to_vec1::<f32>().unwrap();
+            let want = (full * &batch.mask)
+                .unwrap()
+                .sum(1)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             let learned = learned_logps(&model, &batch).unwrap();
             assert_eq!(learned.dims(), &[5]);
-            let got = row_sums(&batch, &learned).unwrap().to_vec1::<f32>().unwrap();
+            let got = row_sums(&batch, &learned)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             for (g, w) in got.iter().zip(&want) {
                 assert!((g - w).abs() < 1e-5, "{arch:?}: {got:?} vs {want:?}");
             }

@@ -38,9 +38,14 @@ impl MetricsLog {
         // Rewritten beside and renamed: a kill here never loses the kept steps.
         let tmp = path.with_extension("jsonl.tmp");
         std::fs::write(&tmp, kept).map_err(io(&tmp))?;
-        File::open(&tmp).and_then(|f| f.sync_all()).map_err(io(&tmp))?;
+        File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(io(&tmp))?;
         std::fs::rename(&tmp, path).map_err(io(path))?;
-        let file = OpenOptions::new().append(true).open(path).map_err(io(path))?;
+        let file = OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map_err(io(path))?;
         Ok(Self {
             path: path.to_path_buf(),
             file,
@@ -91,10 +96,18 @@ pub fn plot(metrics: &Path, svg: &Path, title: &str, series: &[&str]) -> Result<
         root.fill(&WHITE)?;
         let areas = root.split_evenly((panels.len(), 1));
         for (i, ((name, points), area)) in panels.iter().zip(areas.iter()).enumerate() {
-            let (x0, x1) = points.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
-            let (y0, y1) = points.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
+            let (x0, x1) = points
+                .iter()
+                .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
+            let (y0, y1) = points
+                .iter()
+                .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
             let pad = ((y1 - y0) * 0.05).max(1e-9);
-            let caption = if i == 0 { format!("{title}: {name}") } else { name.to_string() };
+            let caption = if i == 0 {
+                format!("{title}: {name}")
+            } else {
+                name.to_string()
+            };
             let mut chart = ChartBuilder::on(area)
                 .caption(caption, ("sans-serif", 18))
                 .margin(10)
@@ -123,12 +136,18 @@ mod tests {
         let path = dir.path().join("metrics.jsonl");
         let mut log = MetricsLog::open(&path, 0).unwrap();
         for step in 1..=5 {
-            log.write(&serde_json::json!({"step": step, "loss": 1.0 / step as f64})).unwrap();
+            log.write(&serde_json::json!({"step": step, "loss": 1.0 / step as f64}))
+                .unwrap();
         }
         drop(log);
         let mut log = MetricsLog::open(&path, 3).unwrap();
-        log.write(&serde_json::json!({"step": 4, "loss": 0.2})).unwrap();
-        let steps: Vec<u64> = read(&path).unwrap().iter().map(|r| r["step"].as_u64().unwrap()).collect();
+        log.write(&serde_json::json!({"step": 4, "loss": 0.2}))
+            .unwrap();
+        let steps: Vec<u64> = read(&path)
+            .unwrap()
+            .iter()
+            .map(|r| r["step"].as_u64().unwrap())
+            .collect();
         assert_eq!(steps, vec![1, 2, 3, 4]);
         let svg = dir.path().join("curves.svg");
         plot(&path, &svg, "sft", &["loss", "absent"]).unwrap();

@@ -41,8 +41,14 @@ impl AdamW {
         Ok(Self {
             config,
             steps: 0,
-            exp_avg: params.iter().map(|(_, v)| zeros(v)).collect::<candle_core::Result<_>>()?,
-            exp_avg_sq: params.iter().map(|(_, v)| zeros(v)).collect::<candle_core::Result<_>>()?,
+            exp_avg: params
+                .iter()
+                .map(|(_, v)| zeros(v))
+                .collect::<candle_core::Result<_>>()?,
+            exp_avg_sq: params
+                .iter()
+                .map(|(_, v)| zeros(v))
+                .collect::<candle_core::Result<_>>()?,
         })
     }
 
@@ -97,7 +103,10 @@ impl AdamW {
         steps: u64,
     ) -> Result<()> {
         for (i, (name, var)) in params.iter().enumerate() {
-            for (prefix, slot) in [("exp_avg", &mut self.exp_avg), ("exp_avg_sq", &mut self.exp_avg_sq)] {
+            for (prefix, slot) in [
+                ("exp_avg", &mut self.exp_avg),
+                ("exp_avg_sq", &mut self.exp_avg_sq),
+            ] {
                 let key = format!("{prefix}.{name}");
                 let tensor = state.remove(&key).ok_or_else(|| {
                     TrainError::Config(format!("optimizer state lacks {key}: the checkpoint is of another model; pass --fresh or choose another --out"))

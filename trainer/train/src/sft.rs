@@ -44,7 +44,10 @@ impl Objective for SftObjective {
 
     fn step(&self, model: &CausalLm, examples: &[usize], micro_batch: usize) -> Result<StepOutput> {
         let params = model.parameters();
-        let learned: usize = examples.iter().map(|&i| self.examples[i].tokens.learned_count()).sum();
+        let learned: usize = examples
+            .iter()
+            .map(|&i| self.examples[i].tokens.learned_count())
+            .sum();
         let norm = learned.max(1) as f64;
         let mut grads = GradSum::new(params);
         let (mut loss_sum, mut tokens) = (0f64, 0usize);
@@ -92,11 +95,24 @@ pub fn sft(options: &SftOptions, device: &Device) -> Result<RunSummary> {
         device: device.clone(),
     };
     let provenance = provenance(&options.model, &options.data, identity, data.skipped.len());
-    trainer::run(&model, &objective, &options.train, &options.out, &options.model, &run_key, provenance)
+    trainer::run(
+        &model,
+        &objective,
+        &options.train,
+        &options.out,
+        &options.model,
+        &run_key,
+        provenance,
+    )
 }
 
 /// What produced a final folder: saved as `fusechat_train.json`.
-pub(crate) fn provenance(model: &Path, data: &Path, identity: serde_json::Value, skipped: usize) -> serde_json::Value {
+pub(crate) fn provenance(
+    model: &Path,
+    data: &Path,
+    identity: serde_json::Value,
+    skipped: usize,
+) -> serde_json::Value {
     serde_json::json!({
         "base_model": model.display().to_string(),
         "data": data.display().to_string(),

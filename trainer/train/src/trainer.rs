@@ -134,7 +134,11 @@ impl GradSum {
 pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
     let mut total = 0f64;
     for g in grads.iter() {
-        total += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        total += g
+            .sqr()?
+            .sum_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
     }
     let norm = total.sqrt();
     if max_norm > 0.0 && norm > max_norm {
@@ -226,7 +230,11 @@ pub fn run(
             });
         }
         if state.step >= total && final_dir(out).join("model.safetensors").is_file() {
-            tracing::info!("{} is already trained ({} steps): nothing to do", out.display(), state.step);
+            tracing::info!(
+                "{} is already trained ({} steps): nothing to do",
+                out.display(),
+                state.step
+            );
             return Ok(RunSummary {
                 out: out.into(),
                 final_dir: final_dir(out),
@@ -237,7 +245,11 @@ pub fn run(
             });
         }
         checkpoint::restore(&dir, model, &mut optimizer, &state)?;
-        tracing::info!("resuming from {} (step {} of {total})", dir.display(), state.step);
+        tracing::info!(
+            "resuming from {} (step {} of {total})",
+            dir.display(),
+            state.step
+        );
         start = state.step;
         resumed_from = Some(state.step);
     }
@@ -322,7 +334,13 @@ pub fn run(
                 seed: options.seed,
                 run_key: run_key.to_string(),
             };
-            checkpoint::save(&ckpt_root, model, &optimizer, &state, options.keep_checkpoints)?;
+            checkpoint::save(
+                &ckpt_root,
+                model,
+                &optimizer,
+                &state,
+                options.keep_checkpoints,
+            )?;
         }
     }
     bar.finish();
@@ -376,7 +394,8 @@ fn write_final(
         }
     }
     let prov = tmp.join("fusechat_train.json");
-    std::fs::write(&prov, serde_json::to_vec_pretty(&provenance).expect("json")).map_err(io(&prov))?;
+    std::fs::write(&prov, serde_json::to_vec_pretty(&provenance).expect("json"))
+        .map_err(io(&prov))?;
     if dest.exists() {
         std::fs::remove_dir_all(&dest).map_err(io(&dest))?;
     }

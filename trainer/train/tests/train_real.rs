@@ -18,7 +18,10 @@ fn smollm2() -> PathBuf {
     let base = std::env::var_os("FUSECHAT_IMPORTED_DIR")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/fusechat/test-imported"));
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                .join(".cache/fusechat/test-imported")
+        });
     let dir = base.join("smollm2-135m-instruct");
     assert!(
         dir.join("model.safetensors").is_file(),
@@ -74,12 +77,19 @@ fn sft_lowers_the_loss_and_the_final_folder_loads_back() {
         out: out.clone(),
         max_len: 256,
         on_bad_input: OnBadInput::Fail,
-        train: TrainOptions { epochs: 2, max_steps: None, ..options(0, 1e-4) },
+        train: TrainOptions {
+            epochs: 2,
+            max_steps: None,
+            ..options(0, 1e-4)
+        },
     };
     let summary = sft(&opts, &Device::Cpu).unwrap();
     assert_eq!(summary.steps, 8, "16 conversations, batch 4, 2 epochs");
     let records = metrics::read(&out.join("metrics.jsonl")).unwrap();
-    let losses: Vec<f64> = records.iter().map(|r| r["loss"].as_f64().unwrap()).collect();
+    let losses: Vec<f64> = records
+        .iter()
+        .map(|r| r["loss"].as_f64().unwrap())
+        .collect();
     eprintln!("sft losses: {losses:?}");
     for r in &records {
         assert!(r["grad_norm"].as_f64().unwrap() > 0.0);
@@ -91,7 +101,13 @@ fn sft_lowers_the_loss_and_the_final_folder_loads_back() {
 
     // The final folder is a Hugging Face folder with the trained weights.
     let final_dir = out.join("final");
-    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "fusechat_train.json"] {
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "fusechat_train.json",
+    ] {
         assert!(final_dir.join(f).is_file(), "{f} missing");
     }
     let base = CausalLm::load(&smollm2(), &Device::Cpu).unwrap();
@@ -140,21 +156,51 @@ fn dpo_starts_at_ln2_and_raises_the_margin() {
             max_len: 256,
             on_bad_input: OnBadInput::Fail,
             loss,
-            beta: if loss == PreferenceLoss::Ln { 10.0 } else { 0.1 },
+            beta: if loss == PreferenceLoss::Ln {
+                10.0
+            } else {
+                0.1
+            },
             label_smoothing: 0.0,
-            train: TrainOptions { epochs: 3, max_steps: None, micro_batch: 2, grad_accum: 2, ..options(0, 2e-5) },
+            train: TrainOptions {
+                epochs: 3,
+                max_steps: None,
+                micro_batch: 2,
+                grad_accum: 2,
+                ..options(0, 2e-5)
+            },
         };
         let summary = dpo(&opts, &Device::Cpu).unwrap();
         assert_eq!(summary.steps, 6);
         let records = metrics::read(&out.join("metrics.jsonl")).unwrap();
-        let margins: Vec<f64> = records.iter().map(|r| r["rewards/margins"].as_f64().unwrap()).collect();
-        eprintln!("{loss:?} losses {:?}", records.iter().map(|r| r["loss"].as_f64().unwrap()).collect::<Vec<_>>());
+        let margins: Vec<f64> = records
+            .iter()
+            .map(|r| r["rewards/margins"].as_f64().unwrap())
+            .collect();
+        eprintln!(
+            "{loss:?} losses {:?}",
+            records
+                .iter()
+                .map(|r| r["loss"].as_f64().unwrap())
+                .collect::<Vec<_>>()
+        );
         eprintln!("{loss:?} margins {margins:?}");
         let first_loss = records[0]["loss"].as_f64().unwrap();
-        assert!((first_loss - std::f64::consts::LN_2).abs() < 2e-3, "first loss {first_loss}");
+        assert!(
+            (first_loss - std::f64::consts::LN_2).abs() < 2e-3,
+            "first loss {first_loss}"
+        );
         assert!(margins[0].abs() < 0.05, "first margin {}", margins[0]);
         assert!(margins[5] > margins[0] + 0.05, "margins {margins:?}");
-        for key in ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen", "logps/rejected", "learning_rate", "grad_norm"] {
+        for key in [
+            "rewards/chosen",
+            "rewards/rejected",
+            "rewards/accuracies",
+            "logps/chosen",
+            "logps/rejected",
+            "learning_rate",
+            "grad_norm",
+        ] {
             assert!(records[0].get(key).is_some(), "{key} not logged");
         }
         assert!(out.join("reference_logps.json").is_file());
