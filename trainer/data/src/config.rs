@@ -1,7 +1,8 @@
 //! The one TOML config that `fusechat sample`, `score` and `pair` share.
 //!
 //! Paths are relative to the config file's folder (or absolute). The prompt
-//! data folder can be overridden with `$FUSECHAT_DATA_DIR`.
+//! data folder, when the config gives it as a relative path, can be moved
+//! with `$FUSECHAT_DATA_DIR`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -52,7 +53,7 @@ pub struct RunConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PromptsConfig {
-    /// Folder holding the pool files (`$FUSECHAT_DATA_DIR` overrides it).
+    /// Folder holding the pool files (`$FUSECHAT_DATA_DIR` replaces a relative one).
     pub data_dir: PathBuf,
     /// Seed of the training/evaluation split.
     #[serde(default = "default_seed")]
@@ -543,7 +544,13 @@ impl Config {
         }
     }
 
+    /// The pool folder: an absolute `prompts.data_dir` as written; a relative
+    /// one (the shipped configs' `../../shared/data`) is replaced by
+    /// `$FUSECHAT_DATA_DIR` when that is set, else taken from the config's folder.
     pub fn data_dir(&self) -> PathBuf {
+        if self.prompts.data_dir.is_absolute() {
+            return self.prompts.data_dir.clone();
+        }
         match std::env::var_os("FUSECHAT_DATA_DIR") {
             Some(d) if !d.is_empty() => PathBuf::from(d),
             _ => self.resolve(&self.prompts.data_dir),
