@@ -1,4 +1,5 @@
-//! `fusechat sft` / `fusechat dpo` killed with SIGKILL mid-run, then rerun:
+//! `fusechat sft` / `fusechat dpo` killed with SIGKILL mid-run (twice between
+//! steps, once inside a checkpoint save), then rerun:
 //! the run continues from its last checkpoint and ends with exactly the loss
 //! curve and the weights of a run that was never interrupted.
 //!
@@ -119,6 +120,29 @@ fn kill_after(mut child: Child, metrics: &Path, steps: usize) {
     child.wait().unwrap();
 }
 
+/// Waits until a checkpoint is being written (its temporary folder exists)
+/// after at least `steps` steps, then SIGKILLs the run inside the save.
+fn kill_inside_a_save(mut child: Child, out: &Path, steps: usize) {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let saving = || {
+        std::fs::read_dir(out.join("checkpoints"))
+            .map(|d| {
+                d.flatten()
+                    .any(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            })
+            .unwrap_or(false)
+    };
+    while lines(&out.join("metrics.jsonl")) < steps || !saving() {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the run ended ({status}) before a save after step {steps} was caught");
+        }
+        assert!(Instant::now() < deadline, "no progress");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    child.kill().unwrap(); // SIGKILL, in the middle of writing a checkpoint
+    child.wait().unwrap();
+}
+
 fn losses(out: &Path) -> Vec<(u64, String)> {
     std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
@@ -160,6 +184,11 @@ fn run_interrupted_and_compare(stage: &str) {
         &metrics,
         20,
     );
+    kill_inside_a_save(
+        command(stage, &model, &data, &resumed).spawn().unwrap(),
+        &resumed,
+        24,
+    );
     let status = command(stage, &model, &data, &resumed).status().unwrap();
     assert!(status.success());
 
@@ -170,12 +199,12 @@ fn run_interrupted_and_compare(stage: &str) {
 }
 
 #[test]
-fn sft_killed_twice_resumes_to_the_same_run() {
+fn sft_killed_three_times_resumes_to_the_same_run() {
     run_interrupted_and_compare("sft");
 }
 
 #[test]
-fn dpo_killed_twice_resumes_to_the_same_run() {
+fn dpo_killed_three_times_resumes_to_the_same_run() {
     run_interrupted_and_compare("dpo");
 }
 
