@@ -1,8 +1,8 @@
 //! The one TOML config that `fusechat sample`, `score` and `pair` share.
 //!
 //! Paths are relative to the config file's folder (or absolute). The prompt
-//! data folder, when the config gives it as a relative path, can be moved
-//! with `$FUSECHAT_DATA_DIR`.
+//! data folder, when the config's relative one does not exist, is taken from
+//! `$FUSECHAT_DATA_DIR`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -53,7 +53,7 @@ pub struct RunConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PromptsConfig {
-    /// Folder holding the pool files (`$FUSECHAT_DATA_DIR` replaces a relative one).
+    /// Folder holding the pool files (see `Config::data_dir` for `$FUSECHAT_DATA_DIR`).
     pub data_dir: PathBuf,
     /// Seed of the training/evaluation split.
     #[serde(default = "default_seed")]
@@ -544,17 +544,23 @@ impl Config {
         }
     }
 
-    /// The pool folder: an absolute `prompts.data_dir` as written; a relative
-    /// one (the shipped configs' `../../shared/data`) is replaced by
-    /// `$FUSECHAT_DATA_DIR` when that is set, else taken from the config's folder.
+    /// The pool folder: `prompts.data_dir` from the config's folder. When that
+    /// is a relative folder that does not exist (the shipped configs'
+    /// `../../shared/data` in a clone that is not next to `shared/`),
+    /// `$FUSECHAT_DATA_DIR` says where the pools are instead.
     pub fn data_dir(&self) -> PathBuf {
-        if self.prompts.data_dir.is_absolute() {
-            return self.prompts.data_dir.clone();
+        let configured = self.resolve(&self.prompts.data_dir);
+        if self.prompts.data_dir.is_relative() && !configured.is_dir() {
+            if let Some(d) = std::env::var_os("FUSECHAT_DATA_DIR").filter(|d| !d.is_empty()) {
+                tracing::info!(
+                    "{} does not exist; using $FUSECHAT_DATA_DIR={}",
+                    configured.display(),
+                    PathBuf::from(&d).display()
+                );
+                return PathBuf::from(d);
+            }
         }
-        match std::env::var_os("FUSECHAT_DATA_DIR") {
-            Some(d) if !d.is_empty() => PathBuf::from(d),
-            _ => self.resolve(&self.prompts.data_dir),
-        }
+        configured
     }
 
     pub fn output_dir(&self) -> PathBuf {
