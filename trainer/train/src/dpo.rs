@@ -17,8 +17,7 @@ use crate::error::{io, Result};
 use crate::fingerprint;
 use crate::loss::{learned_logps, preference_loss, row_sums, PairLogps, PreferenceLoss};
 use crate::model::CausalLm;
-use crate::sft::provenance;
-use crate::trainer::{self, GradSum, Objective, RunSummary, StepOutput, TrainOptions};
+use crate::trainer::{self, GradSum, Objective, RunInputs, RunSummary, StepOutput, TrainOptions};
 
 pub struct DpoOptions {
     pub model: PathBuf,
@@ -236,7 +235,6 @@ pub fn dpo(options: &DpoOptions, device: &Device) -> Result<RunSummary> {
         "label_smoothing": options.label_smoothing,
         "train": options.train,
     });
-    let run_key = fingerprint::json(&identity);
     let objective = DpoObjective {
         examples: data.examples,
         reference,
@@ -246,14 +244,11 @@ pub fn dpo(options: &DpoOptions, device: &Device) -> Result<RunSummary> {
         pad_id: chat.pad_id(),
         device: device.clone(),
     };
-    let provenance = provenance(&options.model, &options.data, identity, data.skipped.len());
-    trainer::run(
-        &model,
-        &objective,
-        &options.train,
-        &options.out,
-        &options.model,
-        &run_key,
-        provenance,
-    )
+    let inputs = RunInputs {
+        source: &options.model,
+        data: &options.data,
+        identity,
+        skipped: data.skipped.len(),
+    };
+    trainer::run(&model, &objective, &options.train, &options.out, inputs)
 }

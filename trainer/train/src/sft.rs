@@ -1,7 +1,7 @@
 //! Supervised fine-tuning: the mean negative log-likelihood of the learned
 //! (assistant) tokens, over all tokens of an optimizer step.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::Device;
 
@@ -12,7 +12,7 @@ use crate::error::Result;
 use crate::fingerprint;
 use crate::loss::learned_logps;
 use crate::model::CausalLm;
-use crate::trainer::{self, GradSum, Objective, RunSummary, StepOutput, TrainOptions};
+use crate::trainer::{self, GradSum, Objective, RunInputs, RunSummary, StepOutput, TrainOptions};
 
 pub struct SftOptions {
     pub model: PathBuf,
@@ -88,36 +88,16 @@ pub fn sft(options: &SftOptions, device: &Device) -> Result<RunSummary> {
         "max_len": options.max_len,
         "train": options.train,
     });
-    let run_key = fingerprint::json(&identity);
     let objective = SftObjective {
         examples: data.examples,
         pad_id: chat.pad_id(),
         device: device.clone(),
     };
-    let provenance = provenance(&options.model, &options.data, identity, data.skipped.len());
-    trainer::run(
-        &model,
-        &objective,
-        &options.train,
-        &options.out,
-        &options.model,
-        &run_key,
-        provenance,
-    )
-}
-
-/// What produced a final folder: saved as `fusechat_train.json`.
-pub(crate) fn provenance(
-    model: &Path,
-    data: &Path,
-    identity: serde_json::Value,
-    skipped: usize,
-) -> serde_json::Value {
-    serde_json::json!({
-        "base_model": model.display().to_string(),
-        "data": data.display().to_string(),
-        "skipped_lines": skipped,
-        "run": identity,
-        "fusechat_version": env!("CARGO_PKG_VERSION"),
-    })
+    let inputs = RunInputs {
+        source: &options.model,
+        data: &options.data,
+        identity,
+        skipped: data.skipped.len(),
+    };
+    trainer::run(&model, &objective, &options.train, &options.out, inputs)
 }

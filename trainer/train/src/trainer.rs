@@ -181,20 +181,48 @@ fn checkpoints(out: &Path) -> PathBuf {
     out.join("checkpoints")
 }
 
-/// Trains `model` with `objective` into `out`; `source` is the folder the
-/// model came from (tokenizer and generation config are copied from it);
-/// `run_key` identifies model + data + settings (a checkpoint with another key
-/// is refused rather than mixed in); `provenance` is saved next to the final model.
+/// What a run is made of, besides the loop settings: where the model and
+/// the data came from, and the identity (model hash, data hash, every setting
+/// that changes the trajectory) that keys its checkpoints and is saved as
+/// provenance next to the final model.
+pub struct RunInputs<'a> {
+    /// The model folder (tokenizer and generation config are copied from it).
+    pub source: &'a Path,
+    pub data: &'a Path,
+    pub identity: serde_json::Value,
+    /// Bad lines skipped while loading the data.
+    pub skipped: usize,
+}
+
+impl RunInputs<'_> {
+    /// A checkpoint with another key is refused rather than mixed in.
+    fn run_key(&self) -> String {
+        crate::fingerprint::json(&self.identity)
+    }
+
+    /// What produced a final folder: saved as `fusechat_train.json`.
+    fn provenance(&self) -> serde_json::Value {
+        serde_json::json!({
+            "base_model": self.source.display().to_string(),
+            "data": self.data.display().to_string(),
+            "skipped_lines": self.skipped,
+            "run": self.identity,
+            "fusechat_version": env!("CARGO_PKG_VERSION"),
+        })
+    }
+}
+
+/// Trains `model` with `objective` into `out`.
 pub fn run(
     model: &CausalLm,
     objective: &dyn Objective,
     options: &TrainOptions,
     out: &Path,
-    source: &Path,
-    run_key: &str,
-    provenance: serde_json::Value,
+    inputs: RunInputs,
 ) -> Result<RunSummary> {
     std::fs::create_dir_all(out).map_err(io(out))?;
+    let run_key = inputs.run_key();
+    let run_key = run_key.as_str();
     let n = objective.len();
     let per_step = options.micro_batch.max(1) * options.grad_accum.max(1);
     let steps_per_epoch = n.div_ceil(per_step);
@@ -344,7 +372,13 @@ pub fn run(
         }
     }
     bar.finish();
-    write_final(model, out, source, options.save_dtype, provenance)?;
+    write_final(
+        model,
+        out,
+        inputs.source,
+        options.save_dtype,
+        inputs.provenance(),
+    )?;
     metrics::plot(
         &out.join("metrics.jsonl"),
         &out.join("curves.svg"),
