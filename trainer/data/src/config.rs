@@ -281,6 +281,26 @@ pub struct SamplingConfig {
     /// Progress bar on stderr.
     #[serde(default = "default_true")]
     pub progress: bool,
+    /// The order requests go out in (see `SampleOrder`).
+    #[serde(default)]
+    pub order: SampleOrder,
+}
+
+/// The order sampling requests are sent in; with a concurrency limit this
+/// decides which models are busy together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SampleOrder {
+    /// One source after another: every request in flight goes to the same
+    /// model, which then decodes them as one batch. The right order when the
+    /// sources share a machine (one CPU, one GPU): measured here, three
+    /// models decoding at once on 2 cores gave 11.5 tokens/s together, less
+    /// than SmolLM2 alone.
+    #[default]
+    Source,
+    /// Prompt by prompt, every source at once: for sources on separate
+    /// machines or hosted APIs.
+    Prompt,
 }
 
 fn default_max_tokens() -> u64 {

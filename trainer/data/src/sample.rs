@@ -12,7 +12,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::client::Endpoint;
-use crate::config::{Config, SourceConfig};
+use crate::config::{Config, SampleOrder, SourceConfig};
 use crate::prompts::{self, Prompt, Side};
 use crate::store::{SampleRecord, Store};
 
@@ -129,6 +129,11 @@ pub async fn run(config: &Config) -> Result<SampleSummary> {
             }
         }
     }
+    if config.sampling.order == SampleOrder::Source {
+        // Stable: within a source, prompts keep their order.
+        let rank = |id: &str| config.sources.iter().position(|s| s.id == id);
+        jobs.sort_by_key(|(_, s, _)| rank(&s.id));
+    }
     let already_done = planned - jobs.len();
     eprintln!(
         "fusechat sample: {} training prompts, {} sources: {planned} samples planned, {already_done} already in {}, {} to request",
@@ -152,15 +157,35 @@ pub async fn run(config: &Config) -> Result<SampleSummary> {
     );
 
     let start = Instant::now();
+    // In source order a request is only started once one of the previous
+    // ones has finished (at most the endpoints' total concurrency in
+    // flight), so the models really take turns; in prompt order everything
+    // is queued at once and each endpoint's own limit applies.
+    let in_flight = match config.sampling.order {
+        SampleOrder::Source => config
+            .endpoints
+            .iter()
+            .filter(|e| jobs.iter().any(|(_, s, _)| s.endpoint == e.name))
+            .map(|e| e.concurrency.max(1))
+            .sum::<usize>()
+            .max(1),
+        SampleOrder::Prompt => usize::MAX,
+    };
+    let mut queue = jobs.iter().cloned();
     let mut set = tokio::task::JoinSet::new();
-    for (p, s, idx) in jobs.iter().cloned() {
+    let mut spawn_next = |set: &mut tokio::task::JoinSet<_>| {
+        let Some((p, s, idx)) = queue.next() else {
+            return false;
+        };
         let ep = endpoints[&s.endpoint].clone();
         let body = request_body(config, &s, &p, idx);
         set.spawn(async move {
             let r = ep.chat(&body).await;
             (p.id, s.id, idx, body, r)
         });
-    }
+        true
+    };
+    while set.len() < in_flight && spawn_next(&mut set) {}
     let mut summary = SampleSummary {
         planned,
         already_done,
@@ -177,6 +202,7 @@ pub async fn run(config: &Config) -> Result<SampleSummary> {
     };
     let mut last_error = None;
     while let Some(joined) = set.join_next().await {
+        spawn_next(&mut set);
         let (prompt_id, source, idx, body, r) = joined.context("a sampling task panicked")?;
         let stats = summary.per_source.entry(source.clone()).or_default();
         let rec = match r {

@@ -422,3 +422,66 @@ fn judge_and_reward_scorers_rank_and_the_window_filters() {
         "reward scores were redone"
     );
 }
+
+/// `sampling.order`: "source" sends one source's requests after the
+/// other's (the models take turns on a shared machine), at most the
+/// endpoint's concurrency at a time.
+#[test]
+fn source_order_sends_one_source_after_the_other() {
+    let mock = common::mock(Duration::from_millis(30));
+    let dir = tempfile::tempdir().unwrap();
+    common::math_pool(dir.path(), 8);
+    let text = format!(
+        r#"
+[run]
+output = "{out}"
+
+[prompts]
+data_dir = "{data}"
+eval_fraction = 0.0
+math_suffix = ""
+
+[[pools]]
+name = "p"
+domain = "math"
+format = "jsonl"
+file = "pool.jsonl"
+
+[[endpoints]]
+name = "mock"
+base_url = "{url}"
+concurrency = 2
+
+[[sources]]
+id = "first"
+endpoint = "mock"
+
+[[sources]]
+id = "second"
+endpoint = "mock"
+
+[sampling]
+n = {{ math = 2 }}
+progress = false
+order = "source"
+"#,
+        out = dir.path().join("out").display(),
+        data = dir.path().display(),
+        url = mock.base_url(),
+    );
+    let config = Config::parse(&text, dir.path()).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let summary = rt.block_on(sample::run(&config)).unwrap();
+    assert_eq!(summary.ok, 32);
+    let models: Vec<String> = mock
+        .log
+        .lock()
+        .unwrap()
+        .requests
+        .iter()
+        .map(|r| r.1.clone())
+        .collect();
+    let switch = models.iter().position(|m| m == "second").unwrap();
+    assert_eq!(switch, 16, "{models:?}");
+    assert!(models[switch..].iter().all(|m| m == "second"), "{models:?}");
+}
