@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: fetch the three real models and serve
-# them behind the OpenAI API on 127.0.0.1:8080 (Ctrl-C stops).
+# The main job on the embedded default (config/fuse-tiny.toml): fetch the
+# three real models, then `fusechat fuse`: serve them on 127.0.0.1:8080
+# (or use the server already there), sample every source, score, pair, SFT
+# and DPO SmolLM2-135M, hot-swap it under the alias `target`, evaluate base
+# vs fused vs sources, and write runs/fuse-tiny/report.md (about half an hour
+# on 2 CPU cores; rerun to resume). Extra arguments go to `fusechat fuse`
+# (e.g. `--config config/fuse-gpu.toml`). To only serve: `fusechat serve`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 cargo build --release --locked -p fusechat
 "$FUSECHAT_BIN" models fetch
-exec "$FUSECHAT_BIN" serve "$@"
+exec "$FUSECHAT_BIN" fuse "$@"

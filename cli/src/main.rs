@@ -10,6 +10,7 @@ use fusechat_server::config::{ModelConfig, ServerConfig};
 
 mod data;
 mod eval;
+mod fuse;
 mod train;
 
 #[derive(Parser)]
@@ -52,6 +53,10 @@ enum Command {
     /// Evaluate models on the evaluation side of the prompt pools: math
     /// accuracy, MBPP+ pass@1, AlpacaEval win rate; writes report.md/.json/.svg.
     Eval(eval::EvalArgs),
+    /// The whole FuseChat-3.0 pipeline from one config: server, sample,
+    /// score, pair, SFT, DPO, export, hot-swap under the target's alias,
+    /// evaluate, report.
+    Fuse(fuse::FuseArgs),
 }
 
 #[derive(clap::Args)]
@@ -71,6 +76,13 @@ struct ServeArgs {
     /// Serve only the --model entries, not the config's models.
     #[arg(long)]
     only: bool,
+    /// Folder the admin routes may load models from (overrides `admin.model_root`).
+    #[arg(long)]
+    model_root: Option<PathBuf>,
+    /// Bearer key of the admin routes (overrides `auth.admin_key`); best
+    /// given through the environment.
+    #[arg(long, env = "FUSECHAT_ADMIN_KEY", hide_env_values = true)]
+    admin_key: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -125,6 +137,7 @@ fn main() -> Result<()> {
         Command::Score(args) => data::score(args),
         Command::Pair(args) => data::pair(args),
         Command::Eval(args) => eval::eval(args),
+        Command::Fuse(args) => fuse::fuse(args),
     }
 }
 
@@ -147,6 +160,14 @@ fn serve(args: ServeArgs) -> Result<()> {
     }
     if let Some(port) = args.port {
         config.listen.port = port;
+    }
+    if let Some(root) = args.model_root {
+        config.admin.model_root = Some(
+            std::path::absolute(&root).with_context(|| format!("resolving {}", root.display()))?,
+        );
+    }
+    if let Some(key) = args.admin_key.filter(|k| !k.is_empty()) {
+        config.auth.admin_key = Some(key);
     }
     config.validate()?;
     if config.models.is_empty() {

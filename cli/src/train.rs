@@ -7,7 +7,7 @@ use fusechat_train::data::OnBadInput;
 use fusechat_train::dpo::{self, DpoOptions};
 use fusechat_train::loss::PreferenceLoss;
 use fusechat_train::sft::{self, SftOptions};
-use fusechat_train::trainer::{RunSummary, TrainOptions};
+use fusechat_train::trainer::{Resume, RunSummary, TrainOptions};
 
 /// Flags both stages share.
 #[derive(clap::Args)]
@@ -88,7 +88,11 @@ impl CommonArgs {
             } else {
                 candle_core::DType::F32
             },
-            fresh: self.fresh,
+            resume: if self.fresh {
+                Resume::Fresh
+            } else {
+                Resume::SameRunOnly
+            },
         }
     }
 

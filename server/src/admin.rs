@@ -12,7 +12,7 @@ use actix_web::{web, HttpResponse};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::config::{Isq, ModelConfig};
+use crate::config::{Isq, ModelConfig, LINEAR_LAYERS};
 use crate::engine::LoadedModel;
 use crate::error::{ApiError, ErrorBody};
 use crate::state::{AppState, ModelSlot};
@@ -35,6 +35,10 @@ pub struct LoadModelRequest {
     /// In-situ quantization: `none` (default), `q8_0`, `q4k`.
     #[schema(value_type = Option<String>)]
     pub isq: Option<Isq>,
+    /// With `isq`: linear layers (q_proj, k_proj, v_proj, o_proj, gate_proj,
+    /// up_proj, down_proj, lm_head) that keep their float weights, as in the
+    /// server config's `float_layers`.
+    pub float_layers: Option<Vec<String>>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -193,11 +197,25 @@ pub async fn load_model(
             ));
         }
     }
+    let float_layers = request.float_layers.clone().unwrap_or_default();
+    if let Some(unknown) = float_layers
+        .iter()
+        .find(|l| !LINEAR_LAYERS.contains(&l.as_str()))
+    {
+        return Err(ApiError::invalid_param(
+            "float_layers",
+            format!(
+                "`float_layers` names `{unknown}`; the layers are {}",
+                LINEAR_LAYERS.join(", ")
+            ),
+        ));
+    }
     let _guard = state.begin_load(&id)?;
     let mut config = ModelConfig::from_path(&id, path.clone());
     config.max_seqs = request.max_seqs.unwrap_or(config.max_seqs).max(1);
     config.max_waiting = request.max_waiting.unwrap_or(config.max_waiting);
     config.isq = request.isq;
+    config.float_layers = float_layers;
     let replaced = state.slots().iter().any(|(m, _)| *m == id);
     let started = Instant::now();
     // The engine build is heavy, blocking work: run it on the main runtime,

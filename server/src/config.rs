@@ -359,6 +359,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_gpu_config_serves_the_same_three_models() {
+        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../config/serve-gpu.toml"));
+        let gpu = ServerConfig::load(path).unwrap();
+        gpu.validate().unwrap();
+        let ids = |c: &ServerConfig| c.models.iter().map(|m| m.id.clone()).collect::<Vec<_>>();
+        assert_eq!(ids(&gpu), ids(&ServerConfig::embedded_default()));
+        assert_eq!(gpu.listen.host, "127.0.0.1");
+    }
+
+    #[test]
     fn embedded_default_serves_the_three_models() {
         let config = ServerConfig::embedded_default();
         let ids: Vec<_> = config.models.iter().map(|m| m.id.as_str()).collect();

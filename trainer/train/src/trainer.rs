@@ -44,9 +44,24 @@ pub struct TrainOptions {
     pub keep_checkpoints: usize,
     #[serde(skip)]
     pub save_dtype: DType,
-    /// Discard the checkpoints in OUT and start over.
+    /// What to do with checkpoints already in OUT.
     #[serde(skip)]
-    pub fresh: bool,
+    pub resume: Resume,
+}
+
+/// What a run does with the checkpoints (and final folder) already in its
+/// output folder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Resume {
+    /// Continue from the newest checkpoint of the same run (same model, data
+    /// and settings); refuse one of another run (`fusechat sft` / `dpo`).
+    #[default]
+    SameRunOnly,
+    /// Continue the same run; discard the checkpoints of another run and
+    /// start over (`fusechat fuse`, whose inputs change when the data grows).
+    SameRunOrStartOver,
+    /// Discard what is there and start over (`--fresh`).
+    Fresh,
 }
 
 impl Default for TrainOptions {
@@ -64,7 +79,7 @@ impl Default for TrainOptions {
             checkpoint_every: 50,
             keep_checkpoints: 2,
             save_dtype: DType::F32,
-            fresh: false,
+            resume: Resume::SameRunOnly,
         }
     }
 }
@@ -239,10 +254,22 @@ pub fn run(
     )?;
 
     let ckpt_root = checkpoints(out);
-    if options.fresh {
+    let discard = |why: &str| -> Result<()> {
         for stale in [ckpt_root.clone(), final_dir(out)] {
             if stale.exists() {
+                tracing::info!("removing {} ({why})", stale.display());
                 std::fs::remove_dir_all(&stale).map_err(io(&stale))?;
+            }
+        }
+        Ok(())
+    };
+    if options.resume == Resume::Fresh {
+        discard("starting fresh")?;
+    }
+    if options.resume == Resume::SameRunOrStartOver {
+        if let Some((_, state)) = checkpoint::latest(&ckpt_root)? {
+            if state.run_key != run_key {
+                discard("it belongs to a run with another model, data or settings")?;
             }
         }
     }

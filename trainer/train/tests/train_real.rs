@@ -12,7 +12,7 @@ use fusechat_train::loss::PreferenceLoss;
 use fusechat_train::metrics;
 use fusechat_train::model::CausalLm;
 use fusechat_train::sft::{sft, SftOptions};
-use fusechat_train::trainer::TrainOptions;
+use fusechat_train::trainer::{Resume, TrainOptions};
 
 fn smollm2() -> PathBuf {
     let base = std::env::var_os("FUSECHAT_IMPORTED_DIR")
@@ -127,6 +127,21 @@ fn sft_lowers_the_loss_and_the_final_folder_loads_back() {
     let again = sft(&opts, &Device::Cpu).unwrap();
     assert_eq!(again.resumed_from, Some(8));
     assert_eq!(metrics::read(&out.join("metrics.jsonl")).unwrap().len(), 8);
+
+    // Other data: refused by default, started over with SameRunOrStartOver (`fusechat fuse`).
+    std::fs::write(&data, lines[..12].join("\n")).unwrap();
+    let err = sft(&opts, &Device::Cpu).unwrap_err().to_string();
+    assert!(err.contains("another model, data or settings"), "{err}");
+    let over = SftOptions {
+        train: TrainOptions {
+            resume: Resume::SameRunOrStartOver,
+            ..opts.train.clone()
+        },
+        ..opts
+    };
+    let redone = sft(&over, &Device::Cpu).unwrap();
+    assert_eq!((redone.steps, redone.resumed_from), (6, None), "12 conversations, batch 4, 2 epochs");
+    assert_eq!(metrics::read(&out.join("metrics.jsonl")).unwrap().len(), 6);
 }
 
 #[test]

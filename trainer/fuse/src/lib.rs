@@ -1,0 +1,566 @@
+//! `fusechat fuse`: the whole FuseChat-3.0 pipeline from one config, each
+//! stage a call into the crate that does the work, in this order:
+//!
+//! 1. server: use the one at `server.url`, or start `fusechat serve` there;
+//! 2. base: the target's float weights (`RUN/models/base`);
+//! 3-5. sample, score, pair (fusechat-data, `RUN/data`);
+//! 6. sft (fusechat-train, `RUN/sft`), 7. dpo from the SFT model (`RUN/dpo`);
+//! 8. export the final model to `RUN/fused`;
+//! 9. hot-swap: load it as `<target>-fused-<hash>` and point the alias at it;
+//! 10. eval the base and fused targets and the sources (fusechat-eval, `RUN/eval`);
+//! 11. `RUN/report.md` and `RUN/report.json`.
+//!
+//! Every stage is resumable and skips what is done: sampling, scoring and
+//! evaluation keep per-request stores, training resumes from its newest
+//! checkpoint (and starts over when its data or settings changed), import
+//! and export are skipped when their output came from the same input.
+
+pub mod config;
+pub mod error;
+pub mod report;
+pub mod server;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+pub use config::FuseConfig;
+pub use error::{FuseError, Result};
+use error::{io, stage};
+use fusechat_train::trainer::{Resume, RunSummary, TrainOptions};
+use server::Server;
+
+/// What a finished run produced.
+pub struct Outcome {
+    pub report_md: PathBuf,
+    pub report_json: PathBuf,
+    pub fused_dir: PathBuf,
+    /// e.g. "math accuracy: base 3.3% [1.1, 9.1] -> fused 8.3% [...] (n=60 each)".
+    pub headline: String,
+}
+
+/// One stage's line in the report.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StageTime {
+    pub stage: &'static str,
+    pub seconds: f64,
+    pub note: String,
+}
+
+struct Progress {
+    total: usize,
+    done: Vec<StageTime>,
+    started: Instant,
+}
+
+impl Progress {
+    fn begin(&self, name: &str, what: &str) -> Instant {
+        eprintln!(
+            "\nfusechat fuse [{}/{}] {name}: {what}  ({:.0} s so far)",
+            self.done.len() + 1,
+            self.total,
+            self.started.elapsed().as_secs_f64()
+        );
+        Instant::now()
+    }
+
+    fn end(&mut self, stage: &'static str, t: Instant, note: impl Into<String>) {
+        let note = note.into();
+        let seconds = t.elapsed().as_secs_f64();
+        eprintln!("fusechat fuse: {stage} done in {seconds:.0} s{}", if note.is_empty() { String::new() } else { format!(": {note}") });
+        self.done.push(StageTime { stage, seconds, note });
+    }
+}
+
+/// Runs the pipeline of `config`; `bin` is the `fusechat` binary (used to
+/// start a server when none answers). Call it from a thread that outlives
+/// the run (the main thread): a server it starts is tied to the calling
+/// thread with `PR_SET_PDEATHSIG`, so it also goes when the run is killed.
+pub fn run(config: &FuseConfig, bin: &Path) -> Result<Outcome> {
+    let run_dir = config.run_dir();
+    std::fs::create_dir_all(run_dir.join("config"))
+        .map_err(io(format!("creating {}", run_dir.display())))?;
+    // No `..` in the paths the server is asked to load from (it refuses them).
+    let run_dir = std::fs::canonicalize(&run_dir)
+        .map_err(io(format!("resolving {}", run_dir.display())))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(io("starting the async runtime"))?;
+    let mut progress = Progress {
+        total: 11,
+        done: Vec::new(),
+        started: Instant::now(),
+    };
+    eprintln!("fusechat fuse: {} -> {}", config.origin, run_dir.display());
+    let data_config = write_data_config(config, &run_dir)?;
+    // Check [eval] now, not after training.
+    eval_config(config, &run_dir, &data_config, "fused")?;
+    let served = format!("{}/v1", config.server_url());
+    if !data_config.endpoints.iter().any(|e| e.base_url.trim_end_matches('/') == served) {
+        eprintln!(
+            "fusechat fuse: warning: no [[data.endpoints]] names this run's server ({served}); \
+             the sources are sampled elsewhere"
+        );
+    }
+
+    let t = progress.begin("server", &config.server_url());
+    let mut server = rt.block_on(Server::ensure(config, bin, &run_dir))?;
+    // The hot-swap needs the admin routes: find out now, not after training.
+    rt.block_on(server.admin_models()).map_err(|e| match e {
+        FuseError::Http { status: 401 | 403, .. } => FuseError::Server(format!(
+            "{e}. The run needs the server's admin routes for the hot-swap: put the server's admin key in ${}, \
+             and let it load from {} (`fusechat serve --model-root DIR` with DIR above the run folder)",
+            config.server.admin_key_env,
+            run_dir.display()
+        )),
+        other => other,
+    })?;
+    let how = if server.started_here() { "started here" } else { "already running" };
+    progress.end("server", t, how);
+
+    let t = progress.begin("base", "the target's float weights");
+    let base_dir = base_weights(config, &run_dir)?;
+    progress.end("base", t, base_dir.display().to_string());
+
+    let t = progress.begin("sample", "every source, through its OpenAI endpoint");
+    let sampled = rt
+        .block_on(fusechat_data::sample::run(&data_config))
+        .map_err(stage("sample"))?;
+    if sampled.ok == 0 && sampled.requested > 0 {
+        return Err(FuseError::Stage {
+            stage: "sample",
+            cause: anyhow::anyhow!("no request succeeded ({} failed)", sampled.failed),
+        });
+    }
+    progress.end(
+        "sample",
+        t,
+        format!("{} requested ({} failed), {} already stored", sampled.requested, sampled.failed, sampled.already_done),
+    );
+
+    let t = progress.begin("score", "math answers, code tests, judge / reward model");
+    rt.block_on(fusechat_data::score::run(&data_config))
+        .map_err(stage("score"))?;
+    progress.end("score", t, "");
+
+    let t = progress.begin("pair", "best response per prompt (SFT), best vs worst of one source (DPO)");
+    let pairs = fusechat_data::pair::run(&data_config).map_err(stage("pair"))?;
+    let data_dir = data_config.output_dir();
+    progress.end("pair", t, format!("{} SFT rows, {} DPO pairs", pairs.sft_rows, pairs.dpo_pairs));
+    if pairs.sft_rows == 0 {
+        return Err(FuseError::Stage {
+            stage: "pair",
+            cause: anyhow::anyhow!(
+                "no SFT rows: no prompt had a usable response (see {}); sample more prompts or more responses per prompt",
+                data_dir.join("report.md").display()
+            ),
+        });
+    }
+
+    fusechat_train::device::tune_allocator();
+    let device = fusechat_train::device::select(false).map_err(stage("sft"))?;
+    let t = progress.begin("sft", &format!("{} rows on {}", pairs.sft_rows, fusechat_train::device::describe(&device)));
+    let sft = fusechat_train::sft::sft(
+        &fusechat_train::sft::SftOptions {
+            model: base_dir.clone(),
+            data: data_dir.join("sft.jsonl"),
+            out: run_dir.join("sft"),
+            max_len: config.sft.max_len,
+            on_bad_input: fusechat_train::data::OnBadInput::Skip,
+            train: sft_options(config),
+        },
+        &device,
+    )
+    .map_err(stage("sft"))?;
+    progress.end("sft", t, train_note(&sft));
+
+    let (final_dir, dpo) = if config.dpo.enabled && pairs.dpo_pairs > 0 {
+        let t = progress.begin("dpo", &format!("{} pairs, {} loss, from the SFT model", pairs.dpo_pairs, config.dpo.loss));
+        let loss = config.dpo.loss.parse().map_err(|e: String| FuseError::Config(e))?;
+        let dpo = fusechat_train::dpo::dpo(
+            &fusechat_train::dpo::DpoOptions {
+                model: sft.final_dir.clone(),
+                data: data_dir.join("dpo.jsonl"),
+                out: run_dir.join("dpo"),
+                max_len: config.dpo.max_len,
+                on_bad_input: fusechat_train::data::OnBadInput::Skip,
+                loss,
+                beta: config.dpo.beta,
+                label_smoothing: config.dpo.label_smoothing,
+                train: dpo_options(config),
+            },
+            &device,
+        )
+        .map_err(stage("dpo"))?;
+        progress.end("dpo", t, train_note(&dpo));
+        (dpo.final_dir.clone(), Some(dpo))
+    } else {
+        let t = progress.begin("dpo", "skipped");
+        let why = if config.dpo.enabled { "no DPO pairs: the SFT model is the fused model" } else { "dpo.enabled is off" };
+        progress.end("dpo", t, why);
+        (sft.final_dir.clone(), None)
+    };
+
+    let t = progress.begin("export", "the fused Hugging Face folder");
+    let fused_dir = run_dir.join("fused");
+    let sha = export(&final_dir, &fused_dir)?;
+    let fused_id = fused_model_id(config, &sha);
+    progress.end("export", t, format!("{} (sha256 {})", fused_dir.display(), &sha[..16]));
+
+    let t = progress.begin("swap", &format!("load {fused_id} and point `{}` at it", config.target.alias));
+    let fingerprint = rt.block_on(swap(config, &server, &fused_id, &fused_dir))?;
+    progress.end("swap", t, format!("`{}` -> {fused_id}", config.target.alias));
+
+    let t = progress.begin("eval", "base and fused targets, and the sources, on the evaluation side");
+    let eval_config = write_eval_config(config, &run_dir, &data_config, &fused_id)?;
+    let evaluated = rt
+        .block_on(fusechat_eval::run(&eval_config))
+        .map_err(stage("eval"))?;
+    progress.end("eval", t, format!("{} generations, {} judge calls, {} sandbox runs in this run", evaluated.generated, evaluated.judged, evaluated.sandboxed));
+    server.stop();
+
+    let t = progress.begin("report", "report.md, report.json");
+    let fused = report::FusedModel {
+        id: fused_id,
+        alias: config.target.alias.clone(),
+        path: fused_dir.display().to_string(),
+        sha256: sha,
+        fingerprint,
+    };
+    let inputs = report::Inputs {
+        config,
+        run_dir: &run_dir,
+        fused: &fused,
+        pairs: &pairs,
+        sft: &sft,
+        dpo: dpo.as_ref(),
+        eval: &evaluated.report,
+        stages: &progress.done,
+        total_s: progress.started.elapsed().as_secs_f64(),
+    };
+    let headline = report::write(&inputs)?;
+    progress.end("report", t, "");
+    Ok(Outcome {
+        report_md: run_dir.join("report.md"),
+        report_json: run_dir.join("report.json"),
+        fused_dir,
+        headline,
+    })
+}
+
+/// `<target>-fused-<8 hex>`: a hash of the weights and of how the server
+/// loads them, so evaluations cached under one id never mix two checkpoints
+/// or two serving settings.
+fn fused_model_id(config: &FuseConfig, weights_sha: &str) -> String {
+    let t = &config.target;
+    let key = json!({"weights": weights_sha, "isq": t.isq, "float_layers": t.float_layers, "max_seqs": t.max_seqs});
+    let h = hex::encode(Sha256::digest(key.to_string().as_bytes()));
+    format!("{}-fused-{}", t.model, &h[..8])
+}
+
+fn train_note(s: &RunSummary) -> String {
+    match (s.last_loss, s.resumed_from) {
+        (None, Some(step)) => format!("already trained ({step} steps)"),
+        (Some(loss), from) => format!(
+            "{} steps{}, last loss {loss:.4}, {:.0} tokens/s",
+            s.steps,
+            from.map(|f| format!(" (resumed at {f})")).unwrap_or_default(),
+            s.tokens_per_s
+        ),
+        (None, None) => format!("{} steps", s.steps),
+    }
+}
+
+fn train_options(
+    epochs: usize,
+    max_steps: Option<usize>,
+    batch: usize,
+    grad_accum: usize,
+    lr: f64,
+    warmup_ratio: f64,
+    weight_decay: f64,
+    max_grad_norm: f64,
+    seed: u64,
+) -> TrainOptions {
+    TrainOptions {
+        epochs,
+        max_steps,
+        micro_batch: batch,
+        grad_accum,
+        lr,
+        warmup_ratio,
+        weight_decay,
+        max_grad_norm,
+        seed,
+        checkpoint_every: 10,
+        keep_checkpoints: 1,
+        save_dtype: candle_core::DType::F32,
+        // The data grows when sampling is extended: the run then starts over.
+        resume: Resume::SameRunOrStartOver,
+    }
+}
+
+fn sft_options(c: &FuseConfig) -> TrainOptions {
+    let s = &c.sft;
+    train_options(s.epochs, s.max_steps, s.batch, s.grad_accum, s.lr, s.warmup_ratio, s.weight_decay, s.max_grad_norm, s.seed)
+}
+
+fn dpo_options(c: &FuseConfig) -> TrainOptions {
+    let d = &c.dpo;
+    train_options(d.epochs, d.max_steps, d.batch, d.grad_accum, d.lr, d.warmup_ratio, d.weight_decay, d.max_grad_norm, d.seed)
+}
+
+/// `RUN/config/data.toml`, written out so each data stage can be rerun
+/// alone (`fusechat sample --config RUN/config/data.toml`).
+fn write_data_config(config: &FuseConfig, run_dir: &Path) -> Result<fusechat_data::Config> {
+    let data = data_config(config, run_dir)?;
+    let path = run_dir.join("config").join("data.toml");
+    let text = format!(
+        "# Written by `fusechat fuse` from {} [data]; rerun one stage with `fusechat sample --config {}`.\n{}",
+        config.origin,
+        path.display(),
+        toml::to_string(&data).map_err(|e| FuseError::Config(format!("writing the data config: {e}")))?
+    );
+    write_atomic(&path, text.as_bytes())?;
+    fusechat_data::Config::load(Some(&path)).map_err(|e| FuseError::Config(format!("{}: {e:#}", path.display())))
+}
+
+/// The data config of a run: the `[data]` table with output `RUN/data` and
+/// the prompt folder made absolute.
+pub fn data_config(config: &FuseConfig, run_dir: &Path) -> Result<fusechat_data::Config> {
+    let mut table = config.data.clone();
+    let mut run = toml::Table::new();
+    run.insert("output".into(), toml::Value::String(run_dir.join("data").display().to_string()));
+    table.insert("run".into(), toml::Value::Table(run));
+    let mut data: fusechat_data::Config = toml::Value::Table(table)
+        .try_into()
+        .map_err(|e| FuseError::Config(format!("{} [data]: {e}", config.origin)))?;
+    data.base_dir = config.base_dir.clone();
+    data.prompts.data_dir = data.data_dir();
+    data.validate()
+        .map_err(|e| FuseError::Config(format!("{} [data]: {e:#}", config.origin)))?;
+    Ok(data)
+}
+
+/// The eval config of a run: the `[eval]` table, the data config written
+/// as `RUN/config/data.toml`, the output `RUN/eval`, and the rows: base
+/// target, fused target, then each source (when `run.evaluate_sources`),
+/// then any rows of `[eval]` itself.
+pub fn eval_config(
+    config: &FuseConfig,
+    run_dir: &Path,
+    data: &fusechat_data::Config,
+    fused_id: &str,
+) -> Result<fusechat_eval::EvalConfig> {
+    let api = format!("{}/v1", config.server_url());
+    let mut rows = vec![
+        json!({"name": "base target", "base_url": api, "model": config.target.model}),
+        json!({"name": "fused target", "base_url": api, "model": fused_id}),
+    ];
+    if config.run.evaluate_sources {
+        for s in &data.sources {
+            if s.model() == config.target.model {
+                continue; // the base target row already is this model
+            }
+            let ep = data.endpoints.iter().find(|e| e.name == s.endpoint);
+            let mut row = json!({"name": s.id, "base_url": ep.map(|e| e.base_url.clone()).unwrap_or(api.clone()), "model": s.model()});
+            if let Some(env) = ep.and_then(|e| e.api_key_env.clone()) {
+                row["api_key_env"] = json!(env);
+            }
+            rows.push(row);
+        }
+    }
+    let mut table = config.eval.clone();
+    if let Some(toml::Value::Array(extra)) = table.remove("models") {
+        for v in extra {
+            rows.push(serde_json::to_value(v).map_err(|e| FuseError::Config(format!("[eval] models: {e}")))?);
+        }
+    }
+    let rows: Vec<toml::Value> = rows
+        .into_iter()
+        .map(|r| serde_json::from_value(r).map_err(|e| FuseError::Config(format!("an eval row: {e}"))))
+        .collect::<Result<_>>()?;
+    table.insert("models".into(), toml::Value::Array(rows));
+    table.insert("data_config".into(), toml::Value::String("data.toml".into()));
+    table.insert("output".into(), toml::Value::String(run_dir.join("eval").display().to_string()));
+    let mut eval: fusechat_eval::EvalConfig = toml::Value::Table(table)
+        .try_into()
+        .map_err(|e| FuseError::Config(format!("{} [eval]: {e}", config.origin)))?;
+    eval.base_dir = run_dir.join("config");
+    eval.validate()
+        .map_err(|e| FuseError::Config(format!("{} [eval]: {e}", config.origin)))?;
+    for pool in eval.sizes.keys() {
+        if !data.pools.iter().any(|p| &p.name == pool) {
+            return Err(FuseError::Config(format!(
+                "{} [eval.sizes] names `{pool}`, which is not a pool of [data]",
+                config.origin
+            )));
+        }
+    }
+    Ok(eval)
+}
+
+/// Writes the eval config as `RUN/config/eval.toml` and loads it back from there.
+fn write_eval_config(
+    config: &FuseConfig,
+    run_dir: &Path,
+    data: &fusechat_data::Config,
+    fused_id: &str,
+) -> Result<fusechat_eval::EvalConfig> {
+    let eval = eval_config(config, run_dir, data, fused_id)?;
+    let path = run_dir.join("config").join("eval.toml");
+    let text = format!(
+        "# Written by `fusechat fuse` from {} [eval]; rerun with `fusechat eval --config {}`.\n{}",
+        config.origin,
+        path.display(),
+        toml::to_string(&eval).map_err(|e| FuseError::Config(format!("writing the eval config: {e}")))?
+    );
+    write_atomic(&path, text.as_bytes())?;
+    fusechat_eval::EvalConfig::load(Some(&path)).map_err(|e| FuseError::Config(format!("{}: {e}", path.display())))
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).map_err(io(format!("writing {}", tmp.display())))?;
+    std::fs::rename(&tmp, path).map_err(io(format!("renaming {}", tmp.display())))
+}
+
+/// The target's weights as a Hugging Face folder the trainer reads: a
+/// `path` as given, or a fetched GGUF imported once (f32) into `RUN/models/base`.
+fn base_weights(config: &FuseConfig, run_dir: &Path) -> Result<PathBuf> {
+    if let Some(p) = &config.target.path {
+        let p = config.resolve(p);
+        if !p.join("config.json").is_file() {
+            return Err(FuseError::Config(format!(
+                "target.path {} is not a Hugging Face folder (no config.json)",
+                p.display()
+            )));
+        }
+        return Ok(p);
+    }
+    let name = config.target.fetched.as_deref().expect("validated: fetched or path");
+    let out = run_dir.join("models").join("base");
+    let spec = fusechat_models::fetch::find(name).ok_or_else(|| {
+        FuseError::Config(format!("target.fetched `{name}` is not a model of `fusechat models list`"))
+    })?;
+    // What the folder was imported from: reused only for the same GGUF.
+    let origin = json!({"fetched": name, "gguf_sha256": spec.sha256, "dtype": "f32"});
+    let marker = out.join("fusechat_base.json");
+    let same = std::fs::read_to_string(&marker)
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+        .is_some_and(|v| v == origin);
+    if same && out.join("model.safetensors").is_file() {
+        return Ok(out);
+    }
+    let gguf = fusechat_models::fetch::ensure(spec, &fusechat_models::fetch::home()).map_err(stage("base"))?;
+    let tmp = run_dir.join("models").join(".base.tmp");
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io(format!("removing {}", tmp.display())))?;
+    }
+    let options = fusechat_models::import::ImportOptions {
+        dtype: fusechat_models::import::OutputDType::F32,
+        overwrite: true,
+    };
+    let summary = fusechat_models::import::import_gguf_with(&gguf, &tmp, &options).map_err(stage("base"))?;
+    eprintln!("{summary}");
+    std::fs::write(tmp.join("fusechat_base.json"), origin.to_string())
+        .map_err(io("writing fusechat_base.json"))?;
+    if out.exists() {
+        std::fs::remove_dir_all(&out).map_err(io(format!("removing {}", out.display())))?;
+    }
+    std::fs::rename(&tmp, &out).map_err(io(format!("moving the import to {}", out.display())))?;
+    Ok(out)
+}
+
+fn sha256_file(path: &Path) -> Result<String> {
+    let mut f = std::fs::File::open(path).map_err(io(format!("opening {}", path.display())))?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h).map_err(io(format!("reading {}", path.display())))?;
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Copies the final training folder to `RUN/fused` (through a temporary
+/// folder renamed into place); skipped when it already holds those weights.
+/// Returns the sha256 of its `model.safetensors`.
+fn export(final_dir: &Path, fused_dir: &Path) -> Result<String> {
+    let sha = sha256_file(&final_dir.join("model.safetensors"))?;
+    let marker = fused_dir.join("fusechat_fuse.json");
+    if let Ok(text) = std::fs::read_to_string(&marker) {
+        if serde_json::from_str::<Value>(&text).is_ok_and(|v| v["sha256"] == sha.as_str()) {
+            return Ok(sha);
+        }
+    }
+    let parent = fused_dir.parent().unwrap_or(Path::new("."));
+    let tmp = parent.join(".fused.tmp");
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io(format!("removing {}", tmp.display())))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(io(format!("creating {}", tmp.display())))?;
+    for entry in std::fs::read_dir(final_dir).map_err(io(format!("listing {}", final_dir.display())))? {
+        let entry = entry.map_err(io("listing the final folder"))?;
+        if entry.path().is_file() {
+            std::fs::copy(entry.path(), tmp.join(entry.file_name()))
+                .map_err(io(format!("copying {}", entry.path().display())))?;
+        }
+    }
+    let info = json!({"from": final_dir.display().to_string(), "sha256": sha});
+    std::fs::write(tmp.join("fusechat_fuse.json"), serde_json::to_vec_pretty(&info).unwrap_or_default())
+        .map_err(io("writing fusechat_fuse.json"))?;
+    if fused_dir.exists() {
+        std::fs::remove_dir_all(fused_dir).map_err(io(format!("removing {}", fused_dir.display())))?;
+    }
+    std::fs::rename(&tmp, fused_dir).map_err(io(format!("moving {} into place", fused_dir.display())))?;
+    Ok(sha)
+}
+
+/// Loads the fused folder as `fused_id` and points the alias at it, unless
+/// the server already does exactly that. Returns the fused model's
+/// `system_fingerprint`.
+async fn swap(config: &FuseConfig, server: &Server, fused_id: &str, fused_dir: &Path) -> Result<String> {
+    let alias = &config.target.alias;
+    let state = server.admin_models().await?;
+    if state["aliases"][alias.as_str()] == fused_id {
+        let loaded = state["models"].as_array().into_iter().flatten().find(|m| m["id"] == fused_id);
+        if let Some(m) = loaded.filter(|m| m["state"] == "ready") {
+            eprintln!("fusechat fuse: `{alias}` already points at {fused_id}");
+            return Ok(m["fingerprint"].as_str().unwrap_or_default().to_string());
+        }
+    }
+    let mut body = json!({
+        "id": fused_id,
+        "path": fused_dir.display().to_string(),
+        "alias": alias,
+        "float_layers": config.target.float_layers,
+    });
+    if let Some(isq) = &config.target.isq {
+        body["isq"] = json!(isq);
+    }
+    if let Some(n) = config.target.max_seqs {
+        body["max_seqs"] = json!(n);
+    }
+    let info = server.load_model(&body).await.map_err(|e| match e {
+        FuseError::Http { status: 403, message, .. } => FuseError::Server(format!(
+            "loading the fused model was refused (403): {message}. The server must be allowed to load from {} \
+             (its admin.model_root, or `fusechat serve --model-root DIR`)",
+            fused_dir.display()
+        )),
+        other => other,
+    })?;
+    // Check what the server now routes the alias to.
+    let state = server.admin_models().await?;
+    if state["aliases"][alias.as_str()] != fused_id {
+        return Err(FuseError::Server(format!(
+            "after the load, the server's alias `{alias}` points at {} instead of {fused_id}",
+            state["aliases"][alias.as_str()]
+        )));
+    }
+    eprintln!(
+        "fusechat fuse: loaded {fused_id} in {:.1} s; `{alias}` -> {fused_id}",
+        info["load_seconds"].as_f64().unwrap_or(0.0)
+    );
+    Ok(info["fingerprint"].as_str().unwrap_or_default().to_string())
+}

@@ -1,0 +1,276 @@
+//! `RUN/report.md` and `RUN/report.json`: the evaluation table (every model
+//! on every benchmark with n and its 95% interval), the base -> fused
+//! comparison with an interval for the difference, what the data stages
+//! produced, what training did, and the time of each stage.
+
+use std::path::Path;
+
+use fusechat_data::pair::Report as PairReport;
+use fusechat_eval::report::{Cell, Report as EvalReport};
+use fusechat_train::trainer::RunSummary;
+use serde_json::{json, Value};
+
+use crate::config::FuseConfig;
+use crate::error::{io, Result};
+use crate::StageTime;
+
+pub struct FusedModel {
+    pub id: String,
+    pub alias: String,
+    pub path: String,
+    pub sha256: String,
+    /// The server's `system_fingerprint` of the fused weights.
+    pub fingerprint: String,
+}
+
+pub struct Inputs<'a> {
+    pub config: &'a FuseConfig,
+    pub run_dir: &'a Path,
+    pub fused: &'a FusedModel,
+    pub pairs: &'a PairReport,
+    pub sft: &'a RunSummary,
+    pub dpo: Option<&'a RunSummary>,
+    pub eval: &'a EvalReport,
+    pub stages: &'a [StageTime],
+    pub total_s: f64,
+}
+
+/// 95% interval of the difference of two proportions, `b - a`, from their
+/// Wilson intervals (Newcombe 1998, method 10). The two samples are treated
+/// as independent, which is conservative for two models scored on the same
+/// prompts.
+pub fn difference_interval(a: &Cell, b: &Cell) -> Option<(f64, f64, f64)> {
+    let (pa, pb) = (a.score?, b.score?);
+    let d = pb - pa;
+    let low = d - ((pb - b.ci_low).powi(2) + (a.ci_high - pa).powi(2)).sqrt();
+    let high = d + ((b.ci_high - pb).powi(2) + (pa - a.ci_low).powi(2)).sqrt();
+    Some((d, low, high))
+}
+
+/// One benchmark's base -> fused comparison.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Comparison {
+    pub benchmark: String,
+    pub base: Cell,
+    pub fused: Cell,
+    pub difference: Option<f64>,
+    pub difference_ci: Option<(f64, f64)>,
+    /// `better` / `worse` when the difference's interval excludes 0, else `no clear difference`.
+    pub verdict: String,
+}
+
+pub fn compare(eval: &EvalReport, benchmark: &str) -> Option<Comparison> {
+    let base = eval.cell("base target", benchmark)?.clone();
+    let fused = eval.cell("fused target", benchmark)?.clone();
+    let diff = difference_interval(&base, &fused);
+    let verdict = match diff {
+        Some((_, low, _)) if low > 0.0 => "better",
+        Some((_, _, high)) if high < 0.0 => "worse",
+        Some(_) => "no clear difference",
+        None => "not measured",
+    };
+    Some(Comparison {
+        benchmark: benchmark.to_string(),
+        difference: diff.map(|d| d.0),
+        difference_ci: diff.map(|d| (d.1, d.2)),
+        verdict: verdict.to_string(),
+        base,
+        fused,
+    })
+}
+
+fn pct(x: f64) -> String {
+    format!("{:.1}%", x * 100.0)
+}
+
+fn cell_text(c: &Cell) -> String {
+    match c.score {
+        Some(s) => format!("{} [{}, {}] (n={})", pct(s), pct(c.ci_low), pct(c.ci_high), c.n),
+        None => format!("- (n=0 of {})", c.asked),
+    }
+}
+
+fn comparison_line(c: &Comparison) -> String {
+    let diff = match (c.difference, c.difference_ci) {
+        (Some(d), Some((l, h))) => format!(
+            "; difference {:+.1} points, 95% interval [{:+.1}, {:+.1}]",
+            d * 100.0,
+            l * 100.0,
+            h * 100.0
+        ),
+        _ => String::new(),
+    };
+    format!(
+        "{}: base {} -> fused {}{diff}: {}",
+        c.benchmark,
+        cell_text(&c.base),
+        cell_text(&c.fused),
+        c.verdict
+    )
+}
+
+fn training_json(s: &RunSummary) -> Value {
+    json!({
+        "out": s.out.display().to_string(),
+        "steps": s.steps,
+        "resumed_from": s.resumed_from,
+        "last_loss": s.last_loss,
+        "tokens_per_s": s.tokens_per_s,
+    })
+}
+
+/// Writes both files; returns the one-line result.
+pub fn write(x: &Inputs) -> Result<String> {
+    let comparisons: Vec<Comparison> = x
+        .eval
+        .benchmarks
+        .iter()
+        .filter_map(|b| compare(x.eval, b))
+        .collect();
+    let math = comparisons.iter().find(|c| c.benchmark == fusechat_eval::MATH_ALL);
+    let headline = match math {
+        Some(c) => format!("math accuracy {}", comparison_line(c).trim_start_matches("math: ")),
+        None => comparisons
+            .first()
+            .map(comparison_line)
+            .unwrap_or_else(|| "no benchmark compared the base and fused targets".into()),
+    };
+
+    let mut md = String::new();
+    md.push_str(&format!("# fusechat fuse: {}\n\n", x.config.origin));
+    md.push_str(&format!("**Result:** {headline}\n\n"));
+    md.push_str(&format!(
+        "Fused model: `{}` (alias `{}`), folder `{}`, model.safetensors sha256 `{}`, served with system_fingerprint `{}`.\n\n",
+        x.fused.id, x.fused.alias, x.fused.path, x.fused.sha256, x.fused.fingerprint
+    ));
+    md.push_str("## Base target -> fused target\n\n| benchmark | base | fused | difference (points) | 95% interval of the difference | verdict |\n| --- | --- | --- | ---: | --- | --- |\n");
+    for c in &comparisons {
+        let (d, ci) = match (c.difference, c.difference_ci) {
+            (Some(d), Some((l, h))) => (format!("{:+.1}", d * 100.0), format!("[{:+.1}, {:+.1}]", l * 100.0, h * 100.0)),
+            _ => ("-".into(), "-".into()),
+        };
+        md.push_str(&format!(
+            "| {} | {} | {} | {d} | {ci} | {} |\n",
+            c.benchmark,
+            cell_text(&c.base),
+            cell_text(&c.fused),
+            c.verdict
+        ));
+    }
+    md.push_str("\nThe difference's interval is Newcombe's (from the two Wilson intervals, samples taken as independent: conservative for two models on the same prompts).\n\n");
+    md.push_str("## Every model (evaluation side, greedy)\n\n");
+    md.push_str(&fusechat_eval::report::markdown(x.eval));
+    md.push_str(&format!(
+        "\nPer-sample outputs, chart and the resumable log: `{}`.\n\n",
+        x.run_dir.join("eval").display()
+    ));
+    md.push_str(&format!(
+        "## Fusion data\n\n{} SFT rows and {} DPO pairs from the training side (details: `{}`).\n\n| domain | prompts | SFT rows | DPO pairs | dropped |\n| --- | ---: | ---: | ---: | --- |\n",
+        x.pairs.sft_rows,
+        x.pairs.dpo_pairs,
+        x.run_dir.join("data").join("report.md").display()
+    ));
+    for (d, r) in &x.pairs.domains {
+        let dropped: Vec<String> = r.dropped.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+        md.push_str(&format!("| {d} | {} | {} | {} | {} |\n", r.prompts, r.sft_rows, r.dpo_pairs, dropped.join("; ")));
+    }
+    md.push_str("\n| domain | source | samples | pass rate | SFT rows | DPO pairs |\n| --- | --- | ---: | ---: | ---: | ---: |\n");
+    for (d, r) in &x.pairs.domains {
+        for (s, sr) in &r.sources {
+            md.push_str(&format!(
+                "| {d} | {s} | {} | {} | {} | {} |\n",
+                sr.samples,
+                sr.pass_rate.map(pct).unwrap_or("-".into()),
+                sr.sft_rows,
+                sr.dpo_pairs
+            ));
+        }
+    }
+    md.push_str("\n## Training\n\n| stage | steps | last loss | tokens/s | folder |\n| --- | ---: | ---: | ---: | --- |\n");
+    for (name, s) in [("SFT", Some(x.sft)), ("DPO", x.dpo)] {
+        match s {
+            Some(s) => md.push_str(&format!(
+                "| {name} | {} | {} | {} | `{}` |\n",
+                s.steps,
+                s.last_loss.map(|l| format!("{l:.4}")).unwrap_or("(done earlier)".into()),
+                if s.tokens_per_s > 0.0 { format!("{:.0}", s.tokens_per_s) } else { "-".into() },
+                s.out.display()
+            )),
+            None => md.push_str(&format!("| {name} | skipped | | | |\n")),
+        }
+    }
+    md.push_str(&format!(
+        "\nSFT settings `{}`; DPO settings `{}`. Loss curves: `sft/curves.svg`, `dpo/curves.svg`.\n\n",
+        serde_json::to_string(&x.config.sft).unwrap_or_default(),
+        serde_json::to_string(&x.config.dpo).unwrap_or_default()
+    ));
+    md.push_str("## Stages (this invocation)\n\n| stage | seconds | note |\n| --- | ---: | --- |\n");
+    for s in x.stages {
+        md.push_str(&format!("| {} | {:.0} | {} |\n", s.stage, s.seconds, s.note.replace('|', "/")));
+    }
+    md.push_str(&format!("\nTotal: {:.0} s. A stage that found its work done took seconds.\n", x.total_s));
+
+    let results: serde_json::Map<String, Value> = x
+        .eval
+        .results
+        .iter()
+        .map(|(m, row)| {
+            let row: serde_json::Map<String, Value> = row
+                .iter()
+                .map(|(b, c)| (b.clone(), json!({"score": c.score, "n": c.n, "ci_low": c.ci_low, "ci_high": c.ci_high, "asked": c.asked, "failed": c.failed})))
+                .collect();
+            (m.clone(), Value::Object(row))
+        })
+        .collect();
+    let report = json!({
+        "config": x.config.origin,
+        "run_dir": x.run_dir.display().to_string(),
+        "headline": headline,
+        "fused_model": {"id": x.fused.id, "alias": x.fused.alias, "path": x.fused.path, "sha256": x.fused.sha256, "system_fingerprint": x.fused.fingerprint},
+        "models": x.eval.models,
+        "interval": x.eval.interval,
+        "results": results,
+        "comparisons": comparisons,
+        "data": {"sft_rows": x.pairs.sft_rows, "dpo_pairs": x.pairs.dpo_pairs, "domains": x.pairs.domains},
+        "training": {"sft": training_json(x.sft), "dpo": x.dpo.map(training_json), "sft_settings": x.config.sft, "dpo_settings": x.config.dpo},
+        "stages": x.stages,
+        "total_seconds": x.total_s,
+    });
+    let md_path = x.run_dir.join("report.md");
+    let json_path = x.run_dir.join("report.json");
+    crate::write_atomic(&md_path, md.as_bytes())?;
+    let text = serde_json::to_vec_pretty(&report).map_err(|e| io("serialising report.json")(std::io::Error::other(e)))?;
+    crate::write_atomic(&json_path, &text)?;
+    Ok(headline)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cell(k: usize, n: usize) -> Cell {
+        let scores: Vec<Option<f64>> = (0..n).map(|i| Some(if i < k { 1.0 } else { 0.0 })).collect();
+        Cell::from_scores(&scores)
+    }
+
+    #[test]
+    fn difference_interval_matches_newcombe() {
+        // Newcombe (1998), table II example (e): 56/70 vs 48/80 -> difference
+        // 0.2, interval [0.0524, 0.3339] (method 10).
+        let (d, low, high) = difference_interval(&cell(48, 80), &cell(56, 70)).unwrap();
+        assert!((d - 0.2).abs() < 1e-12);
+        assert!((low - 0.0524).abs() < 5e-4, "{low}");
+        assert!((high - 0.3339).abs() < 5e-4, "{high}");
+    }
+
+    #[test]
+    fn verdicts() {
+        let a = cell(2, 60);
+        let b = cell(20, 60);
+        let (_, low, _) = difference_interval(&a, &b).unwrap();
+        assert!(low > 0.0);
+        let (_, low, high) = difference_interval(&a, &cell(4, 60)).unwrap();
+        assert!(low < 0.0 && high > 0.0);
+        assert!(difference_interval(&a, &Cell::from_scores(&[None])).is_none());
+    }
+}
