@@ -178,6 +178,7 @@ fn epoch_order(len: usize, seed: u64, epoch: usize) -> Vec<usize> {
     order
 }
 
+#[derive(Debug)]
 pub struct RunSummary {
     pub out: PathBuf,
     pub final_dir: PathBuf,
