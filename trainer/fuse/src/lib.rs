@@ -476,18 +476,12 @@ fn base_weights(config: &FuseConfig, run_dir: &Path) -> Result<PathBuf> {
     Ok(out)
 }
 
-fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path).map_err(io(format!("opening {}", path.display())))?;
-    let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h).map_err(io(format!("reading {}", path.display())))?;
-    Ok(hex::encode(h.finalize()))
-}
-
 /// Copies the final training folder to `RUN/fused` (through a temporary
 /// folder renamed into place); skipped when it already holds those weights.
 /// Returns the sha256 of its `model.safetensors`.
 fn export(final_dir: &Path, fused_dir: &Path) -> Result<String> {
-    let sha = sha256_file(&final_dir.join("model.safetensors"))?;
+    let sha = fusechat_models::fetch::sha256_file(&final_dir.join("model.safetensors"))
+        .map_err(stage("export"))?;
     let marker = fused_dir.join("fusechat_fuse.json");
     if let Ok(text) = std::fs::read_to_string(&marker) {
         if serde_json::from_str::<Value>(&text).is_ok_and(|v| v["sha256"] == sha.as_str()) {
