@@ -3,7 +3,8 @@
 `bench/run_data.sh` run: per source, responses, correct answers with a 95%
 Wilson interval (overall and per pool), responses cut at max_tokens, and the
 decode throughput of the phase in which that source was sampled (the run
-samples one source after another). Reads the run's store.sqlite,
+samples one source after another; "alone" is the part of the phase in which
+no other source's requests were on the server). Reads the run's store.sqlite,
 sample_stats.json and report.json; prints markdown to stdout.
 
 usage: python3 bench/data_table.py runs/data-math100
@@ -42,10 +43,16 @@ def main(run):
     ).fetchall()
     sources = sorted({r[0] for r in rows}, key=lambda s: min(ts(r[5]) for r in rows if r[0] == s))
     pools = sorted({r[1] for r in rows})
-    print("| source | responses | correct | pass rate [95% CI] | cut at max_tokens | mean completion tokens | phase wall s | phase tokens/s |")
-    print("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
+    print("| source | responses | correct | pass rate [95% CI] | cut at max_tokens | mean completion tokens | phase wall s | phase tokens/s | alone s | alone tokens/s |")
+    print("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    # When each source's first request was sent (its first finish minus its
+    # latency, queueing included): from then on the server decodes it.
+    sent = {
+        s: min(ts(r[5]).timestamp() - (r[4] or 0) / 1000 for r in rows if r[0] == s)
+        for s in sources
+    }
     prev_end = None
-    for s in sources:
+    for i, s in enumerate(sources):
         mine = [r for r in rows if r[0] == s]
         n = len(mine)
         k = sum(1 for r in mine if r[6] == 1)
@@ -57,9 +64,16 @@ def main(run):
         first = min(ts(r[5]).timestamp() - (r[4] or 0) / 1000 for r in mine)
         start = max(first, prev_end) if prev_end else first
         end = max(ts(r[5]).timestamp() for r in mine)
+        # Alone: from the previous source's last response to the next
+        # source's first request, only this source decodes; the tokens of
+        # its responses that finished in that window, over the window.
+        alone_end = sent[sources[i + 1]] if i + 1 < len(sources) else end
+        alone = [r for r in mine if start < ts(r[5]).timestamp() <= alone_end]
+        alone_wall = alone_end - start
+        alone_toks = sum(r[3] or 0 for r in alone)
         prev_end = end
         wall = end - start
-        print(f"| {s} | {n} | {k} | {100*k/n:.1f}% [{100*lo:.1f}, {100*hi:.1f}] | {cut} | {toks/n:.0f} | {wall:.0f} | {toks/wall:.1f} |")
+        print(f"| {s} | {n} | {k} | {100*k/n:.1f}% [{100*lo:.1f}, {100*hi:.1f}] | {cut} | {toks/n:.0f} | {wall:.0f} | {toks/wall:.1f} | {alone_wall:.0f} | {alone_toks/alone_wall:.1f} |")
     print()
     print("| source | " + " | ".join(pools) + " |")
     print("| --- | " + " | ".join("---:" for _ in pools) + " |")

@@ -284,6 +284,25 @@ pub struct SamplingConfig {
     /// The order requests go out in (see `SampleOrder`).
     #[serde(default)]
     pub order: SampleOrder,
+    /// What a rerun does with stored samples whose request differs from the
+    /// one this config sends (see `OnChange`).
+    #[serde(default)]
+    pub on_change: OnChange,
+}
+
+/// A sample already in the store was made with another request than the
+/// config asks for now (other sampling parameters, max_tokens, model or
+/// prompt text): what `fusechat sample` does about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnChange {
+    /// Stop before sending anything and say which samples and fields
+    /// changed: the store is the only copy of its samples.
+    #[default]
+    Refuse,
+    /// Delete those samples and their scores and request them again (what
+    /// `fusechat fuse` does in its own run folder).
+    Resample,
 }
 
 /// The order sampling requests are sent in; with a concurrency limit this

@@ -316,7 +316,7 @@ pub fn run(config: &Config) -> Result<Report> {
     Ok(report)
 }
 
-type Scores = HashMap<(String, String, u32), Vec<ScoreRecord>>;
+type Scores = HashMap<crate::store::SampleKey, Vec<ScoreRecord>>;
 
 /// The pairing of what the store holds: the report and the SFT and DPO
 /// lines. Linear in the samples: they are grouped by prompt once.

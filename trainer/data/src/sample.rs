@@ -12,7 +12,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::client::Endpoint;
-use crate::config::{Config, SampleOrder, SourceConfig};
+use crate::config::{Config, OnChange, SampleOrder, SourceConfig};
 use crate::prompts::{self, Prompt, Side};
 use crate::store::{SampleRecord, Store};
 
@@ -68,6 +68,21 @@ pub fn request_body(config: &Config, source: &SourceConfig, prompt: &Prompt, idx
     body
 }
 
+/// The top-level fields of a request body that differ between two
+/// requests (a field only one of them has counts), in order.
+fn changed_fields(stored: &Value, now: &Value) -> Vec<String> {
+    let empty = serde_json::Map::new();
+    let a = stored.as_object().unwrap_or(&empty);
+    let b = now.as_object().unwrap_or(&empty);
+    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .cloned()
+        .collect()
+}
+
 fn write_split(config: &Config, all: &[Prompt]) -> Result<()> {
     let out = config.output_dir();
     std::fs::create_dir_all(&out)?;
@@ -113,8 +128,10 @@ pub async fn run(config: &Config) -> Result<SampleSummary> {
         }
     }
 
-    let done = store.done_keys(config.sampling.retry_failed)?;
+    let done = store.done_requests(config.sampling.retry_failed)?;
     let mut jobs = Vec::new();
+    let mut stale = Vec::new();
+    let mut changed = std::collections::BTreeSet::new();
     let mut planned = 0;
     for p in &train {
         for s in &config.sources {
@@ -123,9 +140,41 @@ pub async fn run(config: &Config) -> Result<SampleSummary> {
             }
             for idx in 0..config.sampling.n_for(p.domain) {
                 planned += 1;
-                if !done.contains(&(p.id.clone(), s.id.clone(), idx)) {
-                    jobs.push((p.clone(), s.clone(), idx));
+                let key = (p.id.clone(), s.id.clone(), idx);
+                match done.get(&key) {
+                    None => jobs.push((p.clone(), s.clone(), idx)),
+                    Some(stored) => {
+                        let fields = changed_fields(stored, &request_body(config, s, p, idx));
+                        if !fields.is_empty() {
+                            changed.extend(fields);
+                            stale.push(key);
+                            jobs.push((p.clone(), s.clone(), idx));
+                        }
+                    }
                 }
+            }
+        }
+    }
+    if !stale.is_empty() {
+        let fields = changed.into_iter().collect::<Vec<_>>().join(", ");
+        match config.sampling.on_change {
+            OnChange::Refuse => bail!(
+                "{} sample(s) in {} were made with another request than this config sends now \
+                 (changed: {fields}; first: {:?}); nothing was sent. Sample into a new folder \
+                 (`run.output`), restore the old settings, or set `sampling.on_change = \"resample\"` \
+                 to delete those samples and their scores and request them again",
+                stale.len(),
+                config.store_path().display(),
+                stale[0],
+            ),
+            OnChange::Resample => {
+                store
+                    .delete_samples(&stale)
+                    .context("deleting samples made with an older request")?;
+                eprintln!(
+                    "fusechat sample: {} sample(s) were made with another request (changed: {fields}); deleted with their scores, requesting them again",
+                    stale.len()
+                );
             }
         }
     }
@@ -157,26 +206,33 @@ pub async fn run(config: &Config) -> Result<SampleSummary> {
     );
 
     let start = Instant::now();
-    // In source order a request is only started once one of the previous
-    // ones has finished (at most the endpoints' total concurrency in
-    // flight), so the models really take turns; in prompt order everything
-    // is queued at once and each endpoint's own limit applies.
-    let in_flight = match config.sampling.order {
-        SampleOrder::Source => config
-            .endpoints
-            .iter()
-            .filter(|e| jobs.iter().any(|(_, s, _)| s.endpoint == e.name))
-            .map(|e| e.concurrency.max(1))
-            .sum::<usize>()
-            .max(1),
-        SampleOrder::Prompt => usize::MAX,
-    };
-    let mut queue = jobs.iter().cloned();
+    // Source order: one source at a time. Its requests go out up to its
+    // endpoint's concurrency, and the next source's first request only once
+    // the last one of the previous source has come back, so the models
+    // really take turns (two models decoding at once on one machine share
+    // it). Prompt order: everything is queued at once and each endpoint's
+    // own limit applies (in the client).
+    let one_source_at_a_time = config.sampling.order == SampleOrder::Source;
+    let mut queue = jobs.iter().cloned().peekable();
+    let mut running: Option<String> = None;
     let mut set = tokio::task::JoinSet::new();
     let mut spawn_next = |set: &mut tokio::task::JoinSet<_>| {
+        let Some((_, next, _)) = queue.peek() else {
+            return false;
+        };
+        if one_source_at_a_time {
+            let same_source = running.as_deref() == Some(next.id.as_str());
+            let limit = config
+                .endpoint(&next.endpoint)
+                .map_or(1, |e| e.concurrency.max(1));
+            if !set.is_empty() && (!same_source || set.len() >= limit) {
+                return false;
+            }
+        }
         let Some((p, s, idx)) = queue.next() else {
             return false;
         };
+        running = Some(s.id.clone());
         let ep = endpoints[&s.endpoint].clone();
         let body = request_body(config, &s, &p, idx);
         set.spawn(async move {
@@ -185,7 +241,7 @@ pub async fn run(config: &Config) -> Result<SampleSummary> {
         });
         true
     };
-    while set.len() < in_flight && spawn_next(&mut set) {}
+    while spawn_next(&mut set) {}
     let mut summary = SampleSummary {
         planned,
         already_done,
@@ -202,7 +258,7 @@ pub async fn run(config: &Config) -> Result<SampleSummary> {
     };
     let mut last_error = None;
     while let Some(joined) = set.join_next().await {
-        spawn_next(&mut set);
+        while spawn_next(&mut set) {}
         let (prompt_id, source, idx, body, r) = joined.context("a sampling task panicked")?;
         let stats = summary.per_source.entry(source.clone()).or_default();
         let rec = match r {

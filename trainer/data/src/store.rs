@@ -3,6 +3,7 @@
 //! transaction, when its response has arrived; a process killed at any moment
 //! leaves every finished sample in place and no half-written one.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -82,6 +83,9 @@ fn split_rule_of(conn: &Connection) -> Result<Option<()>> {
         ),
     }
 }
+
+/// A sample's key in the store: (prompt id, source id, sample index).
+pub type SampleKey = (String, String, u32);
 
 /// One finished (or failed) request.
 #[derive(Debug, Clone)]
@@ -262,19 +266,49 @@ impl Store {
     }
 
     /// Keys already sampled: with `retry_failed`, only the successful ones.
-    pub fn done_keys(
-        &self,
-        retry_failed: bool,
-    ) -> Result<std::collections::HashSet<(String, String, u32)>> {
+    /// The request each sample already in the store was made with, by key
+    /// (prompt, source, index): the samples a rerun does not request again.
+    /// With `retry_failed`, failed samples are left out (they are retried).
+    pub fn done_requests(&self, retry_failed: bool) -> Result<HashMap<SampleKey, Value>> {
         let conn = self.conn();
         let sql = if retry_failed {
-            "SELECT prompt_id,source,idx FROM samples WHERE status='ok'"
+            "SELECT prompt_id,source,idx,request FROM samples WHERE status='ok'"
         } else {
-            "SELECT prompt_id,source,idx FROM samples"
+            "SELECT prompt_id,source,idx,request FROM samples"
         };
         let mut stmt = conn.prepare(sql)?;
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, u32>(2)?)))?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                (r.get(0)?, r.get(1)?, r.get::<_, u32>(2)?),
+                r.get::<_, String>(3)?,
+            ))
+        })?;
+        let mut out = HashMap::new();
+        for row in rows {
+            let (key, request) = row?;
+            let request: Value = serde_json::from_str(&request).with_context(|| {
+                format!("the stored request of sample {key:?} is not JSON")
+            })?;
+            out.insert(key, request);
+        }
+        Ok(out)
+    }
+
+    /// Remove samples and their scores (one transaction), so that they are
+    /// requested again.
+    pub fn delete_samples(&self, keys: &[SampleKey]) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        for (prompt_id, source, idx) in keys {
+            for table in ["scores", "samples"] {
+                tx.execute(
+                    &format!("DELETE FROM {table} WHERE prompt_id=?1 AND source=?2 AND idx=?3"),
+                    params![prompt_id, source, idx],
+                )?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
     }
 
     /// Write one sample. A successful sample is never overwritten; a failed
@@ -364,7 +398,7 @@ impl Store {
     /// Every score, keyed by (prompt, source, index).
     pub fn scores(
         &self,
-    ) -> Result<std::collections::HashMap<(String, String, u32), Vec<ScoreRecord>>> {
+    ) -> Result<HashMap<SampleKey, Vec<ScoreRecord>>> {
         let conn = self.conn();
         let mut stmt =
             conn.prepare("SELECT prompt_id,source,idx,scorer,score,passed,detail FROM scores")?;
@@ -419,8 +453,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("s.sqlite")).unwrap();
         store.put_sample(&rec(false, "")).unwrap();
-        assert!(store.done_keys(true).unwrap().is_empty());
-        assert_eq!(store.done_keys(false).unwrap().len(), 1);
+        assert!(store.done_requests(true).unwrap().is_empty());
+        assert_eq!(store.done_requests(false).unwrap().len(), 1);
         store.put_sample(&rec(true, "first")).unwrap();
         store.put_sample(&rec(true, "second")).unwrap();
         let s = store.samples().unwrap();

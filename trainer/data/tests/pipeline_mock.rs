@@ -430,28 +430,13 @@ fn judge_and_reward_scorers_rank_and_the_window_filters() {
 fn source_order_sends_one_source_after_the_other() {
     let mock = common::mock(Duration::from_millis(30));
     let dir = tempfile::tempdir().unwrap();
-    common::math_pool(dir.path(), 8);
-    let text = format!(
+    // 7 requests per source, 2 at a time: the last one of `first` goes alone.
+    common::math_pool(dir.path(), 7);
+    let text = common::mock_math_config(
+        dir.path(),
+        &mock.base_url(),
+        2,
         r#"
-[run]
-output = "{out}"
-
-[prompts]
-data_dir = "{data}"
-eval_fraction = 0.0
-math_suffix = ""
-
-[[pools]]
-name = "p"
-domain = "math"
-format = "jsonl"
-file = "pool.jsonl"
-
-[[endpoints]]
-name = "mock"
-base_url = "{url}"
-concurrency = 2
-
 [[sources]]
 id = "first"
 endpoint = "mock"
@@ -461,27 +446,93 @@ id = "second"
 endpoint = "mock"
 
 [sampling]
-n = {{ math = 2 }}
+n = { math = 1 }
 progress = false
 order = "source"
 "#,
-        out = dir.path().join("out").display(),
-        data = dir.path().display(),
-        url = mock.base_url(),
     );
     let config = Config::parse(&text, dir.path()).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let summary = rt.block_on(sample::run(&config)).unwrap();
-    assert_eq!(summary.ok, 32);
-    let models: Vec<String> = mock
-        .log
-        .lock()
-        .unwrap()
-        .requests
-        .iter()
-        .map(|r| r.1.clone())
-        .collect();
-    let switch = models.iter().position(|m| m == "second").unwrap();
-    assert_eq!(switch, 16, "{models:?}");
-    assert!(models[switch..].iter().all(|m| m == "second"), "{models:?}");
+    assert_eq!(summary.ok, 14);
+    let log = mock.log.lock().unwrap();
+    let models: Vec<&str> = log.requests.iter().map(|r| r.1.as_str()).collect();
+    let switch = models.iter().position(|m| *m == "second").unwrap();
+    assert_eq!(switch, 7, "{models:?}");
+    assert!(models[switch..].iter().all(|m| *m == "second"), "{models:?}");
+    // ... and `second` only once the last of `first` came back (it takes
+    // the mock's 30 ms), so the two never decode at the same time.
+    let last_first = log.requests[switch - 1].2;
+    let first_second = log.requests[switch].2;
+    assert!(
+        first_second.duration_since(last_first) >= Duration::from_millis(30),
+        "`second` was sent {:?} after the last `first`",
+        first_second.duration_since(last_first)
+    );
+}
+
+#[test]
+fn a_changed_request_is_refused_or_resampled_never_mixed() {
+    let mock = common::mock(Duration::from_millis(0));
+    let dir = tempfile::tempdir().unwrap();
+    common::math_pool(dir.path(), 6);
+    let text = |temperature: f64, on_change: &str| {
+        let rest = format!(
+            r#"
+[[sources]]
+id = "a"
+endpoint = "mock"
+temperature = {temperature}
+
+[[sources]]
+id = "b"
+endpoint = "mock"
+temperature = 0.8
+
+[sampling]
+n = {{ math = 1 }}
+progress = false
+on_change = "{on_change}"
+"#
+        );
+        common::mock_math_config(dir.path(), &mock.base_url(), 4, &rest)
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let first = Config::parse(&text(0.8, "refuse"), dir.path()).unwrap();
+    assert_eq!(rt.block_on(sample::run(&first)).unwrap().ok, 12);
+    rt.block_on(score::run(&first)).unwrap();
+    let store = Store::open(&first.store_path()).unwrap();
+    assert_eq!(store.scores().unwrap().len(), 12);
+    let sent = mock.count();
+
+    // The same config again: nothing to send.
+    assert_eq!(rt.block_on(sample::run(&first)).unwrap().requested, 0);
+    assert_eq!(mock.count(), sent);
+
+    // Source `a` at another temperature: refused before anything is sent,
+    // and the store keeps every sample and score.
+    let changed = Config::parse(&text(0.3, "refuse"), dir.path()).unwrap();
+    let err = format!("{:#}", rt.block_on(sample::run(&changed)).unwrap_err());
+    assert!(err.contains("6 sample(s)") && err.contains("changed: temperature"), "{err}");
+    assert!(err.contains("on_change"), "{err}");
+    assert_eq!(mock.count(), sent);
+    assert_eq!(store.done_requests(true).unwrap().len(), 12);
+    assert_eq!(store.scores().unwrap().len(), 12);
+
+    // Resample: only `a`'s six are requested again, at the new temperature;
+    // their old scores are gone, `b`'s stay.
+    let resample = Config::parse(&text(0.3, "resample"), dir.path()).unwrap();
+    let s = rt.block_on(sample::run(&resample)).unwrap();
+    assert_eq!((s.requested, s.ok, s.already_done), (6, 6, 6));
+    assert_eq!(mock.count(), sent + 6);
+    let requests = store.done_requests(true).unwrap();
+    for ((_, source, _), request) in &requests {
+        let want = if source == "a" { 0.3 } else { 0.8 };
+        assert_eq!(request["temperature"], want, "{source}: {request}");
+    }
+    let scores = store.scores().unwrap();
+    assert_eq!(scores.len(), 6);
+    assert!(scores.keys().all(|(_, source, _)| source == "b"));
+    // ... and a rerun of the new config sends nothing more.
+    assert_eq!(rt.block_on(sample::run(&resample)).unwrap().requested, 0);
 }

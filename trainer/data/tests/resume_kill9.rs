@@ -29,22 +29,11 @@ fn kill_9_mid_run_loses_nothing_and_samples_nothing_twice() {
     let cfg = dir.path().join("data.toml");
     std::fs::write(
         &cfg,
-        format!(
+        common::mock_math_config(
+            dir.path(),
+            &mock.base_url(),
+            4,
             r#"
-[run]
-output = "out"
-[prompts]
-data_dir = "."
-eval_fraction = 0.0
-[[pools]]
-name = "p"
-domain = "math"
-format = "jsonl"
-file = "pool.jsonl"
-[[endpoints]]
-name = "mock"
-base_url = "{}"
-concurrency = 4
 [[sources]]
 id = "good"
 endpoint = "mock"
@@ -53,10 +42,9 @@ id = "other"
 endpoint = "mock"
 model = "good"
 [sampling]
-n = {{ math = 2 }}
+n = { math = 2 }
 progress = false
 "#,
-            mock.base_url()
         ),
     )
     .unwrap();

@@ -366,14 +366,24 @@ mod tests {
     #[test]
     fn shipped_configs_give_valid_data_and_eval_configs() {
         let run = Path::new("/nonexistent/run");
-        let gpu = concat!(env!("CARGO_MANIFEST_DIR"), "/../../config/fuse-gpu.toml");
-        for c in [FuseConfig::load(None).unwrap(), FuseConfig::load(Some(Path::new(gpu))).unwrap()] {
+        let shipped = |name: &str| {
+            let path = format!("{}/../../config/{name}", env!("CARGO_MANIFEST_DIR"));
+            FuseConfig::load(Some(Path::new(&path))).unwrap()
+        };
+        let sources = ["base target", "fused target", "qwen2.5-coder-0.5b-instruct", "gemma-3-270m"];
+        for (c, rows) in [
+            (FuseConfig::load(None).unwrap(), &sources[..]),
+            (shipped("fuse-gpu.toml"), &sources[..]),
+            (shipped("fuse-math.toml"), &sources[..2]),
+        ] {
             let data = crate::data_config(&c, run).unwrap();
             assert_eq!(data.output_dir(), run.join("data"));
             assert!(data.prompts.data_dir.is_absolute());
+            // A fuse run redoes samples made under an older [data].
+            assert_eq!(data.sampling.on_change, fusechat_data::config::OnChange::Resample);
             let eval = crate::eval_config(&c, run, &data, "t-fused-1").unwrap();
             let names: Vec<&str> = eval.models.iter().map(|m| m.name.as_str()).collect();
-            assert_eq!(names, ["base target", "fused target", "qwen2.5-coder-0.5b-instruct", "gemma-3-270m"], "{}", c.origin);
+            assert_eq!(names, rows, "{}", c.origin);
             assert_eq!(eval.models[1].model(), "t-fused-1");
         }
     }

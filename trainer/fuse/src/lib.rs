@@ -335,6 +335,13 @@ pub fn data_config(config: &FuseConfig, run_dir: &Path) -> Result<fusechat_data:
     let mut run = toml::Table::new();
     run.insert("output".into(), toml::Value::String(run_dir.join("data").display().to_string()));
     table.insert("run".into(), toml::Value::Table(run));
+    // The run folder is the run's own: samples made under an older
+    // `[data]` are redone rather than refused (unless the config says so).
+    if let Some(toml::Value::Table(sampling)) = table.get_mut("sampling") {
+        sampling
+            .entry("on_change")
+            .or_insert_with(|| toml::Value::String("resample".into()));
+    }
     let mut data: fusechat_data::Config = toml::Value::Table(table)
         .try_into()
         .map_err(|e| FuseError::Config(format!("{} [data]: {e}", config.origin)))?;

@@ -188,6 +188,36 @@ pub fn math_pool(dir: &Path, n: usize) -> PathBuf {
     path
 }
 
+/// A data config whose one pool is [`math_pool`] in `dir` (all of it on the
+/// training side) and whose one endpoint, `mock`, is `url` with
+/// `concurrency`; `rest` adds the sources and `[sampling]`. Output: `dir/out`.
+pub fn mock_math_config(dir: &Path, url: &str, concurrency: usize, rest: &str) -> String {
+    format!(
+        r#"
+[run]
+output = "{out}"
+
+[prompts]
+data_dir = "{data}"
+eval_fraction = 0.0
+math_suffix = ""
+
+[[pools]]
+name = "p"
+domain = "math"
+format = "jsonl"
+file = "pool.jsonl"
+
+[[endpoints]]
+name = "mock"
+base_url = "{url}"
+concurrency = {concurrency}
+{rest}"#,
+        out = dir.join("out").display(),
+        data = dir.display(),
+    )
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
