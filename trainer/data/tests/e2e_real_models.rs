@@ -39,6 +39,10 @@ fn start_server(bin: &std::path::Path, dir: &std::path::Path) -> (Server, u16) {
             m.display()
         );
     }
+    // One sequence at a time, as the embedded config/serve.toml: mistralrs
+    // 0.8.1 mixes sequences that join a running batch on the CPU
+    // (tests/python/test_batching.py), which would put one prompt's words
+    // into another's answer.
     let cfg = dir.join("serve.toml");
     std::fs::write(
         &cfg,
@@ -47,14 +51,14 @@ fn start_server(bin: &std::path::Path, dir: &std::path::Path) -> (Server, u16) {
 [[models]]
 id = "smollm2-135m-instruct"
 path = "{}"
-max_seqs = 8
+max_seqs = 1
 isq = "q8_0"
 float_layers = ["q_proj", "down_proj"]
 
 [[models]]
 id = "qwen2.5-coder-0.5b-instruct"
 path = "{}"
-max_seqs = 8
+max_seqs = 1
 "#,
             smol.display(),
             qwen.display()
