@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use fusechat_data::store::Store;
 use serde_json::Value;
 
-struct Server(Child, PathBuf);
+struct Server(Child);
 
 impl Drop for Server {
     fn drop(&mut self) {
@@ -77,7 +77,7 @@ max_seqs = 1
         ))
         .spawn()
         .unwrap();
-    let mut server = Server(child, log.clone());
+    let mut server = Server(child);
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
         if let Some(status) = server.0.try_wait().unwrap() {
