@@ -298,7 +298,21 @@ pub fn run(config: &Config) -> Result<Report> {
             config.store_path().display()
         );
     }
-    let samples = store.samples()?;
+    // Only what this config samples: a store may hold more (samples of a
+    // source since removed, a larger `n`, a pool's larger `limit`).
+    let (_, train) = crate::prompts::load_all(config)?;
+    let planned: HashSet<crate::store::SampleKey> = crate::sample::plan(config, &train)
+        .map(|(p, s, idx)| (p.id.clone(), s.id.clone(), idx))
+        .collect();
+    let mut samples = store.samples()?;
+    let stored = samples.len();
+    samples.retain(|s| planned.contains(&(s.prompt_id.clone(), s.source.clone(), s.idx)));
+    if samples.len() < stored {
+        eprintln!(
+            "fusechat pair: {} stored sample(s) are not sampled by this config (another source, `n` or pool `limit`) and are left out",
+            stored - samples.len()
+        );
+    }
     let scores = store.scores()?;
     let (report, sft_lines, dpo_lines) = build(config, &prompts, &samples, &scores)?;
 
@@ -685,6 +699,12 @@ mod tests {
 output = "{out}"
 [prompts]
 data_dir = "."
+eval_fraction = 0.0
+[[pools]]
+name = "m"
+domain = "math"
+format = "jsonl"
+file = "m.jsonl"
 [[endpoints]]
 name = "e"
 base_url = "http://127.0.0.1:9/v1"
@@ -701,19 +721,14 @@ sft_fraction = {sft_fraction}
 "#,
             out = dir.path().join("out").display()
         );
+        let pool: String = (0..n)
+            .map(|i| format!("{}\n", json!({"id": i, "prompt": format!("What is {i} + 1?"), "answer": (i + 1).to_string()})))
+            .collect();
+        std::fs::write(dir.path().join("m.jsonl"), pool).unwrap();
         let config = Config::parse(&text, dir.path()).unwrap();
         let store = Store::open(&config.store_path()).unwrap();
-        let prompts: Vec<crate::prompts::Prompt> = (0..n)
-            .map(|i| crate::prompts::Prompt {
-                id: format!("m/{i}"),
-                pool: "m".into(),
-                domain: Domain::Math,
-                text: format!("What is {i} + 1?"),
-                gold: json!({"answer": (i + 1).to_string()}),
-                side: Side::Train,
-                split_key: format!("what is {i} 1"),
-            })
-            .collect();
+        let (prompts, _) = crate::prompts::load_all(&config).unwrap();
+        assert_eq!(prompts.len(), n);
         store.record_prompts(&prompts).unwrap();
         for p in &prompts {
             for (src, idx, ok) in [

@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use crate::client::Endpoint;
 use crate::config::{Config, OnChange, SampleOrder, SourceConfig};
 use crate::prompts::{self, Prompt, Side};
-use crate::store::{SampleRecord, Store};
+use crate::store::{SampleKey, SampleRecord, Store};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct SampleSummary {
@@ -66,6 +66,31 @@ pub fn request_body(config: &Config, source: &SourceConfig, prompt: &Prompt, idx
         o.insert("seed".into(), json!(seed));
     }
     body
+}
+
+/// What a config samples: each training prompt, for each source that
+/// serves its domain, `n` indices.
+pub fn plan<'a>(
+    config: &'a Config,
+    train: &'a [Prompt],
+) -> impl Iterator<Item = (&'a Prompt, &'a SourceConfig, u32)> + 'a {
+    train.iter().flat_map(move |p| {
+        config
+            .sources
+            .iter()
+            .filter(move |s| s.serves(p.domain))
+            .flat_map(move |s| (0..config.sampling.n_for(p.domain)).map(move |idx| (p, s, idx)))
+    })
+}
+
+/// A request field's value for a message, shortened.
+fn show(v: &Value) -> String {
+    let s = if v.is_null() { "(unset)".to_string() } else { v.to_string() };
+    if s.chars().count() > 60 {
+        format!("{}...", s.chars().take(60).collect::<String>())
+    } else {
+        s
+    }
 }
 
 /// The top-level fields of a request body that differ between two
@@ -130,50 +155,52 @@ pub async fn run(config: &Config) -> Result<SampleSummary> {
 
     let done = store.done_requests(config.sampling.retry_failed)?;
     let mut jobs = Vec::new();
-    let mut stale = Vec::new();
-    let mut changed = std::collections::BTreeSet::new();
+    let mut stale: Vec<(SampleKey, Vec<String>)> = Vec::new();
     let mut planned = 0;
-    for p in &train {
-        for s in &config.sources {
-            if !s.serves(p.domain) {
-                continue;
-            }
-            for idx in 0..config.sampling.n_for(p.domain) {
-                planned += 1;
-                let key = (p.id.clone(), s.id.clone(), idx);
-                match done.get(&key) {
-                    None => jobs.push((p.clone(), s.clone(), idx)),
-                    Some(stored) => {
-                        let fields = changed_fields(stored, &request_body(config, s, p, idx));
-                        if !fields.is_empty() {
-                            changed.extend(fields);
-                            stale.push(key);
-                            jobs.push((p.clone(), s.clone(), idx));
-                        }
-                    }
+    for (p, s, idx) in plan(config, &train) {
+        planned += 1;
+        let key = (p.id.clone(), s.id.clone(), idx);
+        match done.get(&key) {
+            None => jobs.push((p.clone(), s.clone(), idx)),
+            Some(stored) => {
+                // Through the same JSON text and parser as the stored one.
+                let now: Value = serde_json::from_str(&request_body(config, s, p, idx).to_string())?;
+                let fields = changed_fields(stored, &now);
+                if !fields.is_empty() {
+                    let shown = fields
+                        .iter()
+                        .map(|f| match f.as_str() {
+                            "messages" => "messages (the prompt text)".to_string(),
+                            f => format!("{f}: {} -> {}", show(&stored[f]), show(&now[f])),
+                        })
+                        .collect();
+                    stale.push((key, shown));
+                    jobs.push((p.clone(), s.clone(), idx));
                 }
             }
         }
     }
     if !stale.is_empty() {
-        let fields = changed.into_iter().collect::<Vec<_>>().join(", ");
+        let ((prompt, source, idx), first) = &stale[0];
+        let first = format!("{prompt} / {source} / {idx}: {}", first.join(", "));
+        let keys: Vec<SampleKey> = stale.iter().map(|(k, _)| k.clone()).collect();
         match config.sampling.on_change {
             OnChange::Refuse => bail!(
                 "{} sample(s) in {} were made with another request than this config sends now \
-                 (changed: {fields}; first: {:?}); nothing was sent. Sample into a new folder \
-                 (`run.output`), restore the old settings, or set `sampling.on_change = \"resample\"` \
+                 (the first, {first}); nothing was sent. Sample into a new folder (`run.output`), \
+                 restore the old settings, or set `on_change = \"resample\"` in [sampling] \
                  to delete those samples and their scores and request them again",
-                stale.len(),
+                keys.len(),
                 config.store_path().display(),
-                stale[0],
             ),
             OnChange::Resample => {
                 store
-                    .delete_samples(&stale)
+                    .delete_samples(&keys)
                     .context("deleting samples made with an older request")?;
                 eprintln!(
-                    "fusechat sample: {} sample(s) were made with another request (changed: {fields}); deleted with their scores, requesting them again",
-                    stale.len()
+                    "fusechat sample: {} sample(s) were made with another request (the first, {first}); \
+                     deleted with their scores, requesting them again",
+                    keys.len()
                 );
             }
         }

@@ -462,6 +462,12 @@ order = "source"
     assert!(models[switch..].iter().all(|m| *m == "second"), "{models:?}");
     // ... and `second` only once the last of `first` came back (it takes
     // the mock's 30 ms), so the two never decode at the same time.
+    // At most the endpoint's 2 in flight: request k+2 only after request k
+    // came back.
+    for k in 0..switch - 2 {
+        let gap = log.requests[k + 2].2.duration_since(log.requests[k].2);
+        assert!(gap >= Duration::from_millis(30), "request {} sent {gap:?} after request {k}", k + 2);
+    }
     let last_first = log.requests[switch - 1].2;
     let first_second = log.requests[switch].2;
     assert!(
@@ -483,17 +489,13 @@ fn a_changed_request_is_refused_or_resampled_never_mixed() {
 id = "a"
 endpoint = "mock"
 temperature = {temperature}
-
-[[sources]]
-id = "b"
-endpoint = "mock"
-temperature = 0.8
-
+{B}
 [sampling]
 n = {{ math = 1 }}
 progress = false
 on_change = "{on_change}"
-"#
+"#,
+            B = "[[sources]]\nid = \"b\"\nendpoint = \"mock\"\ntemperature = 0.8\n"
         );
         common::mock_math_config(dir.path(), &mock.base_url(), 4, &rest)
     };
@@ -513,7 +515,7 @@ on_change = "{on_change}"
     // and the store keeps every sample and score.
     let changed = Config::parse(&text(0.3, "refuse"), dir.path()).unwrap();
     let err = format!("{:#}", rt.block_on(sample::run(&changed)).unwrap_err());
-    assert!(err.contains("6 sample(s)") && err.contains("changed: temperature"), "{err}");
+    assert!(err.contains("6 sample(s)") && err.contains("temperature: 0.8 -> 0.3"), "{err}");
     assert!(err.contains("on_change"), "{err}");
     assert_eq!(mock.count(), sent);
     assert_eq!(store.done_requests(true).unwrap().len(), 12);
@@ -535,4 +537,19 @@ on_change = "{on_change}"
     assert!(scores.keys().all(|(_, source, _)| source == "b"));
     // ... and a rerun of the new config sends nothing more.
     assert_eq!(rt.block_on(sample::run(&resample)).unwrap().requested, 0);
+
+    // Pairing takes only what the config samples: without source `b`, its
+    // samples stay in the store but not in the report or the SFT rows.
+    let only_a = {
+        let t = text(0.3, "resample");
+        let start = t.find("[[sources]]\nid = \"b\"").unwrap();
+        let end = start + t[start..].find("[sampling]").unwrap();
+        format!("{}{}", &t[..start], &t[end..])
+    };
+    let only_a = Config::parse(&only_a, dir.path()).unwrap();
+    rt.block_on(score::run(&only_a)).unwrap();
+    let report = pair::run(&only_a).unwrap();
+    let sources: Vec<&String> = report.domains["math"].sources.keys().collect();
+    assert_eq!(sources, ["a"]);
+    assert_eq!(store.done_requests(true).unwrap().len(), 12, "nothing deleted");
 }
