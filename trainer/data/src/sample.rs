@@ -85,7 +85,11 @@ pub fn plan<'a>(
 
 /// A request field's value for a message, shortened.
 fn show(v: &Value) -> String {
-    let s = if v.is_null() { "(unset)".to_string() } else { v.to_string() };
+    let s = if v.is_null() {
+        "(unset)".to_string()
+    } else {
+        v.to_string()
+    };
     if s.chars().count() > 60 {
         format!("{}...", s.chars().take(60).collect::<String>())
     } else {
@@ -164,7 +168,8 @@ pub async fn run(config: &Config) -> Result<SampleSummary> {
             None => jobs.push((p.clone(), s.clone(), idx)),
             Some(stored) => {
                 // Through the same JSON text and parser as the stored one.
-                let now: Value = serde_json::from_str(&request_body(config, s, p, idx).to_string())?;
+                let now: Value =
+                    serde_json::from_str(&request_body(config, s, p, idx).to_string())?;
                 let fields = changed_fields(stored, &now);
                 if !fields.is_empty() {
                     let shown = fields

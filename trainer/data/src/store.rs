@@ -286,9 +286,8 @@ impl Store {
         let mut out = HashMap::new();
         for row in rows {
             let (key, request) = row?;
-            let request: Value = serde_json::from_str(&request).with_context(|| {
-                format!("the stored request of sample {key:?} is not JSON")
-            })?;
+            let request: Value = serde_json::from_str(&request)
+                .with_context(|| format!("the stored request of sample {key:?} is not JSON"))?;
             out.insert(key, request);
         }
         Ok(out)
@@ -396,9 +395,7 @@ impl Store {
     }
 
     /// Every score, keyed by (prompt, source, index).
-    pub fn scores(
-        &self,
-    ) -> Result<HashMap<SampleKey, Vec<ScoreRecord>>> {
+    pub fn scores(&self) -> Result<HashMap<SampleKey, Vec<ScoreRecord>>> {
         let conn = self.conn();
         let mut stmt =
             conn.prepare("SELECT prompt_id,source,idx,scorer,score,passed,detail FROM scores")?;
