@@ -265,7 +265,6 @@ impl Store {
         Ok(out)
     }
 
-    /// Keys already sampled: with `retry_failed`, only the successful ones.
     /// The request each sample already in the store was made with, by key
     /// (prompt, source, index): the samples a rerun does not request again.
     /// With `retry_failed`, failed samples are left out (they are retried).
