@@ -313,28 +313,13 @@ fn scorer_config(dir: &std::path::Path, base: &str, reward_api: &str, judge_mode
     )
     .unwrap();
     let root = base.trim_end_matches("/v1");
-    format!(
+    let rest = format!(
         r#"
-[run]
-output = "{out}"
-[prompts]
-data_dir = "{data}"
-eval_fraction = 0.0
-math_suffix = ""
-[[pools]]
-name = "m"
-domain = "math"
-format = "jsonl"
-file = "pool.jsonl"
 [[pools]]
 name = "i"
 domain = "instruction"
 format = "jsonl"
 file = "instr.jsonl"
-[[endpoints]]
-name = "mock"
-base_url = "{base}"
-backoff_s = 0.05
 [[sources]]
 id = "good"
 endpoint = "mock"
@@ -352,10 +337,9 @@ model = "{judge_model}"
 [pairing]
 sft_fraction = 0.0
 window = [0.01, 0.1]
-"#,
-        out = dir.join("out").display(),
-        data = dir.display(),
-    )
+"#
+    );
+    common::mock_math_config(dir, base, 4, &rest)
 }
 
 #[test]
