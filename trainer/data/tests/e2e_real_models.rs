@@ -39,10 +39,8 @@ fn start_server(bin: &std::path::Path, dir: &std::path::Path) -> (Server, u16) {
             m.display()
         );
     }
-    // One sequence at a time, as the embedded config/serve.toml: mistralrs
-    // 0.8.1 mixes sequences that join a running batch on the CPU
-    // (tests/python/test_batching.py), which would put one prompt's words
-    // into another's answer.
+    // Batched, as the embedded config/serve.toml serves them (mistralrs's
+    // batched decode is patched: vendor/README.md).
     let cfg = dir.join("serve.toml");
     std::fs::write(
         &cfg,
@@ -51,14 +49,14 @@ fn start_server(bin: &std::path::Path, dir: &std::path::Path) -> (Server, u16) {
 [[models]]
 id = "smollm2-135m-instruct"
 path = "{}"
-max_seqs = 1
+max_seqs = 4
 isq = "q8_0"
 float_layers = ["q_proj", "down_proj"]
 
 [[models]]
 id = "qwen2.5-coder-0.5b-instruct"
 path = "{}"
-max_seqs = 1
+max_seqs = 4
 "#,
             smol.display(),
             qwen.display()
