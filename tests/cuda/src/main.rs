@@ -1,0 +1,173 @@
+//! CUDA check of fusechat's trainer: the same SFT run (tiny random models of
+//! the three architectures, SmolLM2's tokenizer and template) on the CPU and
+//! on the GPU must give the same losses and weights; then the time of one
+//! SFT step of a SmolLM2-135M-shaped model (random weights, timing only) on
+//! the GPU. Usage: fusechat-cuda-check WORKDIR TOKENIZER_DIR (a folder with SmolLM2's
+//! tokenizer.json and tokenizer_config.json). Built and staged by
+//! scripts/cuda_check.sh; run on the GPU machine by tests/cuda/run.sh.
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device};
+use fusechat_train::data::OnBadInput;
+use fusechat_train::model::{Architecture, CausalLm, ModelConfig};
+use fusechat_train::sft::{sft, SftOptions};
+use fusechat_train::trainer::{Resume, TrainOptions};
+
+fn options(steps: usize, micro: usize) -> TrainOptions {
+    TrainOptions {
+        epochs: 100,
+        max_steps: Some(steps),
+        micro_batch: micro,
+        grad_accum: 1,
+        lr: 1e-3,
+        warmup_ratio: 0.0,
+        weight_decay: 0.0,
+        max_grad_norm: 1.0,
+        seed: 42,
+        checkpoint_every: 0,
+        keep_checkpoints: 1,
+        save_dtype: DType::F32,
+        resume: Resume::default(),
+    }
+}
+
+fn folder(work: &Path, name: &str, cfg: ModelConfig, tok: &Path) -> Result<PathBuf> {
+    let dir = work.join(name).join("model");
+    std::fs::create_dir_all(&dir)?;
+    let m = CausalLm::random(cfg, &Device::Cpu, 7)?;
+    m.save(&dir, DType::F32)?;
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(tok.join(f), dir.join(f)).with_context(|| format!("copy {f}"))?;
+    }
+    Ok(dir)
+}
+
+fn data(work: &Path, rows: usize, words: usize) -> Result<PathBuf> {
+    let path = work.join(format!("sft-{rows}-{words}.jsonl"));
+    let mut s = String::new();
+    for a in 0..rows {
+        let pad = "and then some more words ".repeat(words / 5);
+        s.push_str(&serde_json::json!({"messages": [
+            {"role": "user", "content": format!("What is {a} plus {}? {pad}", a + 30)},
+            {"role": "assistant", "content": format!("{a} + {} = {}. The answer is {}. {pad}", a + 30, 2 * a + 30, 2 * a + 30)},
+        ]}).to_string());
+        s.push('\n');
+    }
+    std::fs::write(&path, s)?;
+    Ok(path)
+}
+
+fn weights(dir: &Path) -> Result<Vec<(String, Vec<f32>)>> {
+    let bytes = std::fs::read(dir.join("model.safetensors"))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)?;
+    let mut out = vec![];
+    for (name, view) in st.tensors() {
+        let v: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        out.push((name.to_string(), v));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let work = PathBuf::from(&args[1]);
+    let tok = PathBuf::from(&args[2]);
+    let gpu = Device::new_cuda(0).context("no CUDA device")?;
+    println!("device: {}", fusechat_train::device::describe(&gpu));
+    let mut ok = true;
+    let small = data(&work, 8, 0)?;
+    for arch in [
+        Architecture::Llama,
+        Architecture::Qwen2,
+        Architecture::Gemma3,
+    ] {
+        let mut cfg = ModelConfig::tiny(arch);
+        cfg.vocab_size = 49152;
+        cfg.max_position_embeddings = Some(512);
+        let name = format!("{arch:?}").to_lowercase();
+        let model = folder(&work, &name, cfg, &tok)?;
+        let mut finals = vec![];
+        for (dev_name, dev) in [("cpu", Device::Cpu), ("cuda", gpu.clone())] {
+            let t = Instant::now();
+            let s = sft(
+                &SftOptions {
+                    model: model.clone(),
+                    data: small.clone(),
+                    out: work.join(&name).join(dev_name),
+                    max_len: 128,
+                    on_bad_input: OnBadInput::default(),
+                    train: options(3, 4),
+                },
+                &dev,
+            )?;
+            println!(
+                "{name} {dev_name}: {} steps, last loss {:?}, {:.2} s",
+                s.steps,
+                s.last_loss,
+                t.elapsed().as_secs_f64()
+            );
+            finals.push((s.last_loss.unwrap_or(f64::NAN), weights(&s.final_dir)?));
+        }
+        let (l0, w0) = &finals[0];
+        let (l1, w1) = &finals[1];
+        let mut worst = 0f32;
+        for ((n0, a), (n1, b)) in w0.iter().zip(w1) {
+            assert_eq!(n0, n1);
+            for (x, y) in a.iter().zip(b) {
+                worst = worst.max((x - y).abs());
+            }
+        }
+        let good = (l0 - l1).abs() < 1e-3 * l0.abs().max(1.0) && worst < 1e-3;
+        ok &= good;
+        println!("{name}: loss cpu {l0:.6} cuda {l1:.6}; max |weight difference| after 3 AdamW steps {worst:.2e}: {}", if good { "SAME" } else { "DIFFERENT" });
+    }
+    // Speed: a SmolLM2-135M-shaped llama (random weights), batch 4 x ~512 tokens.
+    let mut cfg = ModelConfig::tiny(Architecture::Llama);
+    cfg.vocab_size = 49152;
+    cfg.hidden_size = 576;
+    cfg.intermediate_size = 1536;
+    cfg.num_hidden_layers = 30;
+    cfg.num_attention_heads = 9;
+    cfg.num_key_value_heads = Some(3);
+    cfg.head_dim = Some(64);
+    cfg.max_position_embeddings = Some(2048);
+    cfg.rope_theta = Some(1e5);
+    let model = folder(&work, "smollm2-shape", cfg, &tok)?;
+    let long = data(&work, 24, 200)?;
+    for (steps, label) in [(1usize, "1 step"), (6, "6 steps")] {
+        let t = Instant::now();
+        let s = sft(
+            &SftOptions {
+                model: model.clone(),
+                data: long.clone(),
+                out: work.join(format!("speed-{steps}")),
+                max_len: 512,
+                on_bad_input: OnBadInput::default(),
+                train: options(steps, 4),
+            },
+            &gpu,
+        )?;
+        println!(
+            "smollm2-shape cuda {label}: {:.2} s, {:.0} tokens/s reported, last loss {:?}",
+            t.elapsed().as_secs_f64(),
+            s.tokens_per_s,
+            s.last_loss
+        );
+    }
+    println!(
+        "{}",
+        if ok {
+            "CUDA CHECK: PASS"
+        } else {
+            "CUDA CHECK: FAIL"
+        }
+    );
+    std::process::exit(if ok { 0 } else { 1 });
+}
