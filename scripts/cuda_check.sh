@@ -26,7 +26,8 @@ if [ ! -x "$C/bin/nvcc" ] || [ ! -x "$C/nvvm/bin/cicc" ] || [ ! -f "$C/include/c
   chmod +x "$C"/bin/* "$C"/nvvm/bin/*
 fi
 for l in libcublas libcublasLt libcudart libcurand libnvrtc; do
-  f=$(cd "$C/lib" && ls $l.so.* | head -1)
+  f=$(cd "$C/lib" && ls $l.so.* 2>/dev/null | head -1 || true)
+  [ -n "$f" ] || { echo "$l.so.* is missing in $C/lib: remove $TK and rerun" >&2; exit 1; }
   ln -sf "$f" "$C/lib/$l.so"
 done
 # Link-time stand-in for the driver library (libcuda.so.1 of the GPU machine).
@@ -50,6 +51,7 @@ echo "==> staging .gpucheck/"
 TOKDIR=$(ls -d "$FUSECHAT_HOME"/imported/SmolLM2-135M-Instruct.Q4_1-* 2>/dev/null | head -1 || true)
 if [ -z "$TOKDIR" ] || [ ! -f "$TOKDIR/tokenizer.json" ]; then
   TOKDIR="$FUSECHAT_HOME/imported/cuda-check-smollm2"
+  [ -x "$FUSECHAT_BIN" ] || cargo build --release --locked -p fusechat
   "$FUSECHAT_BIN" models fetch >/dev/null
   "$FUSECHAT_BIN" import "$FUSECHAT_HOME/models/SmolLM2-135M-Instruct.Q4_1.gguf" "$TOKDIR"
 fi

@@ -39,8 +39,8 @@ fn start_server(bin: &std::path::Path, dir: &std::path::Path) -> (Server, u16) {
             m.display()
         );
     }
-    // Batched, as the embedded config/serve.toml serves them (mistralrs's
-    // batched decode is patched: vendor/README.md).
+    // Batched (the embedded config/serve.toml batches 8; mistralrs's batched
+    // decode is patched: vendor/README.md).
     let cfg = dir.join("serve.toml");
     std::fs::write(
         &cfg,
