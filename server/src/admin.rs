@@ -32,7 +32,7 @@ pub struct LoadModelRequest {
     pub alias: Option<String>,
     pub max_seqs: Option<usize>,
     pub max_waiting: Option<usize>,
-    /// In-situ quantization: `none` (default), `q8_0`, `q4k`.
+    /// In-situ quantization: `none` (default), `q8_0`, `q4_1`, `q4k`.
     #[schema(value_type = Option<String>)]
     pub isq: Option<Isq>,
     /// With `isq`: linear layers (q_proj, k_proj, v_proj, o_proj, gate_proj,

@@ -172,10 +172,10 @@ pub struct ModelConfig {
     pub isq: Option<Isq>,
     /// With `isq`: the linear layers (by name: q_proj, k_proj, v_proj, o_proj,
     /// gate_proj, up_proj, down_proj, lm_head) that keep their float weights.
-    /// Quantized kernels also quantize their inputs to 8 bits per block of 32,
-    /// which some layers do not survive: SmolLM2's `down_proj` inputs reach
-    /// 3058 while most values are below 1, and with its `q_proj` quantized
-    /// mistralrs answers "L'Étoile, la Marseillaise" instead of "Paris".
+    /// On the CPU, q8_0 and q4_1 layers keep f32 inputs (fusechat-kernels);
+    /// q4k layers run candle's kernel, which rounds its inputs to 8 bits per
+    /// block of 32, and a layer with outlier inputs (SmolLM2's `down_proj`
+    /// reaches 3058 where most values are below 1) may need to stay float.
     #[serde(default)]
     pub float_layers: Vec<String>,
 }
@@ -188,6 +188,10 @@ pub enum Isq {
     None,
     /// 8-bit blocks: near-lossless, SIMD kernels on CPU.
     Q8_0,
+    /// 4-bit blocks with a scale and a minimum (GGML Q4_1): half the bytes
+    /// of q8_0. SmolLM2's GGUF is Q4_1, so its imported weights quantize
+    /// back to (nearly) the same values.
+    Q4_1,
     /// 4-bit k-quant: half the memory of q8_0, a little less accurate.
     Q4k,
 }

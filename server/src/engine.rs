@@ -69,19 +69,15 @@ pub enum WeightsKind {
 
 /// GGUF architectures served straight from the GGUF file by mistralrs 0.8's
 /// GGUF loader. Every other architecture is imported once into a Hugging Face
-/// folder and served from its float weights. `llama` is left out on purpose:
-/// mistralrs 0.8.1's quantized path decodes SmolLM2-135M-Instruct wrongly
-/// (greedy "What is the capital of France?" gives "L'Étoile, la Marseillaise,
-/// ..." from the Q4_1 GGUF, and garbage from the folder with Q8_0 in-situ
-/// quantization), where transformers on the same GGUF, and mistralrs on the
-/// imported float folder, give "The capital of France is Paris.". Measured
-/// cause, in part: SmolLM2's `down_proj` inputs reach 3058 while most values
-/// are below 1, and candle's quantized kernels quantize their inputs to 8 bits
-/// per block of 32; transformers with that input quantization answers
-/// "L'Étoile, la Marseilla...", the same wrong tokens. Keeping `ffn_down` in
-/// f32 fixes it in transformers but not in mistralrs's GGUF llama path (tried),
-/// so something else there still differs; quantizing `q_proj` also breaks it.
-/// The imported folder can still be quantized with `isq` + `float_layers`.
+/// folder and served from its float weights, which `isq` can quantize at load.
+/// `llama` is left out on purpose: mistralrs 0.8.1's GGUF llama path decoded
+/// SmolLM2-135M-Instruct's Q4_1 file wrongly (greedy "What is the capital of
+/// France?" gave "L'Étoile, la Marseillaise, ...") and keeps its tied output
+/// layer in f32. Measured cause: SmolLM2's `down_proj` inputs reach 3058
+/// while most values are below 1, and candle's quantized kernels round their
+/// inputs to 8 bits per block of 32. fusechat-kernels (kernels/) keep them
+/// f32, and the imported folder with `isq = "q8_0"` on every layer answers
+/// "Paris"; with `isq = "q4_1"` it still does not (cause not found).
 const GGUF_NATIVE: &[&str] = &["qwen2", "qwen3", "phi2", "phi3", "starcoder2"];
 
 impl LoadedModel {
@@ -113,6 +109,7 @@ impl LoadedModel {
                 let isq = match config.isq.unwrap_or(*default_isq) {
                     Isq::None => None,
                     Isq::Q8_0 => Some(IsqType::Q8_0),
+                    Isq::Q4_1 => Some(IsqType::Q4_1),
                     Isq::Q4k => Some(IsqType::Q4K),
                 };
                 // On CPU the activations stay f32: f16 overflows in Gemma 3 and
@@ -319,6 +316,7 @@ fn isq_topology(isq: IsqType, float_layers: &[String]) -> anyhow::Result<Topolog
         .collect();
     let name = match isq {
         IsqType::Q8_0 => "q8_0",
+        IsqType::Q4_1 => "q4_1",
         IsqType::Q4K => "q4k",
         other => bail!("no topology for {other:?}"),
     };

@@ -90,7 +90,6 @@ id = "smollm2-135m-instruct"
 path = "{SMOL}"
 max_seqs = 8
 isq = "q8_0"
-float_layers = ["q_proj", "down_proj"]
 
 [[models]]
 id = "qwen2.5-coder-0.5b-instruct"

@@ -296,8 +296,8 @@ impl FuseConfig {
             return bad(format!("target.float_layers names `{l}`; the layers are {}", LINEAR.join(", ")));
         }
         if let Some(isq) = &self.target.isq {
-            if !["none", "q8_0", "q4k"].contains(&isq.as_str()) {
-                return bad(format!("target.isq is none, q8_0 or q4k, got `{isq}`"));
+            if !["none", "q8_0", "q4_1", "q4k"].contains(&isq.as_str()) {
+                return bad(format!("target.isq is none, q8_0, q4_1 or q4k, got `{isq}`"));
             }
         }
         for (name, table) in [("data", &self.data), ("eval", &self.eval)] {

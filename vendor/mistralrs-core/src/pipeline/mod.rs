@@ -428,6 +428,34 @@ pub(crate) struct FileListCache {
     files: Vec<String>,
 }
 
+/// fusechat: on the CPU the forward pass runs on a worker of rayon's global
+/// pool. The parallel loops inside it (matmuls, attention, norms) then split
+/// their work from a pool thread, which works on its share at once, instead
+/// of from an outside thread that wakes the pool and sleeps until it is done:
+/// one hand-over per step instead of one per operation. The calling thread
+/// waits meanwhile, as it did before.
+fn forward_on_cpu_pool<P: Pipeline + ?Sized>(
+    pipeline: &mut P,
+    inputs: Box<dyn Any>,
+    return_raw_logits: bool,
+) -> Result<ForwardInputsResult, candle_core::Error> {
+    if !pipeline.device().is_cpu() {
+        return pipeline.forward_inputs(inputs, return_raw_logits);
+    }
+    // The inputs are tensors and plain data behind `dyn Any`, which is not
+    // `Send` only because `Any` says nothing about it; they move to the pool
+    // thread and back while this thread waits.
+    struct AssertSend<T>(T);
+    unsafe impl<T> Send for AssertSend<T> {}
+    let job = AssertSend((pipeline, inputs));
+    let out = rayon::scope(move |_| {
+        let job = job;
+        let (pipeline, inputs) = job.0;
+        AssertSend(pipeline.forward_inputs(inputs, return_raw_logits))
+    });
+    out.0
+}
+
 #[async_trait::async_trait]
 pub trait Pipeline:
     Send
@@ -503,7 +531,7 @@ pub trait Pipeline:
                     }
 
                     let start = Instant::now();
-                    let raw_logits = self.forward_inputs(inputs, return_raw_logits)?;
+                    let raw_logits = forward_on_cpu_pool(&mut *self, inputs, return_raw_logits)?;
                     let end = Instant::now();
                     exec_duration += end.duration_since(start);
 
@@ -739,7 +767,7 @@ pub trait Pipeline:
                     } = inputs.map_err(candle_core::Error::msg)?;
 
                     let start = Instant::now();
-                    let raw_logits = self.forward_inputs(inputs, return_raw_logits)?;
+                    let raw_logits = forward_on_cpu_pool(&mut *self, inputs, return_raw_logits)?;
                     let end = Instant::now();
                     exec_duration += end.duration_since(start);
 

@@ -56,6 +56,7 @@ unsafe fn set_thread_affinity() {
 
 /// Rayon pool used by the flash‑attention CPU kernels, with a per‑thread
 /// start handler that applies our affinity hint exactly once.
+#[allow(dead_code)] // fusechat: unused, see `in_current_pool`
 static FLASH_ATTN_POOL: LazyLock<ThreadPool> = LazyLock::new(|| {
     rayon::ThreadPoolBuilder::new()
         .start_handler(|_| unsafe {
@@ -64,6 +65,15 @@ static FLASH_ATTN_POOL: LazyLock<ThreadPool> = LazyLock::new(|| {
         .build()
         .expect("Failed to build custom Rayon thread‑pool for flash‑attention")
 });
+
+/// fusechat: the attention kernels run in the pool of the calling thread
+/// (rayon's global pool, where the forward pass runs) rather than in their
+/// own pool: a second pool meant a cold wake-up of its threads for every
+/// layer of every decode step.
+#[inline(always)]
+fn in_current_pool<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
 
 const DOT_CHUNK: usize = 4;
 
@@ -433,7 +443,7 @@ where
         _ => None,
     };
 
-    FLASH_ATTN_POOL.install(|| {
+    in_current_pool(|| {
         (0..kv_tiles).into_par_iter().for_each(|tile_idx| {
             let start = tile_idx * TILE_KV;
             let end = (start + TILE_KV).min(kv_len);
@@ -618,7 +628,7 @@ where
         _ => None,
     };
 
-    FLASH_ATTN_POOL.install(|| {
+    in_current_pool(|| {
         out.par_chunks_mut(dv)
             .with_min_len(64)
             .enumerate()
