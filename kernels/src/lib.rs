@@ -32,7 +32,10 @@ pub fn qmatmul(w: &QTensor, x: &Tensor) -> Result<Option<Tensor>> {
     if !matches!(w.device(), Device::Cpu) || !matches!(x.device(), Device::Cpu) || x.dtype() != DType::F32 {
         return Ok(None);
     }
-    let (n, k) = w.shape().dims2()?;
+    // Stacked weights (experts of a mixture, 3-D) are not for this kernel.
+    let Ok((n, k)) = w.shape().dims2() else {
+        return Ok(None);
+    };
     let dims = x.dims();
     match dims.last() {
         Some(&last) if last == k => {}
@@ -152,5 +155,7 @@ mod tests {
         assert!(qmatmul(&k, &random((1, 256), 9)).unwrap().is_none());
         let bad = random((1, 63), 9);
         assert!(qmatmul(&w, &bad).is_err());
+        let experts = QTensor::quantize(&random((64, 64), 10).reshape((2, 32, 64)).unwrap(), GgmlDType::Q8_0).unwrap();
+        assert!(qmatmul(&experts, &random((1, 64), 11)).unwrap().is_none());
     }
 }
