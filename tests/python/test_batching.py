@@ -6,12 +6,19 @@ mistralrs 0.8.1 on the CPU failed this (found in fusion data, where answers
 about a restaurant bill counted seashells): its decode-step attention kernel
 kept its scratch buffers without a batch index, so every sequence of a
 batched step got the last sequence's attention output. The workspace patches
-it (vendor/README.md). The engine batches only sequences of equal length, so
-the batched test sends three prompts of exactly equal token count together,
-while a longer request keeps the engine busy so that all three wait and are
-scheduled in one step. Against the unpatched build it failed on every run
-(two of the three answers took the third one's words); patched, the answers
-and their logprobs are identical to the ones each request gets alone.
+it (vendor/README.md). The batched test sends three prompts of exactly equal
+token count together, while a longer request keeps the engine busy so that
+all three wait and are prefilled in one step. Against the unpatched build it
+failed on every run (two of the three answers took the third one's words);
+patched, the answers and their logprobs are identical to the ones each
+request gets alone.
+
+The patched engine also decodes sequences of different lengths in one step
+(llama on the CPU: their KV caches are left-padded to the longest and the
+attention skips the padding). The staggered requests exercise that: each
+joins while the earlier ones decode, so they decode together at different
+lengths, and must still answer exactly as alone. (Upstream, they decoded one
+length at a time; the serving benchmark shows the difference.)
 
 The batched test runs twice: on SmolLM2's float weights, and on the Q8_0
 weights config/serve.toml serves. Quantized layers run fusechat-kernels

@@ -519,6 +519,9 @@ pub struct Sequence {
 
     // Cache
     normal_cache: Vec<Option<KvCache>>,
+    /// fusechat: positions of left padding in front of this sequence's data
+    /// in its `normal_cache` (see `NormalCacheManager::clone_in_cache`).
+    normal_cache_pad: usize,
     normal_draft_cache: Vec<Option<KvCache>>,
     scaling_cache: Option<Tensor>,
     cache: LayerCaches,
@@ -607,6 +610,7 @@ impl Sequence {
             timestamp,
             state: RwLock::new(SequenceState::Waiting),
             normal_cache: vec![None; layers],
+            normal_cache_pad: 0,
             normal_draft_cache: vec![None; layers],
             cache: vec![None; layers],
             draft_cache: vec![None; layers],
@@ -828,6 +832,17 @@ impl Sequence {
 
     pub fn normal_cache(&mut self) -> &mut Vec<Option<KvCache>> {
         &mut self.normal_cache
+    }
+
+    /// fusechat: how many positions of padding precede this sequence's keys
+    /// and values in the batch cache it last decoded in (0 unless it decoded
+    /// next to longer sequences).
+    pub fn normal_cache_pad(&self) -> usize {
+        self.normal_cache_pad
+    }
+
+    pub fn set_normal_cache_pad(&mut self, pad: usize) {
+        self.normal_cache_pad = pad;
     }
 
     pub fn normal_draft_cache(&mut self) -> &mut Vec<Option<KvCache>> {

@@ -260,6 +260,115 @@ impl NormalCache {
 
 pub struct NormalCacheManager;
 
+/// fusechat: batch the caches of sequences whose cached lengths differ, which
+/// the scheduler lets decode together where the pipeline supports it
+/// (`Pipeline::supports_ragged_decode`). Each sequence's keys and values are
+/// copied right-aligned into the batch cache, so every sequence's next
+/// position is the batch's; the `pad` positions in front of a shorter one stay
+/// zero, and the CPU decode attention skips them (`with_kv_pads`). Each
+/// sequence keeps its pad: `clone_out_cache` hands it its row of the batch as
+/// is, padding included, and the next `clone_in_cache` reads its data from
+/// `pad..length`. Returns false (nothing done) when every sequence has the
+/// same length and padding, which the plain path handles as before.
+fn clone_in_ragged<T: CacheManagerMixin + MetadataMixin + ?Sized>(
+    pipeline: &T,
+    seqs: &mut [&mut Sequence],
+) -> bool {
+    // (cache length, padding, capacity) of each sequence, from its first
+    // full layer.
+    let layouts: Vec<(usize, usize, usize)> = seqs
+        .iter_mut()
+        .map(|seq| {
+            let pad = seq.normal_cache_pad();
+            let (len, capacity) = seq
+                .normal_cache()
+                .iter()
+                .flatten()
+                .find_map(|cache| match cache {
+                    KvCache::Normal { k, .. } => Some((k.current_seq_len, k.capacity_seq_len)),
+                    _ => None,
+                })
+                .unwrap_or((0, 0));
+            (len, pad, capacity)
+        })
+        .collect();
+    if layouts.windows(2).all(|w| w[0] == w[1]) {
+        return false;
+    }
+    let lens: Vec<usize> = layouts.iter().map(|(len, pad, _)| len - pad).collect();
+    let batch_len = lens.iter().copied().max().unwrap_or(0);
+    let num_layers = pipeline.get_metadata().num_hidden_layers;
+    let mut caches = Vec::with_capacity(num_layers);
+    for layer in 0..num_layers {
+        let mut ks = Vec::with_capacity(seqs.len());
+        let mut vs = Vec::with_capacity(seqs.len());
+        let mut template = None;
+        for seq in seqs.iter_mut() {
+            match &seq.normal_cache()[layer] {
+                Some(KvCache::Normal { k, v }) => {
+                    template.get_or_insert((k.dim, k.max_seq_len));
+                    ks.push(k.all_data.clone().expect("a used KV cache has data"));
+                    vs.push(v.all_data.clone().expect("a used KV cache has data"));
+                }
+                _ => panic!(
+                    "fusechat: sequences of different lengths decode together only with a \
+                     full KV cache on every layer, and layer {layer} has another kind"
+                ),
+            }
+        }
+        let (dim, max_seq_len) = template.expect("a step has sequences");
+        let capacity = ks
+            .iter()
+            .map(|k| k.dims()[dim])
+            .max()
+            .unwrap_or(0)
+            .max(batch_len);
+        let pack = |parts: &[Tensor]| {
+            left_pad(parts, &layouts, &lens, dim, batch_len, capacity)
+                .expect("fusechat: could not batch the KV caches")
+        };
+        let single = |data: Tensor| SingleCache {
+            all_data: Some(data),
+            dim,
+            current_seq_len: batch_len,
+            max_seq_len,
+            capacity_seq_len: capacity,
+        };
+        caches.push(KvCache::Normal {
+            k: single(pack(&ks)),
+            v: single(pack(&vs)),
+        });
+    }
+    for (seq, len) in seqs.iter_mut().zip(&lens) {
+        seq.set_normal_cache_pad(batch_len - len);
+    }
+    *pipeline.cache().normal() = NormalCache(caches);
+    true
+}
+
+/// One batch cache (sequences along dim 0, `capacity` positions along `dim`)
+/// with each sequence's `pad..pad + len` positions ending at `batch_len`.
+fn left_pad(
+    parts: &[Tensor],
+    layouts: &[(usize, usize, usize)],
+    lens: &[usize],
+    dim: usize,
+    batch_len: usize,
+    capacity: usize,
+) -> Result<Tensor> {
+    let mut dims = parts[0].dims().to_vec();
+    dims[0] = parts.len();
+    dims[dim] = capacity;
+    let batch = Tensor::zeros(dims, parts[0].dtype(), parts[0].device())?;
+    for (i, ((part, &(_, pad, _)), &len)) in parts.iter().zip(layouts).zip(lens).enumerate() {
+        if len > 0 {
+            let data = part.narrow(dim, pad, len)?.contiguous()?;
+            batch.narrow(0, i, 1)?.slice_set(&data, dim, batch_len - len)?;
+        }
+    }
+    Ok(batch)
+}
+
 impl<T: CacheManagerMixin + MetadataMixin + ?Sized> CacheManager<T> for NormalCacheManager {
     fn clone_in_cache(
         &self,
@@ -267,6 +376,9 @@ impl<T: CacheManagerMixin + MetadataMixin + ?Sized> CacheManager<T> for NormalCa
         seqs: &mut [&mut crate::sequence::Sequence],
         modify_draft_cache: bool,
     ) {
+        if !modify_draft_cache && clone_in_ragged(pipeline, seqs) {
+            return;
+        }
         let mut new_k_cache = Vec::new();
         let mut new_v_cache = Vec::new();
 

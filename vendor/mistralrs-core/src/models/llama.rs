@@ -659,6 +659,11 @@ impl NormalModel for Llama {
     fn config(&self) -> &ModelConfigMetadata {
         &self.cfg
     }
+    fn supports_ragged_decode(&self) -> bool {
+        // Full KV caches on every layer (`NormalCache::new`) and `Sdpa` for
+        // the attention, which on the CPU honours the cache padding.
+        self.device.is_cpu() && self.blocks.iter().all(|b| b.attn.paged_attn.is_none())
+    }
 }
 
 impl AnyMoeBaseModelMixin for Llama {

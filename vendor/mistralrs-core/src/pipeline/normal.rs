@@ -1153,6 +1153,9 @@ impl MetadataMixin for NormalPipeline {
 
 #[async_trait::async_trait]
 impl Pipeline for NormalPipeline {
+    fn supports_ragged_decode(&self) -> bool {
+        !self.metadata.is_xlora && self.model.supports_ragged_decode()
+    }
     fn forward_inputs(
         &mut self,
         inputs: Box<dyn Any>,

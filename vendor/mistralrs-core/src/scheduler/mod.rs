@@ -69,4 +69,8 @@ pub trait Scheduler: Send + Sync {
     /// Set whether prefix caching is enabled. Called by Engine after creation
     /// to synchronize with the global no_prefix_cache setting.
     fn set_prefix_caching_enabled(&mut self, enabled: bool);
+
+    /// fusechat: let sequences of different lengths decode in the same step
+    /// (the engine turns it on only for pipelines that support it).
+    fn set_ragged_decode(&mut self, _enabled: bool) {}
 }

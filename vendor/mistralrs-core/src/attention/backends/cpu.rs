@@ -75,6 +75,35 @@ fn in_current_pool<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+thread_local! {
+    /// fusechat: left padding of each sequence's keys and values in the batch
+    /// KV cache of the decode step running on this thread (None: no padding).
+    static KV_PADS: std::cell::RefCell<Option<std::sync::Arc<[usize]>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// fusechat: run `f` (a forward pass) with the decode attention skipping the
+/// first `pads[b]` cache positions of sequence `b`, where a step batches
+/// sequences of different lengths (`NormalCacheManager::clone_in_cache`
+/// left-pads their caches to the longest). The previous value comes back
+/// afterwards, so a forward pass of another model that rayon runs on this
+/// thread while this one waits keeps its own.
+pub(crate) fn with_kv_pads<R>(pads: Option<std::sync::Arc<[usize]>>, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<std::sync::Arc<[usize]>>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let previous = self.0.take();
+            KV_PADS.with(|p| *p.borrow_mut() = previous);
+        }
+    }
+    let _restore = Restore(KV_PADS.with(|p| p.replace(pads)));
+    f()
+}
+
+fn kv_pads() -> Option<std::sync::Arc<[usize]>> {
+    KV_PADS.with(|p| p.borrow().clone())
+}
+
 const DOT_CHUNK: usize = 4;
 
 /// Size (in KV positions) processed by each inner‑tile job.
@@ -414,7 +443,18 @@ where
 {
     let (b, _q_len, h, d) = (qshape[0], qshape[1], qshape[2], qshape[3]);
     let kv_len = kshape[1];
-    let kv_tiles = kv_len.div_ceil(TILE_KV);
+    // fusechat: sequence `b_i` attends to positions `pads[b_i]..kv_len` and its
+    // tiles start at its first position, as when it decodes alone, so its
+    // result is the same to the bit.
+    let pads: Vec<usize> = match kv_pads() {
+        Some(pads) if pads.len() == b => pads.iter().map(|&p| p.min(kv_len)).collect(),
+        Some(pads) => candle_core::bail!(
+            "decode attention: {} cache paddings for a batch of {b}",
+            pads.len()
+        ),
+        None => vec![0; b],
+    };
+    let kv_tiles = (kv_len - pads.iter().copied().min().unwrap_or(0)).div_ceil(TILE_KV);
     let dv = d;
 
     // --- head tiling factors and softmax helper -----------------------
@@ -445,10 +485,14 @@ where
 
     in_current_pool(|| {
         (0..kv_tiles).into_par_iter().for_each(|tile_idx| {
-            let start = tile_idx * TILE_KV;
-            let end = (start + TILE_KV).min(kv_len);
-
             for b_i in 0..b {
+                let start = pads[b_i] + tile_idx * TILE_KV;
+                if start >= kv_len {
+                    // Past this sequence's end: the tile keeps s = 0 and
+                    // m = -inf, which the reduction below adds as nothing.
+                    continue;
+                }
+                let end = (start + TILE_KV).min(kv_len);
                 for h_i in 0..h {
                     // Per‑head slope for ALiBi / NTK bias.
                     let slope = if max_bias > 0.0 {

@@ -73,6 +73,13 @@ pub trait NormalModel: IsqModel + AnyMoeBaseModelMixin {
     fn model_config(&self) -> Arc<dyn ModelConfigLike + Send + Sync> {
         Arc::new(self.config().clone())
     }
+    /// fusechat: whether a decode step may batch sequences of different
+    /// lengths: every layer keeps a full (not sliding) KV cache and its
+    /// decode attention goes through `Sdpa` to the CPU kernel, which skips
+    /// each sequence's left padding. Models opt in one by one.
+    fn supports_ragged_decode(&self) -> bool {
+        false
+    }
 }
 
 /// Metadata for loading a model with ISQ or device mapping.
