@@ -158,16 +158,28 @@ def running(server: Server) -> int:
     raise AssertionError("no fusechat_num_requests_running for the model in /metrics")
 
 
-def staggered(server: Server):
+def staggered(server: Server, interruptions: int = 0):
+    """Each request joins while the earlier ones decode. With
+    `interruptions`, one-token requests keep arriving meanwhile: each is a
+    prompt step between decode steps that ends its sequence at once (the
+    case where the scheduler once prefilled the waiting decoders again)."""
     c = client(server)
     alone = [ask(c, q) for q in STAGGERED]
     together = [None] * len(STAGGERED)
 
     def later(i):
-        time.sleep(0.8 * i)  # each joins while the earlier ones decode
+        if i >= len(STAGGERED):
+            time.sleep(0.3 * (i - len(STAGGERED)) + 0.5)
+            c.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": f"Say {i}."}],
+                max_tokens=1,
+            )
+            return
+        time.sleep(0.8 * i)
         together[i] = ask(c, STAGGERED[i])
 
-    in_threads(len(STAGGERED), later)
+    in_threads(len(STAGGERED) + interruptions, later)
     return alone, together
 
 
@@ -232,6 +244,7 @@ def test_batched_decoding_answers_as_alone(weights):
     try:
         check(EQUAL_LENGTH, *equal_lengths_in_one_step(s))
         check(STAGGERED, *staggered(s))
+        check(STAGGERED, *staggered(s, interruptions=8))
         assert s.alive(), s.tail()
     finally:
         s.stop()

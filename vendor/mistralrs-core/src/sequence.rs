@@ -672,6 +672,11 @@ impl Sequence {
         self
     }
 
+    /// fusechat: scheduling passes since this sequence last ran.
+    pub fn scheduling_urgency(&self) -> usize {
+        self.scheduling_urgency
+    }
+
     pub fn reset_urgency(mut self) -> Self {
         self.scheduling_urgency = 0;
         self

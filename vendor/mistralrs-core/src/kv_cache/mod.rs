@@ -268,8 +268,10 @@ pub struct NormalCacheManager;
 /// zero, and the CPU decode attention skips them (`with_kv_pads`). Each
 /// sequence keeps its pad: `clone_out_cache` hands it its row of the batch as
 /// is, padding included, and the next `clone_in_cache` reads its data from
-/// `pad..length`. Returns false (nothing done) when every sequence has the
-/// same length and padding, which the plain path handles as before.
+/// `pad..length` (`set_none_cache` sets it back to 0 when a step rebuilds the
+/// cache). Returns false (nothing done) when no sequence has padding and all
+/// have the same length and capacity, which the plain path handles as
+/// before.
 fn clone_in_ragged<T: CacheManagerMixin + MetadataMixin + ?Sized>(
     pipeline: &T,
     seqs: &mut [&mut Sequence],
@@ -292,7 +294,12 @@ fn clone_in_ragged<T: CacheManagerMixin + MetadataMixin + ?Sized>(
             (len, pad, capacity)
         })
         .collect();
-    if layouts.windows(2).all(|w| w[0] == w[1]) {
+    // With no padding and one layout the plain path stacks the caches as
+    // they are. Any padding is squeezed out here, also for a sequence that
+    // now decodes alone: kept, it would hold the memory of the longest
+    // sequence it once decoded with, and could push its cache past
+    // `max_seq_len`.
+    if layouts.iter().all(|&(_, pad, _)| pad == 0) && layouts.windows(2).all(|w| w[0] == w[1]) {
         return false;
     }
     let lens: Vec<usize> = layouts.iter().map(|(len, pad, _)| len - pad).collect();
@@ -317,11 +324,11 @@ fn clone_in_ragged<T: CacheManagerMixin + MetadataMixin + ?Sized>(
             }
         }
         let (dim, max_seq_len) = template.expect("a step has sequences");
-        let capacity = ks
-            .iter()
-            .map(|k| k.dims()[dim])
-            .max()
-            .unwrap_or(0)
+        // Room for the longest sequence and the next token, in the cache's
+        // growth steps (it grows again on its own when needed).
+        let capacity = (batch_len + 1)
+            .next_multiple_of(NormalCache::CACHE_GROW_SIZE)
+            .min(max_seq_len)
             .max(batch_len);
         let pack = |parts: &[Tensor]| {
             left_pad(parts, &layouts, &lens, dim, batch_len, capacity)
@@ -615,6 +622,12 @@ impl<T: CacheManagerMixin + MetadataMixin + ?Sized> CacheManager<T> for NormalCa
         _modify_draft_cache: bool,
         load_preallocated_cache: bool,
     ) {
+        // fusechat: the step builds these sequences' caches from nothing (a
+        // prompt, or a decoding sequence prefilled again after it was sent
+        // back to the waiting list), so no padding is left in front of them.
+        for seq in seqs.iter_mut() {
+            seq.set_normal_cache_pad(0);
+        }
         if seqs.iter().any(|seq| seq.preallocated_cache().is_none()) {
             for layer in pipeline.cache().normal().0.iter_mut() {
                 layer.reset();

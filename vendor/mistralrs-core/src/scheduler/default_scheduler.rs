@@ -80,6 +80,9 @@ struct FixedBucketingManager {
     ragged_decode: bool,
 }
 
+/// Prompt steps in a row after which the decoding batch runs again.
+const MAX_DECODE_WAIT: usize = 4;
+
 impl FixedBucketingManager {
     fn bucket_key(&self, seq: &Sequence) -> BucketKey {
         let len = if self.ragged_decode && seq.is_completion() {
@@ -133,7 +136,20 @@ impl<Backer: FcfsBacker> BucketingManager<Backer> for FixedBucketingManager {
             // as in vLLM and TGI: a request is prefilled as soon as it is
             // admitted and then decodes with the others, instead of waiting
             // until its urgency outweighs the summed priorities of the whole
-            // decoding batch (about 100 steps at 16 sequences).
+            // decoding batch (about 100 steps at 16 sequences). The decoding
+            // batch goes first once it has waited `MAX_DECODE_WAIT` steps, so
+            // a stream of prompts cannot hold it back for long.
+            let waited_decode = seq_buckets
+                .iter()
+                .find(|((len, _, _), seqs)| {
+                    self.ragged_decode
+                        && *len == usize::MAX
+                        && seqs
+                            .iter()
+                            .any(|seq| seq.scheduling_urgency() >= MAX_DECODE_WAIT)
+                })
+                .map(|(key, _)| *key);
+            let min = waited_decode.unwrap_or(min);
             let len = if !discrete && !self.ragged_decode {
                 seq_priorities
                     .iter()
