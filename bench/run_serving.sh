@@ -24,7 +24,8 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$HERE/.." && pwd)"
 RESULTS="$HERE/results"
 
-MODEL_FILE="/root/.cache/fusechat/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_FILE="/root/.cache/fusechat/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_FILE="$DEFAULT_MODEL_FILE"
 MODEL_ID="smollm2"
 MAX_TOKENS=128
 CONCURRENCY="1,8,16"
@@ -156,7 +157,14 @@ RC=0
   else
     PORT=$(free_port)
     # shellcheck disable=SC2206
-    FARGS=(serve --config "$HERE/fusechat-smollm2.toml" --host "$HOST" --port "$PORT" ${FUSECHAT_ARGS:-})
+    if [[ "$MODEL_FILE" == "$DEFAULT_MODEL_FILE" && "$MODEL_ID" == "smollm2" ]]; then
+      # SmolLM2 as the embedded default serves it (Q8_0 on every layer).
+      FARGS=(serve --config "$HERE/fusechat-smollm2.toml" --host "$HOST" --port "$PORT" ${FUSECHAT_ARGS:-})
+    else
+      # Any other model: the same GGUF file, under the same id as llama.cpp's.
+      # shellcheck disable=SC2206
+      FARGS=(serve --only --model "$MODEL_ID=$MODEL_FILE" --host "$HOST" --port "$PORT" ${FUSECHAT_ARGS:-})
+    fi
     log "starting fusechat on $HOST:$PORT: ${FARGS[*]}"
     "$FUSECHAT_BIN" "${FARGS[@]}" > "$WORK/fusechat.log" 2>&1 &
     FPID=$!; PIDS+=("$FPID")

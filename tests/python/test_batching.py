@@ -161,8 +161,9 @@ def running(server: Server) -> int:
 def staggered(server: Server, interruptions: int = 0):
     """Each request joins while the earlier ones decode. With
     `interruptions`, one-token requests keep arriving meanwhile: each is a
-    prompt step between decode steps that ends its sequence at once (the
-    case where the scheduler once prefilled the waiting decoders again)."""
+    prompt step between decode steps that ends its sequence at once, after
+    which only waiting sequences are left (upstream's scheduler then
+    prefilled the decoding ones all over again)."""
     c = client(server)
     alone = [ask(c, q) for q in STAGGERED]
     together = [None] * len(STAGGERED)
