@@ -158,35 +158,40 @@ def running(server: Server) -> int:
     raise AssertionError("no fusechat_num_requests_running for the model in /metrics")
 
 
-def staggered(server: Server, interruptions: int = 0):
-    """Each request joins while the earlier ones decode. With
-    `interruptions`, one-token requests keep arriving meanwhile: each is a
-    prompt step between decode steps that ends its sequence at once, after
-    which only waiting sequences are left (upstream's scheduler then
-    prefilled the decoding ones all over again)."""
+def alone_answers(server: Server, questions):
     c = client(server)
-    alone = [ask(c, q) for q in STAGGERED]
+    return [ask(c, q) for q in questions]
+
+
+def staggered(server: Server, interruptions: int = 0):
+    """The STAGGERED answers when each request joins while the earlier ones
+    decode. With `interruptions`, one-token requests keep arriving meanwhile:
+    each is a prompt step between decode steps that ends its sequence at
+    once, after which only waiting sequences are left (upstream's scheduler
+    then prefilled the decoding ones all over again)."""
+    c = client(server)
     together = [None] * len(STAGGERED)
 
-    def later(i):
-        if i >= len(STAGGERED):
-            time.sleep(0.3 * (i - len(STAGGERED)) + 0.5)
-            c.chat.completions.create(
-                model=MODEL,
-                messages=[{"role": "user", "content": f"Say {i}."}],
-                max_tokens=1,
-            )
-            return
+    def join(i):
         time.sleep(0.8 * i)
         together[i] = ask(c, STAGGERED[i])
 
-    in_threads(len(STAGGERED) + interruptions, later)
-    return alone, together
+    def interrupt(j):
+        time.sleep(0.5 + 0.3 * j)
+        c.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": f"Say {j}."}],
+            max_tokens=1,
+        )
+
+    n = len(STAGGERED)
+    in_threads(n + interruptions, lambda i: join(i) if i < n else interrupt(i - n))
+    return together
 
 
 def equal_lengths_in_one_step(server: Server):
     c = client(server)
-    alone = [ask(c, q) for q in EQUAL_LENGTH]
+    alone = alone_answers(server, EQUAL_LENGTH)
     lengths = {a.prompt_tokens for a in alone}
     assert len(lengths) == 1, f"the prompts must have one length to be batched, got {lengths}"
 
@@ -233,7 +238,7 @@ def equal_lengths_in_one_step(server: Server):
 def test_one_sequence_at_a_time_answers_as_alone():
     s = Server(serve_toml_like(1), "batch1")
     try:
-        check(STAGGERED, *staggered(s))
+        check(STAGGERED, alone_answers(s, STAGGERED), staggered(s))
     finally:
         s.stop()
 
@@ -244,8 +249,9 @@ def test_batched_decoding_answers_as_alone(weights):
     s = Server(config, f"batch4-{weights}")
     try:
         check(EQUAL_LENGTH, *equal_lengths_in_one_step(s))
-        check(STAGGERED, *staggered(s))
-        check(STAGGERED, *staggered(s, interruptions=8))
+        alone = alone_answers(s, STAGGERED)
+        check(STAGGERED, alone, staggered(s))
+        check(STAGGERED, alone, staggered(s, interruptions=8))
         assert s.alive(), s.tail()
     finally:
         s.stop()
