@@ -31,6 +31,16 @@ pub enum Prompt {
     Text(String),
 }
 
+impl Prompt {
+    /// The request field that holds the prompt, for error messages.
+    pub fn param(&self) -> &'static str {
+        match self {
+            Prompt::Chat(_) => "messages",
+            Prompt::Text(_) => "prompt",
+        }
+    }
+}
+
 /// One sequence for the engine to generate: one choice of a request.
 pub struct SequenceJob {
     pub prompt: Prompt,
@@ -186,7 +196,7 @@ impl LoadedModel {
             Some(Ok(tokens)) => Ok(tokens.len()),
             Some(Err(e)) => Err(ApiError::invalid_body(
                 format!("the prompt cannot be rendered for this model: {e}"),
-                Some("messages".into()),
+                Some(prompt.param().into()),
             )),
             None => Err(ApiError::internal("the engine dropped a tokenization request")),
         }

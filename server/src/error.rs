@@ -64,9 +64,10 @@ impl ApiError {
         }
     }
 
-    pub fn context_length_exceeded(message: impl Into<String>) -> Self {
+    /// `param` is the field holding the prompt: `messages` or `prompt`.
+    pub fn context_length_exceeded(param: &str, message: impl Into<String>) -> Self {
         Self {
-            param: Some("messages".to_string()),
+            param: Some(param.to_string()),
             code: Some("context_length_exceeded"),
             ..Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
         }

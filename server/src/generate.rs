@@ -76,15 +76,16 @@ pub async fn start(
     let accepted = Instant::now();
     let prompt_tokens = model.count_prompt_tokens(&req.prompt).await? as u64;
     let context = model.max_seq_len as u64;
+    let param = req.prompt.param();
     if prompt_tokens >= context {
-        return Err(ApiError::context_length_exceeded(format!(
-            "This model's maximum context length is {context} tokens. However, your messages resulted in {prompt_tokens} tokens. Please reduce the length of the messages."
+        return Err(ApiError::context_length_exceeded(param, format!(
+            "This model's maximum context length is {context} tokens. However, your {param} resulted in {prompt_tokens} tokens. Please reduce the length of the {param}."
         )));
     }
     let max_tokens = match req.max_tokens {
         Some(asked) if prompt_tokens + asked > context => {
-            return Err(ApiError::context_length_exceeded(format!(
-                "This model's maximum context length is {context} tokens. However, you requested {} tokens ({prompt_tokens} in the messages, {asked} in the completion). Please reduce the length of the messages or completion.",
+            return Err(ApiError::context_length_exceeded(param, format!(
+                "This model's maximum context length is {context} tokens. However, you requested {} tokens ({prompt_tokens} in the {param}, {asked} in the completion). Please reduce the length of the {param} or completion.",
                 prompt_tokens + asked
             )))
         }
@@ -122,11 +123,13 @@ pub async fn start(
     });
     let (tx, rx) = mpsc::channel(64 * req.n);
     let is_text = matches!(req.prompt, crate::engine::Prompt::Text(_));
+    // OpenAI's default temperature is 1; a model's configured default comes first.
+    let temperature = sampling.temperature.unwrap_or(1.0);
+    let greedy = sampling.is_greedy();
     for index in 0..req.n {
-        let greedy = sampling.is_greedy() || sampling.temperature.is_none();
         let seeded = req.seed.filter(|_| !greedy).map(|seed| {
             let knobs = SamplingKnobs {
-                temperature: sampling.temperature.unwrap_or(1.0),
+                temperature,
                 top_k: sampling.top_k,
                 top_p: sampling.top_p,
                 min_p: sampling.min_p,
@@ -136,10 +139,11 @@ pub async fn start(
                 as Arc<dyn mistralrs::CustomLogitsProcessor>
         });
         let params = SamplingParams {
-            // Greedy (and seeded, where the processor samples) is the engine's argmax.
-            // mistralrs 0.8.1 takes argmax only with top_k = 1: with no temperature
-            // and no top_k it samples at temperature 1.
-            temperature: if greedy || seeded.is_some() { None } else { sampling.temperature },
+            // Greedy, and seeded sampling (where the processor has already chosen), is
+            // the engine's top_k = 1: mistralrs 0.8.1 samples at temperature 1 when given
+            // neither a temperature nor top_k. The temperature still sets the
+            // distribution the reported logprobs come from (1 for greedy).
+            temperature: if greedy { None } else { Some(temperature) },
             top_k: if greedy || seeded.is_some() { Some(1) } else { sampling.top_k },
             top_p: if seeded.is_some() { None } else { sampling.top_p },
             min_p: if seeded.is_some() { None } else { sampling.min_p },
@@ -378,8 +382,8 @@ fn convert_logprob(l: mistralrs::core::ResponseLogprob) -> TokenLogprob {
         token: l.token,
         logprob: natural_log(l.logprob),
         bytes: l.bytes,
-        // Under greedy decoding the engine (top_k = 1) reports -inf for every
-        // alternative: those carry no information and are not valid JSON numbers.
+        // Tokens a JSON schema rules out (or too unlikely for f32) come as -inf:
+        // they carry no information and are not valid JSON numbers.
         top_logprobs: l
             .top_logprobs
             .into_iter()

@@ -1,11 +1,13 @@
 //! Seeded sampling.
 //!
 //! The engine draws every sequence from one shared random generator, so a
-//! request's `seed` cannot be honoured there. With a seed, the engine is told
-//! to decode greedily and this logits processor does the sampling itself
-//! (temperature, top-k, top-p, min-p) from a generator of the request's own;
-//! it then leaves only the chosen token finite, which greedy decoding picks.
-//! Penalties are still applied by the engine before this runs.
+//! request's `seed` cannot be honoured there. With a seed, this logits
+//! processor does the sampling itself (temperature, top-k, top-p, min-p) from
+//! a generator of the request's own and leaves only the chosen token finite;
+//! the engine, told `top_k = 1`, takes it. Penalties are applied by the engine
+//! before this runs. The logprobs the client sees are unaffected: the vendored
+//! engine reads them from the distribution before any logits processor
+//! (vendor/README.md).
 
 use std::sync::Mutex;
 

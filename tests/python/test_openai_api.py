@@ -120,14 +120,46 @@ def test_logprobs(server):
     for item in wide.choices[0].logprobs.content:
         mass = sum(math.exp(t.logprob) for t in item.top_logprobs)
         assert 0.2 < mass <= 1.001, mass
-    # Greedy: the chosen token is the most likely one. (mistralrs reports no
-    # alternatives under greedy decoding; see the README's known gaps.)
+    # Greedy: the chosen token is the most likely one, and its alternatives come
+    # from the same (temperature 1) distribution.
     greedy = c.chat.completions.create(
         model=SMOL, messages=ASK, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3)
     for item in greedy.choices[0].logprobs.content:
-        assert item.logprob <= 0.0
-        assert 1 <= len(item.top_logprobs) <= 3
+        assert len(item.top_logprobs) == 3
         assert item.top_logprobs[0].token == item.token
+        assert item.top_logprobs[0].logprob == pytest.approx(item.logprob, abs=1e-5)
+        assert item.top_logprobs[1].logprob < 0.0
+    assert any(item.logprob < -1e-3 for item in greedy.choices[0].logprobs.content)
+
+
+def test_seeded_sampling_reports_the_models_logprobs(server):
+    c = client(server)
+    kw = dict(model=SMOL, messages=ASK, max_tokens=8, temperature=0.8, logprobs=True, top_logprobs=3)
+    seeded = c.chat.completions.create(seed=5, **kw).choices[0].logprobs.content
+    for item in seeded:
+        assert item.logprob <= 0.0
+        assert len(item.top_logprobs) == 3
+        assert item.logprob <= item.top_logprobs[0].logprob + 1e-5
+        for alt in item.top_logprobs:
+            if alt.token == item.token:
+                assert alt.logprob == pytest.approx(item.logprob, abs=1e-5)
+    assert any(item.logprob < -1e-3 for item in seeded), "seeded logprobs should not all be 0"
+    # The first token comes from the prompt alone: seeded or not, the same
+    # distribution at the same temperature.
+    free = c.chat.completions.create(**kw).choices[0].logprobs.content
+    assert [(t.token, round(t.logprob, 4)) for t in seeded[0].top_logprobs] == \
+        [(t.token, round(t.logprob, 4)) for t in free[0].top_logprobs]
+
+
+def test_default_temperature_is_one(server):
+    """No `temperature` and no model default: OpenAI's default of 1, so choices
+    differ, and a seed still makes them repeatable."""
+    c = client(server)
+    r = c.chat.completions.create(model=SMOL, messages=ASK, max_tokens=16, n=4)
+    assert len({ch.message.content for ch in r.choices}) > 1, [ch.message.content for ch in r.choices]
+    a = c.chat.completions.create(model=SMOL, messages=ASK, max_tokens=16, seed=11).choices[0].message.content
+    b = c.chat.completions.create(model=SMOL, messages=ASK, max_tokens=16, seed=11).choices[0].message.content
+    assert a == b
 
 
 def test_response_format_json_object(server):
@@ -190,7 +222,13 @@ def test_context_length_exceeded(server):
         client(server).chat.completions.create(
             model=SMOL, messages=[{"role": "user", "content": "word " * 5000}], max_tokens=4000)
     assert e.value.code == "context_length_exceeded"
+    assert e.value.body["param"] == "messages"
     assert "4000 in the completion" in e.value.message
+    # /v1/completions names its own field.
+    with pytest.raises(openai.BadRequestError) as e:
+        client(server).completions.create(model=SMOL, prompt="word " * 9000, max_tokens=4)
+    assert e.value.code == "context_length_exceeded"
+    assert e.value.body["param"] == "prompt"
 
 
 def test_missing_or_wrong_key_is_authentication_error(guarded):

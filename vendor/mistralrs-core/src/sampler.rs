@@ -1032,10 +1032,22 @@ impl Sampler {
 
         let logits = logits.to_vec1()?;
         let mut logits = self.apply_penalties(logits, context)?;
+        // fusechat: the log-probabilities reported for a step come from the model's
+        // distribution after penalties and temperature, before the custom logits
+        // processors and before top-k/top-p/min-p. Upstream read them from what was
+        // left after both: greedy decoding (top_k = 1) reported no alternatives, and a
+        // processor that samples by itself (fusechat's seeded sampling) left only the
+        // chosen token, with log-probability 0.
+        let reported = if return_logprobs {
+            Some(self.reported_logprobs(&logits)?)
+        } else {
+            None
+        };
+        let return_logprobs = false;
         for processor in &self.logits_processors {
             logits = processor.apply(&logits, context)?;
         }
-        let next_token = if sample_speculative {
+        let mut next_token = if sample_speculative {
             match self.temperature {
                 None => self.sample_speculative_top_kp_min_p(
                     logits,
@@ -1076,7 +1088,23 @@ impl Sampler {
                 }
             }
         };
+        if let Some(logprobs) = reported {
+            next_token.logprob = logprobs[next_token.token as usize] / std::f32::consts::LN_10;
+            let probs: Vec<f32> = logprobs.iter().map(|lp| lp.exp()).collect();
+            next_token.top_logprobs = Some(self.get_top_logprobs(&probs)?);
+        }
         Ok(next_token)
+    }
+
+    /// fusechat: natural log-probabilities of every token at this sampler's temperature
+    /// (1 when it has none), computed in log space so that unlikely tokens stay finite.
+    fn reported_logprobs(&self, logits: &Tensor) -> Result<Vec<f32>> {
+        let temperature = self.temperature.filter(|t| *t > 0.0).unwrap_or(1.0) as f32;
+        let scaled: Vec<f32> = logits.to_vec1::<f32>()?.iter().map(|l| l / temperature).collect();
+        let max = scaled.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f64 = scaled.iter().map(|l| f64::from((l - max).exp())).sum();
+        let log_norm = max + sum.ln() as f32;
+        Ok(scaled.into_iter().map(|l| l - log_norm).collect())
     }
 }
 
