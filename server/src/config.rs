@@ -373,21 +373,6 @@ mod tests {
     }
 
     #[test]
-    fn the_eval_config_is_the_default_one_sequence_at_a_time() {
-        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../config/serve-eval.toml"));
-        let eval = ServerConfig::load(path).unwrap();
-        eval.validate().unwrap();
-        let default = ServerConfig::embedded_default();
-        assert_eq!(eval.models.len(), default.models.len());
-        for (e, d) in eval.models.iter().zip(&default.models) {
-            assert_eq!(e.max_seqs, 1, "{}", e.id);
-            let d = ModelConfig { max_seqs: 1, ..d.clone() };
-            assert_eq!(format!("{e:?}"), format!("{d:?}"), "{} differs beyond max_seqs", e.id);
-        }
-        assert_eq!(eval.listen.host, "127.0.0.1");
-    }
-
-    #[test]
     fn embedded_default_serves_the_three_models() {
         let config = ServerConfig::embedded_default();
         let ids: Vec<_> = config.models.iter().map(|m| m.id.as_str()).collect();

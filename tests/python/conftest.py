@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[2]
 TARGET = Path(os.environ.get("CARGO_TARGET_DIR", Path.home() / ".cache" / "fusechat-target"))
@@ -21,6 +22,22 @@ MODELS = HOME / "models"
 SMOL = MODELS / "SmolLM2-135M-Instruct.Q4_1.gguf"
 QWEN = MODELS / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
 GEMMA = MODELS / "gemma-3-270m-q4_k_m.gguf"
+
+
+def scrape(base: str) -> dict:
+    """The server's /metrics, parsed by Prometheus's own client library:
+    {(sample name, frozenset of its labels): value}."""
+    text = httpx.get(base + "/metrics", timeout=10).text
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def metric(samples: dict, name: str, **labels):
+    """The value of the sample `name` with exactly these labels, or None."""
+    return samples.get((name, frozenset(labels.items())))
 
 
 def free_port() -> int:

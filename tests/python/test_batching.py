@@ -32,10 +32,9 @@ import time
 
 from openai import OpenAI
 
-import httpx
 import pytest
 
-from conftest import BASE_SMOLLM2, SMOL, Server
+from conftest import BASE_SMOLLM2, SMOL, Server, metric, scrape
 
 MODEL = "smollm2-135m-instruct"
 
@@ -152,10 +151,9 @@ def in_threads(n: int, body):
 
 def running(server: Server) -> int:
     """The model's fusechat_num_requests_running gauge."""
-    for line in httpx.get(server.base + "/metrics", timeout=10).text.splitlines():
-        if line.startswith(f'fusechat_num_requests_running{{model="{MODEL}"}}'):
-            return int(float(line.split()[-1]))
-    raise AssertionError("no fusechat_num_requests_running for the model in /metrics")
+    value = metric(scrape(server.base), "fusechat_num_requests_running", model=MODEL)
+    assert value is not None, "no fusechat_num_requests_running for the model in /metrics"
+    return int(value)
 
 
 def alone_answers(server: Server, questions):

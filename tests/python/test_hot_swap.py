@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from conftest import BASE_SMOLLM2, Server
+from conftest import BASE_SMOLLM2, Server, metric, scrape
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
 
@@ -78,9 +78,9 @@ def test_refusals_leave_serving_untouched(swap_server):
             assert "still serves" in error["message"], (broken, error)
     after = chat(s.base)
     assert after.status_code == 200 and after.json()["system_fingerprint"] == before
-    metrics = httpx.get(s.base + "/metrics").text
-    assert 'fusechat_model_loads_total{model="x",result="forbidden"} 4' in metrics
-    assert 'fusechat_model_loads_total{model="smollm2-base",result="failed"} 4' in metrics
+    metrics = scrape(s.base)
+    assert metric(metrics, "fusechat_model_loads_total", model="x", result="forbidden") == 4
+    assert metric(metrics, "fusechat_model_loads_total", model="smollm2-base", result="failed") == 4
 
 
 def test_swap_under_load_fails_nothing(swap_server):
@@ -130,9 +130,9 @@ def test_swap_under_load_fails_nothing(swap_server):
     models = httpx.get(s.base + "/v1/models").json()["data"]
     alias = next(m for m in models if m["id"] == "target")
     assert alias["alias_of"] == "smollm2-fused"
-    metrics = httpx.get(s.base + "/metrics").text
-    assert 'fusechat_model_loads_total{model="smollm2-fused",result="ok"} 1' in metrics
-    assert f'fusechat_alias_info{{alias="target",fingerprint="{new}",model="smollm2-fused"}} 1' in metrics
+    metrics = scrape(s.base)
+    assert metric(metrics, "fusechat_model_loads_total", model="smollm2-fused", result="ok") == 1
+    assert metric(metrics, "fusechat_alias_info", alias="target", fingerprint=new, model="smollm2-fused") == 1
 
     # The model behind an alias cannot be unloaded; the old one can.
     assert httpx.delete(s.base + "/admin/models/smollm2-fused", headers=ADMIN).status_code == 409

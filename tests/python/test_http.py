@@ -8,6 +8,8 @@ from pathlib import Path
 
 import httpx
 
+from conftest import metric, scrape
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -86,24 +88,24 @@ def test_models_health_ready(server):
 
 def test_metrics_have_model_labels_after_traffic(server):
     post(server, b'{"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": true}')
-    text = httpx.get(server.base + "/metrics").text
-    for name in [
-        'fusechat_time_to_first_token_seconds_count{model="smollm2-135m-instruct"}',
-        'fusechat_inter_token_latency_seconds_count{model="smollm2-135m-instruct"}',
-        'fusechat_e2e_request_latency_seconds_count{model="smollm2-135m-instruct"}',
-        'fusechat_request_queue_time_seconds_count{model="smollm2-135m-instruct"}',
-        'fusechat_num_requests_running{model="smollm2-135m-instruct"}',
-        'fusechat_num_requests_waiting{model="qwen2.5-coder-0.5b-instruct"}',
-        'fusechat_prompt_tokens_total{model="smollm2-135m-instruct"}',
-        'fusechat_generation_tokens_total{model="smollm2-135m-instruct"}',
-        'fusechat_request_success_total{finish_reason=',
-        'fusechat_http_requests_total{method="POST",route="/v1/chat/completions",status="200"}',
-        'fusechat_http_requests_total{method="POST",route="/v1/chat/completions",status="400"}',
+    samples = scrape(server.base)
+    smol = "smollm2-135m-instruct"
+    for name, labels in [
+        ("fusechat_time_to_first_token_seconds_count", dict(model=smol)),
+        ("fusechat_inter_token_latency_seconds_count", dict(model=smol)),
+        ("fusechat_e2e_request_latency_seconds_count", dict(model=smol)),
+        ("fusechat_request_queue_time_seconds_count", dict(model=smol)),
+        ("fusechat_num_requests_running", dict(model=smol)),
+        ("fusechat_num_requests_waiting", dict(model="qwen2.5-coder-0.5b-instruct")),
+        ("fusechat_prompt_tokens_total", dict(model=smol)),
+        ("fusechat_generation_tokens_total", dict(model=smol)),
+        ("fusechat_http_requests_total", dict(method="POST", route="/v1/chat/completions", status="200")),
+        ("fusechat_http_requests_total", dict(method="POST", route="/v1/chat/completions", status="400")),
     ]:
-        assert name in text, name
-    for line in text.splitlines():
-        if line.startswith('fusechat_generation_tokens_total{model="smollm2-135m-instruct"}'):
-            assert int(line.split()[-1]) > 0
+        assert metric(samples, name, **labels) is not None, (name, labels)
+    assert metric(samples, "fusechat_generation_tokens_total", model=smol) > 0
+    assert any(name == "fusechat_request_success_total" and dict(labels).get("finish_reason")
+               for name, labels in samples), "no fusechat_request_success_total{finish_reason=...}"
 
 
 def test_served_openapi_equals_the_checked_in_document(server):

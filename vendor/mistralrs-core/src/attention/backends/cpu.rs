@@ -109,22 +109,39 @@ const DOT_CHUNK: usize = 4;
 /// Size (in KV positions) processed by each inner‑tile job.
 const TILE_KV: usize = 16;
 
-/// Unrolled dot‑product that works purely in `f32`.
+/// Dot product in `f32`.
+///
+/// fusechat: eight independent lanes, fused multiply-adds, summed pairwise at
+/// the end, so that the compiler keeps it in SIMD registers. Upstream's four
+/// products per step were added into one running sum, a chain the compiler
+/// cannot vectorise without reordering it; with the scalar value update
+/// below it made prompt attention (every query against every earlier key)
+/// three quarters of a 1,402-token SmolLM2 prefill.
 #[inline]
 fn vec_dot_f32<T: UpcastF32 + Copy>(a: &[T], b: &[T]) -> f32 {
-    let mut sum = 0f32;
-    let chunks = a.len() / DOT_CHUNK;
-    for i in 0..chunks {
-        let i_chunk = i * DOT_CHUNK;
-        sum += a[i_chunk].to_f32() * b[i_chunk].to_f32()
-            + a[i_chunk + 1].to_f32() * b[i_chunk + 1].to_f32()
-            + a[i_chunk + 2].to_f32() * b[i_chunk + 2].to_f32()
-            + a[i_chunk + 3].to_f32() * b[i_chunk + 3].to_f32();
+    const LANES: usize = 8;
+    let mut acc = [0f32; LANES];
+    let (a_main, a_tail) = a.split_at(a.len() - a.len() % LANES);
+    let b_main = &b[..a_main.len()];
+    for (ca, cb) in a_main.chunks_exact(LANES).zip(b_main.chunks_exact(LANES)) {
+        for l in 0..LANES {
+            acc[l] = ca[l].to_f32().mul_add(cb[l].to_f32(), acc[l]);
+        }
     }
-    for i in (chunks * DOT_CHUNK)..a.len() {
-        sum += a[i].to_f32() * b[i].to_f32();
+    let mut sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (x, y) in a_tail.iter().zip(&b[a_main.len()..]) {
+        sum += x.to_f32() * y.to_f32();
     }
     sum
+}
+
+/// fusechat: `acc += weight * v`, the value update of online softmax, over
+/// slices (no index checks, so it vectorises).
+#[inline]
+fn axpy_f32<T: UpcastF32 + Copy>(acc: &mut [f32], v: &[T], weight: f32) {
+    for (a, x) in acc.iter_mut().zip(v) {
+        *a = x.to_f32().mul_add(weight, *a);
+    }
 }
 
 #[inline]
@@ -567,9 +584,7 @@ where
 
                         // -------- add V ----------
                         let v_base = b_i * vstride[0] + kv_pos * vstride[1] + v_head * vstride[2];
-                        for d_i in 0..dv {
-                            vkq[d_i] += v_data[v_base + d_i].to_f32() * vs;
-                        }
+                        axpy_f32(vkq, &v_data[v_base..v_base + dv], vs);
 
                         s = s * ms + vs;
                     }
@@ -759,9 +774,7 @@ where
 
                     // V row (strided) as f32
                     let v_base = b_i * vstride[0] + kv_pos * vstride[1] + v_head * vstride[2];
-                    for d_i in 0..dv {
-                        vkq[d_i] += v_data[v_base + d_i].to_f32() * vs;
-                    }
+                    axpy_f32(&mut vkq, &v_data[v_base..v_base + dv], vs);
 
                     s = s * ms + vs;
                 }
