@@ -104,8 +104,6 @@ fn kv_pads() -> Option<std::sync::Arc<[usize]>> {
     KV_PADS.with(|p| p.borrow().clone())
 }
 
-const DOT_CHUNK: usize = 4;
-
 /// Size (in KV positions) processed by each inner‑tile job.
 const TILE_KV: usize = 16;
 
