@@ -106,7 +106,7 @@ run_bench() {
     --base-url "http://$HOST:$port/v1" --model "$MODEL_ID" --server "$server" \
     --model-file "$MODEL_FILE" --server-info "$info" \
     --max-tokens "$MAX_TOKENS" --concurrency "$CONCURRENCY" \
-    --json-out "$WORK/serving.$server.json" "${EXTRA[@]}" >&2
+    --json-out "$WORK/serving.$server.json" "${EXTRA[@]}" >&2 || return 1
   # Then prompts of 250 to 2,000 tokens, one at a time (prefill).
   "$PY" "$HERE/prefill_bench.py" run \
     --base-url "http://$HOST:$port/v1" --model "$MODEL_ID" --server "$server" \

@@ -377,13 +377,18 @@ fn natural_log(log10: f32) -> f32 {
     log10 * std::f32::consts::LN_10
 }
 
+/// What OpenAI reports for a token with no probability at all: -inf is not a
+/// JSON number.
+const NO_PROBABILITY: f32 = -9999.0;
+
 fn convert_logprob(l: mistralrs::core::ResponseLogprob) -> TokenLogprob {
+    let logprob = natural_log(l.logprob);
     TokenLogprob {
         token: l.token,
-        logprob: natural_log(l.logprob),
+        logprob: if logprob.is_finite() { logprob } else { NO_PROBABILITY },
         bytes: l.bytes,
-        // Tokens a JSON schema rules out (or too unlikely for f32) come as -inf:
-        // they carry no information and are not valid JSON numbers.
+        // Alternatives with no probability (a grammar's mask, when it forced the
+        // engine to sample again) come as -inf: they carry no information.
         top_logprobs: l
             .top_logprobs
             .into_iter()

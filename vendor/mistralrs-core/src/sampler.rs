@@ -405,6 +405,12 @@ impl Sampler {
     }
 
     fn get_top_logprobs(&self, probs: &[f32]) -> Result<Vec<TopLogprob>> {
+        self.top_logprobs_of(probs, |prob| prob.log(10.0))
+    }
+
+    /// fusechat: the `top_n_logprobs` largest of `values` (probabilities, or
+    /// anything ordered like them), reported as `log10(value)`.
+    fn top_logprobs_of(&self, probs: &[f32], log10: impl Fn(f32) -> f32) -> Result<Vec<TopLogprob>> {
         let k = self.top_n_logprobs.min(probs.len());
         if k == 0 {
             return Ok(Vec::new());
@@ -423,7 +429,7 @@ impl Sampler {
                     .map_err(|e| Error::Msg(e.to_string()))?;
                 result.push(TopLogprob {
                     token,
-                    logprob: prob.log(10.0),
+                    logprob: log10(prob),
                     bytes: Some(decoded),
                 });
             }
@@ -431,7 +437,7 @@ impl Sampler {
             for (token, prob) in top_k {
                 result.push(TopLogprob {
                     token,
-                    logprob: prob.log(10.0),
+                    logprob: log10(prob),
                     bytes: None,
                 });
             }
@@ -1089,19 +1095,23 @@ impl Sampler {
             }
         };
         if let Some(logprobs) = reported {
-            next_token.logprob = logprobs[next_token.token as usize] / std::f32::consts::LN_10;
-            let probs: Vec<f32> = logprobs.iter().map(|lp| lp.exp()).collect();
-            next_token.top_logprobs = Some(self.get_top_logprobs(&probs)?);
+            let to_log10 = |lp: f32| lp / std::f32::consts::LN_10;
+            next_token.logprob = to_log10(logprobs[next_token.token as usize]);
+            next_token.top_logprobs = Some(self.top_logprobs_of(&logprobs, to_log10)?);
         }
         Ok(next_token)
     }
 
     /// fusechat: natural log-probabilities of every token at this sampler's temperature
     /// (1 when it has none), computed in log space so that unlikely tokens stay finite.
+    /// Logits that are all -inf (or not finite at their maximum) give all -inf, not NaN.
     fn reported_logprobs(&self, logits: &Tensor) -> Result<Vec<f32>> {
         let temperature = self.temperature.filter(|t| *t > 0.0).unwrap_or(1.0) as f32;
         let scaled: Vec<f32> = logits.to_vec1::<f32>()?.iter().map(|l| l / temperature).collect();
         let max = scaled.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if !max.is_finite() {
+            return Ok(vec![f32::NEG_INFINITY; scaled.len()]);
+        }
         let sum: f64 = scaled.iter().map(|l| f64::from((l - max).exp())).sum();
         let log_norm = max + sum.ln() as f32;
         Ok(scaled.into_iter().map(|l| l - log_norm).collect())

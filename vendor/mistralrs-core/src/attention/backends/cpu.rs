@@ -117,13 +117,14 @@ const TILE_KV: usize = 16;
 /// three quarters of a 1,402-token SmolLM2 prefill.
 #[inline]
 fn vec_dot_f32<T: UpcastF32 + Copy>(a: &[T], b: &[T]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
     const LANES: usize = 8;
     let mut acc = [0f32; LANES];
     let (a_main, a_tail) = a.split_at(a.len() - a.len() % LANES);
     let b_main = &b[..a_main.len()];
     for (ca, cb) in a_main.chunks_exact(LANES).zip(b_main.chunks_exact(LANES)) {
         for l in 0..LANES {
-            acc[l] = ca[l].to_f32().mul_add(cb[l].to_f32(), acc[l]);
+            acc[l] = fmadd(ca[l].to_f32(), cb[l].to_f32(), acc[l]);
         }
     }
     let mut sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
@@ -133,12 +134,26 @@ fn vec_dot_f32<T: UpcastF32 + Copy>(a: &[T], b: &[T]) -> f32 {
     sum
 }
 
+/// fusechat: `a * b + c`, fused where the target has FMA (one instruction,
+/// vectorised); without it `mul_add` would be a libm call per element.
+#[inline(always)]
+fn fmadd(a: f32, b: f32, c: f32) -> f32 {
+    #[cfg(target_feature = "fma")]
+    {
+        a.mul_add(b, c)
+    }
+    #[cfg(not(target_feature = "fma"))]
+    {
+        a * b + c
+    }
+}
+
 /// fusechat: `acc += weight * v`, the value update of online softmax, over
 /// slices (no index checks, so it vectorises).
 #[inline]
 fn axpy_f32<T: UpcastF32 + Copy>(acc: &mut [f32], v: &[T], weight: f32) {
     for (a, x) in acc.iter_mut().zip(v) {
-        *a = x.to_f32().mul_add(weight, *a);
+        *a = fmadd(x.to_f32(), weight, *a);
     }
 }
 
