@@ -19,9 +19,10 @@ import json
 import statistics
 import sys
 import time
-from urllib.parse import urlparse
-
 import httpx
+
+# The same loopback check as the serving benchmark (resolves the host name).
+from serving_bench import check_loopback
 
 # Words per prompt: about 1.3 SmolLM2 tokens each, plus the chat template.
 LENGTHS = [180, 380, 760, 1520]
@@ -34,12 +35,6 @@ WORDS = (
 def prompt(words: int, nonce: int) -> str:
     body = " ".join(WORDS[i % len(WORDS)] for i in range(words))
     return f"Request {nonce}. Summarise this text in one word: {body}"
-
-
-def check_loopback(url: str) -> None:
-    host = urlparse(url).hostname or ""
-    if not (host in ("localhost", "::1") or host.startswith("127.")):
-        sys.exit(f"refusing non-loopback target {url}")
 
 
 def run(args) -> int:
