@@ -109,6 +109,11 @@ pub struct JudgeEntry {
     pub max_tokens: u64,
     #[serde(default)]
     pub concurrency: Option<usize>,
+    /// `weighted` (default): the judge's probabilities of its verdict
+    /// tokens, where it returns `logprobs`; `verdict`: win 1, tie 0.5,
+    /// loss 0.
+    #[serde(default)]
+    pub scoring: crate::judge::Scoring,
 }
 
 fn default_seed() -> u64 {

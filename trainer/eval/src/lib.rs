@@ -434,16 +434,17 @@ pub async fn run(config: &EvalConfig) -> Result<Outcome> {
                         let (instruction, reference) = refs.get(&p.id).cloned().expect("checked above");
                         let jc = config.judge.as_ref().expect("checked above");
                         let ep = judge_ep.expect("made above");
-                        let mut verdicts: [Option<Verdict>; 2] = [None, None];
+                        let mut order_scores: [Option<f64>; 2] = [None, None];
                         let mut shown = serde_json::Map::new();
                         for (oi, order) in Order::BOTH.into_iter().enumerate() {
                             if j.response.trim().is_empty() {
                                 // An empty output loses without asking the judge.
-                                verdicts[oi] = Some(match order { Order::ModelFirst => Verdict::B, Order::ReferenceFirst => Verdict::A });
-                                shown.insert(order.as_str().into(), json!({"verdict": verdicts[oi], "reply": "empty output: a loss"}));
+                                let loss = match order { Order::ModelFirst => Verdict::B, Order::ReferenceFirst => Verdict::A };
+                                order_scores[oi] = judge::order_score(order, Some(loss), None);
+                                shown.insert(order.as_str().into(), json!({"verdict": loss, "reply": "empty output: a loss"}));
                                 continue;
                             }
-                            let body = judge::request(&jc.model, jc.max_tokens, &instruction, &j.response, &reference, order);
+                            let body = judge::request(&jc.model, jc.max_tokens, jc.scoring, &instruction, &j.response, &reference, order);
                             let key = key_of(
                                 "judge",
                                 &json!({"base_url": jc.base_url.trim_end_matches('/'), "body": body}),
@@ -469,31 +470,35 @@ pub async fn run(config: &EvalConfig) -> Result<Outcome> {
                                     }
                                     counters.lock().unwrap().0 += 1;
                                     let r = match ep.chat(&body).await {
-                                        Ok(r) => Record::Judge {
-                                            key, model: model_name.clone(), prompt: p.id.clone(), order,
-                                            verdict: judge::parse_verdict(&r.text), reply: Some(r.text), error: None,
-                                        },
+                                        Ok(r) => {
+                                            let verdict = judge::parse_verdict(&r.text);
+                                            let probs = verdict.and_then(|v| judge::verdict_probs(&r.raw, v));
+                                            Record::Judge {
+                                                key, model: model_name.clone(), prompt: p.id.clone(), order,
+                                                verdict, probs, reply: Some(r.text), error: None,
+                                            }
+                                        }
                                         Err(e) => Record::Judge {
                                             key, model: model_name.clone(), prompt: p.id.clone(), order,
-                                            verdict: None, reply: None, error: Some(e.to_string()),
+                                            verdict: None, probs: None, reply: None, error: Some(e.to_string()),
                                         },
                                     };
                                     store.put(r.clone())?;
                                     r
                                 }
                             };
-                            if let Record::Judge { verdict, reply, error, .. } = rec {
-                                verdicts[oi] = verdict;
+                            if let Record::Judge { verdict, probs, reply, error, .. } = rec {
+                                order_scores[oi] = judge::order_score(order, verdict, probs);
                                 if verdict.is_none() {
                                     note = Some(match &error {
                                         Some(e) => format!("judge request failed ({}): {e}", order.as_str()),
                                         None => format!("no verdict in the judge's reply ({})", order.as_str()),
                                     });
                                 }
-                                shown.insert(order.as_str().into(), json!({"verdict": verdict, "reply": reply, "error": error}));
+                                shown.insert(order.as_str().into(), json!({"verdict": verdict, "probs": probs, "reply": reply, "error": error}));
                             }
                         }
-                        scores.insert(bench, judge::prompt_score(verdicts[0], verdicts[1]));
+                        scores.insert(bench, judge::prompt_score(order_scores[0], order_scores[1]));
                         detail = Value::Object(shown);
                     }
                 }

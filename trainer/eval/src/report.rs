@@ -118,7 +118,13 @@ impl Report {
                 .judge
                 .as_ref()
                 .filter(|_| judged)
-                .map(|j| format!("{} at {}", j.model, j.base_url)),
+                .map(|j| {
+                    let scoring = match j.scoring {
+                        crate::judge::Scoring::Weighted => "each order scored by the judge's probability of the model's letter at its verdict token (the verdict alone where the judge returns no logprobs)",
+                        crate::judge::Scoring::Verdict => "each order scored by its verdict (win 1, tie 0.5, loss 0)",
+                    };
+                    format!("{} at {}; {scoring}", j.model, j.base_url)
+                }),
         }
     }
 
@@ -141,7 +147,7 @@ pub fn describe(bench: &str) -> String {
         format!("{p}: pass@1 on the base and plus tests (greedy)")
     } else if let Some(p) = bench.strip_suffix(".win_rate") {
         format!(
-            "{p}: win rate against the GPT-4 reference outputs, judged in both orders (tie = 0.5)"
+            "{p}: win rate against the GPT-4 reference outputs, judged in both orders (how an order scores: see the judge below)"
         )
     } else {
         format!("{bench}: math accuracy")

@@ -18,7 +18,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::error::{EvalError, Result};
-use crate::judge::{Order, Verdict};
+use crate::judge::{Order, Verdict, VerdictProbs};
 
 /// One line of `results.jsonl`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -45,15 +45,18 @@ pub enum Record {
         reason: String,
         detail: String,
     },
-    /// One judge call: `verdict` about the outputs as shown in `order`;
-    /// `error` when the request failed, `reply` without a verdict when the
-    /// judge answered something unreadable.
+    /// One judge call: `verdict` about the outputs as shown in `order`, and
+    /// the judge's probabilities at it when it returned logprobs; `error`
+    /// when the request failed, `reply` without a verdict when the judge
+    /// answered something unreadable.
     Judge {
         key: String,
         model: String,
         prompt: String,
         order: Order,
         verdict: Option<Verdict>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        probs: Option<VerdictProbs>,
         reply: Option<String>,
         error: Option<String>,
     },

@@ -37,7 +37,9 @@ fn section<'a>(text: &'a str, head: &str, next: &str) -> &'a str {
     &text[start..end]
 }
 
-fn fair_verdict(user: &str) -> String {
+/// How output (a) compares with output (b): the right answer beats the
+/// reference, which ties with the tie answer and beats the wrong one.
+fn compare(user: &str) -> std::cmp::Ordering {
     let a = section(user, "## Output (a)\n", "## Output (b)");
     let b = section(user, "## Output (b)\n", "## Your verdict");
     let rank = |s: &str| {
@@ -51,8 +53,12 @@ fn fair_verdict(user: &str) -> String {
             1 // the reference
         }
     };
+    rank(a).cmp(&rank(b))
+}
+
+fn fair_verdict(user: &str) -> String {
     // Different reply shapes, all of which the parser must read.
-    match rank(a).cmp(&rank(b)) {
+    match compare(user) {
         std::cmp::Ordering::Greater => "Verdict: A".into(),
         std::cmp::Ordering::Less => "Output (b) is better because it answers the question.".into(),
         std::cmp::Ordering::Equal => "tie".into(),
@@ -108,6 +114,26 @@ async fn chat(body: web::Json<Value>, state: web::Data<Arc<State>>) -> HttpRespo
         "down" => return HttpResponse::InternalServerError().body("boom"),
         "judge-fair" => fair_verdict(&last),
         "judge-first" => "A".into(),
+        "judge-leaning" => {
+            // Always "A", but surer when (a) is the better output.
+            let p_a: f64 = match compare(&last) {
+                std::cmp::Ordering::Greater => 0.9,
+                std::cmp::Ordering::Equal => 0.6,
+                std::cmp::Ordering::Less => 0.55,
+            };
+            let mut c = completion("A");
+            if body["logprobs"] == json!(true) {
+                assert_eq!(body["top_logprobs"], 10);
+                c["choices"][0]["logprobs"] = json!({"content": [{
+                    "token": "A", "logprob": p_a.ln(),
+                    "top_logprobs": [
+                        {"token": "A", "logprob": p_a.ln()},
+                        {"token": "B", "logprob": (1.0 - p_a).ln()},
+                    ],
+                }]});
+            }
+            return HttpResponse::Ok().json(c);
+        }
         "judge-garbage" => "I cannot decide which one is better, they differ.".into(),
         other => return HttpResponse::NotFound().body(format!("no model {other}")),
     };
@@ -206,6 +232,7 @@ fn config(out: &Path, url: &str, models: &[&str], judge: &str) -> EvalConfig {
         api_key_env: None,
         max_tokens: 16,
         concurrency: Some(4),
+        scoring: Default::default(),
     });
     c
 }
@@ -358,6 +385,35 @@ fn a_position_biased_judge_gives_exactly_one_half() {
         (Some(0.5), 2, 0)
     );
     assert_eq!(mock.count_model("judge-first"), 8);
+}
+
+#[test]
+fn a_leaning_judge_is_read_by_its_probabilities() {
+    let mock = start_mock(gold_map());
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), &mock.url(), &["right", "wrong", "tie"], "judge-leaning");
+    cfg.sizes.retain(|k, _| k == "alpaca_eval");
+    let out = rt().block_on(fusechat_eval::run(&cfg)).unwrap();
+    let win = |m: &str| score(&out.report, m, "alpaca_eval.win_rate");
+    // Model first and better: p(A) 0.9; reference first, model better:
+    // p(B) 0.45. Wrong: 0.55 and 0.1. Tie: 0.6 and 0.4.
+    let close = |got: (Option<f64>, usize, usize), want: f64| {
+        assert!((got.0.unwrap() - want).abs() < 1e-9 && got.1 == 2 && got.2 == 0, "{got:?} vs {want}");
+    };
+    close(win("right"), 0.675);
+    close(win("wrong"), 0.325);
+    close(win("tie"), 0.5);
+    let samples = std::fs::read_to_string(dir.path().join("samples.jsonl")).unwrap();
+    assert!(samples.contains("\"probs\":{\"a\":0.9"), "{samples}");
+    // The same judge scored by verdicts: every answer "A", every model 0.5.
+    let dir2 = tempfile::tempdir().unwrap();
+    let mut cfg2 = cfg.clone();
+    cfg2.output = dir2.path().to_path_buf();
+    cfg2.judge.as_mut().unwrap().scoring = fusechat_eval::judge::Scoring::Verdict;
+    let out2 = rt().block_on(fusechat_eval::run(&cfg2)).unwrap();
+    for m in ["right", "wrong", "tie"] {
+        assert_eq!(score(&out2.report, m, "alpaca_eval.win_rate"), (Some(0.5), 2, 0), "{m}");
+    }
 }
 
 #[test]
