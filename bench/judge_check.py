@@ -40,8 +40,10 @@ def user_message(instruction, a, b):
 
 
 def letter(token):
-    t = token.strip().strip("[]()\"'*`.:").strip()
-    return {"A": "a", "a": "a", "B": "b", "b": "b", "tie": "tie", "Tie": "tie"}.get(t)
+    # As trainer/eval/src/judge.rs reads a token: anything but letters and
+    # digits trimmed, byte-level BPE and SentencePiece space marks too.
+    t = token.strip("".join(c for c in set(token) if not c.isalnum()) + "\u0120\u2581")
+    return {"A": "a", "a": "a", "B": "b", "b": "b", "tie": "tie", "Tie": "tie", "TIE": "tie"}.get(t)
 
 
 def judge(base_url, model, instruction, a, b):
@@ -65,15 +67,20 @@ def judge(base_url, model, instruction, a, b):
         resp = json.load(r)
     choice = resp["choices"][0]
     text = choice["message"]["content"]
+    # The first token that is a verdict letter (the judge's replies here are
+    # one token, "A" or "B"; fusechat eval reads the verdict from the text
+    # and takes the token where it was read).
     for tok in (choice.get("logprobs") or {}).get("content") or []:
-        if letter(tok["token"]):
+        if letter(tok.get("token", "")):
             p = {"a": 0.0, "b": 0.0, "tie": 0.0}
-            for alt in tok["top_logprobs"]:
-                k = letter(alt["token"])
+            alts = {a["token"]: a["logprob"] for a in tok.get("top_logprobs") or []}
+            alts.setdefault(tok["token"], tok.get("logprob", float("-inf")))
+            for t, lp in alts.items():
+                k = letter(t)
                 if k:
-                    p[k] += math.exp(alt["logprob"])
+                    p[k] += math.exp(lp)
             total = sum(p.values())
-            return text, {k: v / total for k, v in p.items()}
+            return text, ({k: v / total for k, v in p.items()} if total > 0 else None)
     return text, None
 
 
@@ -88,13 +95,14 @@ def main():
     args = ap.parse_args()
 
     rows = json.load(open(args.data))
-    # Every 20th instruction: spread over AlpacaEval's sources.
+    # Evenly spaced instructions: spread over AlpacaEval's sources.
     picked = rows[:: max(1, len(rows) // args.n)][: args.n]
     jobs = []
     for i, row in enumerate(picked):
         off_topic = picked[(i + 1) % len(picked)]["output"]
         ref = row["output"]
-        # (instruction, a, b, index of the off-topic output's letter)
+        # (instruction index, order, instruction, output (a), output (b));
+        # the off-topic answer plays the model.
         jobs.append((i, "model_first", row["instruction"], off_topic, ref))
         jobs.append((i, "reference_first", row["instruction"], ref, off_topic))
 
@@ -123,6 +131,8 @@ def main():
         "share_a_most_probable": first_letters.count("a") / len(first_letters) if first_letters else None,
         "calls_without_logprobs": sum(1 for r in results if r[3] is None),
     }
+    if not scores:
+        raise SystemExit("no instruction got probabilities in both orders: does the judge return logprobs?")
     print("| judge | instructions | off-topic answer's weighted score (0 = always spotted, 0.5 = blind) | sd | share of calls where \"A\" is the likeliest letter |")
     print("| --- | ---: | ---: | ---: | ---: |")
     print(

@@ -85,33 +85,43 @@ pub fn model_score(order: Order, v: Verdict) -> f64 {
     }
 }
 
-/// The model's score for one judged order: the probability of its letter
-/// (a tie's half) when the judge's probabilities are there, else the
-/// verdict's score; `None` without a verdict (the judge failed).
-pub fn order_score(order: Order, verdict: Option<Verdict>, probs: Option<VerdictProbs>) -> Option<f64> {
-    let verdict = verdict?;
-    Some(match probs {
-        Some(p) => {
-            let mine = match order {
-                Order::ModelFirst => p.a,
-                Order::ReferenceFirst => p.b,
-            };
-            mine + 0.5 * p.tie
-        }
-        None => model_score(order, verdict),
-    })
+/// One judged order: the verdict read from the reply, and the judge's
+/// probabilities at it where it returned logprobs.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Judged {
+    pub verdict: Option<Verdict>,
+    pub probs: Option<VerdictProbs>,
 }
 
-/// A prompt's score from its two orders' scores; `None` when either order
-/// has none (the judge failed), so a failure never counts as a win.
-pub fn prompt_score(model_first: Option<f64>, reference_first: Option<f64>) -> Option<f64> {
-    Some((model_first? + reference_first?) / 2.0)
+/// The model's probability-weighted score for one order: the probability
+/// of its letter, a tie's counting half.
+fn weighted_score(order: Order, p: VerdictProbs) -> f64 {
+    let mine = match order {
+        Order::ModelFirst => p.a,
+        Order::ReferenceFirst => p.b,
+    };
+    mine + 0.5 * p.tie
+}
+
+/// A prompt's score from its two orders (model first, reference first):
+/// the mean of the orders' weighted scores when both have probabilities,
+/// else of their verdicts' scores, so both orders are always scored the
+/// same way and a position bias still cancels. `None` when either order
+/// has no verdict (the judge failed): a failure never counts as a win.
+pub fn prompt_score(model_first: Judged, reference_first: Judged) -> Option<f64> {
+    let (vm, vr) = (model_first.verdict?, reference_first.verdict?);
+    Some(match (model_first.probs, reference_first.probs) {
+        (Some(pm), Some(pr)) => {
+            (weighted_score(Order::ModelFirst, pm) + weighted_score(Order::ReferenceFirst, pr)) / 2.0
+        }
+        _ => (model_score(Order::ModelFirst, vm) + model_score(Order::ReferenceFirst, vr)) / 2.0,
+    })
 }
 
 /// The verdict a single generated token stands for: "A", " b", "(a",
 /// "[[B", "tie"; `None` for anything else.
 fn verdict_token(token: &str) -> Option<Verdict> {
-    let t = token.trim_matches(|c: char| !c.is_alphanumeric());
+    let t = token.trim_matches(|c: char| !c.is_alphanumeric() || c == '\u{120}' || c == '\u{2581}');
     match t {
         "A" | "a" => Some(Verdict::A),
         "B" | "b" => Some(Verdict::B),
@@ -120,22 +130,47 @@ fn verdict_token(token: &str) -> Option<Verdict> {
     }
 }
 
-/// The judge's probabilities at its verdict: the first generated token
-/// that stands for `verdict` (the verdict read from the whole reply), and
-/// the "A", "B" and "tie" tokens among that position's `top_logprobs`
-/// (OpenAI's `choices[0].logprobs.content`). `None` when the response has
-/// no logprobs or no such token.
-pub fn verdict_probs(raw: &Value, verdict: Verdict) -> Option<VerdictProbs> {
+/// The judge's probabilities at its verdict: the generated token that
+/// covers byte `at` of the reply `text` (where [`parse_verdict_at`] read the
+/// verdict), which must itself stand for `verdict`, and the "A", "B" and
+/// "tie" tokens among that position's `top_logprobs` (OpenAI's
+/// `choices[0].logprobs.content`; the chosen token counted when the list
+/// leaves it out, each alternative once). `None` when the response has no
+/// logprobs, its tokens do not spell the reply, or nothing stands for the
+/// verdict there.
+pub fn verdict_probs(raw: &Value, text: &str, verdict: Verdict, at: usize) -> Option<VerdictProbs> {
     let content = raw["choices"][0]["logprobs"]["content"].as_array()?;
-    let at = content
-        .iter()
-        .find(|t| t["token"].as_str().and_then(verdict_token) == Some(verdict))?;
+    let tokens: Vec<&str> = content.iter().map(|t| t["token"].as_str()).collect::<Option<_>>()?;
+    let spelled: String = tokens.concat();
+    // Servers may trim the reply's leading whitespace: line the two up.
+    let lead = |s: &str| s.len() - s.trim_start().len();
+    if spelled.trim() != text.trim() || at < lead(text) {
+        return None;
+    }
+    let at = at - lead(text) + lead(&spelled);
+    let mut start = 0;
+    let i = tokens.iter().position(|t| {
+        let covers = start <= at && at < start + t.len();
+        start += t.len();
+        covers
+    })?;
+    if verdict_token(tokens[i]) != Some(verdict) {
+        return None;
+    }
+    let entry = &content[i];
+    let mut alts: Vec<(&str, f64)> = Vec::new();
+    for alt in entry["top_logprobs"].as_array().into_iter().flatten() {
+        if let (Some(t), Some(lp)) = (alt["token"].as_str(), alt["logprob"].as_f64()) {
+            if !alts.iter().any(|(seen, _)| *seen == t) {
+                alts.push((t, lp));
+            }
+        }
+    }
+    if !alts.iter().any(|(t, _)| *t == tokens[i]) {
+        alts.push((tokens[i], entry["logprob"].as_f64()?));
+    }
     let mut p = VerdictProbs { a: 0.0, b: 0.0, tie: 0.0 };
-    let top = at["top_logprobs"].as_array()?;
-    for alt in top {
-        let (Some(tok), Some(lp)) = (alt["token"].as_str(), alt["logprob"].as_f64()) else {
-            continue;
-        };
+    for (tok, lp) in alts {
         let prob = lp.exp();
         if !prob.is_finite() {
             continue;
@@ -201,6 +236,12 @@ fn letter(s: &str) -> Option<Verdict> {
 /// leading `A` / `B` / `tie` (after "Verdict:" and the like), "Output (b)
 /// is better", "it's a tie". `None` when there is none or it is ambiguous.
 pub fn parse_verdict(text: &str) -> Option<Verdict> {
+    parse_verdict_at(text).map(|(v, _)| v)
+}
+
+/// [`parse_verdict`], with the byte offset in `text` where the verdict was
+/// read (its letter, or the start of the tie phrase).
+pub fn parse_verdict_at(text: &str) -> Option<(Verdict, usize)> {
     static R: OnceLock<[Regex; 4]> = OnceLock::new();
     let [brackets, leading, better, tie] = R.get_or_init(|| {
         [
@@ -224,30 +265,34 @@ pub fn parse_verdict(text: &str) -> Option<Verdict> {
         ]
     });
     if let Some(c) = brackets.captures(text) {
-        return letter(&c[1]);
+        let m = c.get(1).expect("group 1");
+        return letter(m.as_str()).map(|v| (v, m.start()));
     }
-    let letters: std::collections::BTreeSet<String> = better
+    let mut letters: Vec<(String, usize)> = better
         .captures_iter(text)
-        .map(|c| c[1].to_ascii_lowercase())
+        .map(|c| {
+            let m = c.get(1).expect("group 1");
+            (m.as_str().to_ascii_lowercase(), m.start())
+        })
         .collect();
-    if letters.len() > 1 {
+    letters.dedup_by(|x, y| x.0 == y.0);
+    let distinct: std::collections::BTreeSet<&str> = letters.iter().map(|(l, _)| l.as_str()).collect();
+    if distinct.len() > 1 {
         return None; // "Output (a) is better ... output (b) is better"
     }
+    let trimmed = text.len() - text.trim_start().len();
     if let Some(c) = leading.captures(text.trim_start()) {
         for g in ["l1", "l2", "l3", "t"] {
             if let Some(m) = c.name(g) {
                 let s = m.as_str();
-                return letter(if g == "t" { "tie" } else { s });
+                return letter(if g == "t" { "tie" } else { s }).map(|v| (v, trimmed + m.start()));
             }
         }
     }
-    if letters.len() == 1 {
-        return letter(letters.iter().next().unwrap());
+    if let Some((l, at)) = letters.first() {
+        return letter(l).map(|v| (v, *at));
     }
-    if letters.is_empty() && tie.is_match(text) {
-        return Some(Verdict::Tie);
-    }
-    None
+    tie.find(text).map(|m| (Verdict::Tie, m.start()))
 }
 
 #[cfg(test)]
@@ -289,7 +334,7 @@ mod tests {
     }
 
     fn by_verdicts(mf: Option<Verdict>, rf: Option<Verdict>) -> Option<f64> {
-        prompt_score(order_score(Order::ModelFirst, mf, None), order_score(Order::ReferenceFirst, rf, None))
+        prompt_score(Judged { verdict: mf, probs: None }, Judged { verdict: rf, probs: None })
     }
 
     #[test]
@@ -310,18 +355,30 @@ mod tests {
         assert_eq!(by_verdicts(Some(A), None), None);
     }
 
-    fn logprobs_reply(tokens: &[(&str, &[(&str, f64)])]) -> Value {
+    /// A response whose tokens, each with its alternatives, spell the reply.
+    fn logprobs_reply(tokens: &[(&str, &[(&str, f64)])]) -> (Value, String) {
         let content: Vec<Value> = tokens
             .iter()
             .map(|(tok, top)| {
+                let chosen = top.iter().find(|(t, _)| t == tok).map_or(0.0, |(_, p)| p.ln());
                 let top: Vec<Value> = top
                     .iter()
                     .map(|(t, p)| json!({"token": t, "logprob": p.ln()}))
                     .collect();
-                json!({"token": tok, "logprob": 0.0, "top_logprobs": top})
+                json!({"token": tok, "logprob": chosen, "top_logprobs": top})
             })
             .collect();
-        json!({"choices": [{"message": {"content": ""}, "logprobs": {"content": content}}]})
+        let text: String = tokens.iter().map(|(t, _)| *t).collect();
+        (json!({"choices": [{"message": {"content": text}, "logprobs": {"content": content}}]}), text)
+    }
+
+    fn probs_of(r: &(Value, String)) -> Option<VerdictProbs> {
+        let (v, at) = parse_verdict_at(&r.1)?;
+        verdict_probs(&r.0, &r.1, v, at)
+    }
+
+    fn judged(r: &(Value, String)) -> Judged {
+        Judged { verdict: parse_verdict(&r.1), probs: probs_of(r) }
     }
 
     #[test]
@@ -329,47 +386,67 @@ mod tests {
         // Always "A", but surer when (a) really is better.
         let sure = logprobs_reply(&[("A", &[("A", 0.8), ("B", 0.2)])]);
         let unsure = logprobs_reply(&[("A", &[("A", 0.55), (" B", 0.4), ("C", 0.05)])]);
-        let p_sure = verdict_probs(&sure, A).unwrap();
-        let p_unsure = verdict_probs(&unsure, A).unwrap();
+        let p_sure = probs_of(&sure).unwrap();
+        let p_unsure = probs_of(&unsure).unwrap();
         assert!((p_sure.a - 0.8).abs() < 1e-9 && (p_sure.b - 0.2).abs() < 1e-9);
         // "C" is no verdict token: normalised over A and B.
         assert!((p_unsure.b - 0.4 / 0.95).abs() < 1e-9, "{p_unsure:?}");
         // The model's output first and better, then second and still better.
-        let s = prompt_score(
-            order_score(Order::ModelFirst, Some(A), Some(p_sure)),
-            order_score(Order::ReferenceFirst, Some(A), Some(p_unsure)),
-        )
-        .unwrap();
+        let s = prompt_score(judged(&sure), judged(&unsure)).unwrap();
         assert!((s - (0.8 + 0.4 / 0.95) / 2.0).abs() < 1e-9);
         assert!(s > 0.5, "by verdicts alone this is exactly 0.5");
         // A tie's probability counts half.
         let t = logprobs_reply(&[("tie", &[("tie", 0.5), ("A", 0.25), ("B", 0.25)])]);
-        let pt = verdict_probs(&t, Tie).unwrap();
-        assert_eq!(order_score(Order::ReferenceFirst, Some(Tie), Some(pt)), Some(0.5));
+        let s = prompt_score(judged(&t), judged(&t)).unwrap();
+        assert!((s - 0.5).abs() < 1e-9);
+        // Only one order with probabilities: both scored by their verdicts,
+        // so the "A" bias still cancels.
+        let plain = Judged { verdict: Some(A), probs: None };
+        assert_eq!(prompt_score(judged(&sure), plain), Some(0.5));
+        assert_eq!(prompt_score(plain, judged(&unsure)), Some(0.5));
     }
 
     #[test]
-    fn the_verdict_token_is_found_after_a_preamble() {
-        // "Output (b) is better": the position of "b" is the verdict.
+    fn the_verdict_token_is_where_the_verdict_was_read() {
+        // The article "a" and the mention of "(b)" come before the verdict;
+        // the probabilities are those at "(a) is better".
         let r = logprobs_reply(&[
-            ("Output", &[("Output", 0.9)]),
+            ("This", &[("This", 0.9)]),
+            (" is", &[(" is", 0.9)]),
+            (" a", &[(" a", 0.9), (" the", 0.1)]),
+            (" close call; output", &[(" close call; output", 0.9)]),
             (" (", &[(" (", 0.99)]),
-            ("b", &[("b", 0.7), ("a", 0.3)]),
-            (")", &[(")", 1.0)]),
+            ("a", &[("a", 0.7), ("b", 0.3)]),
+            (") is better", &[(") is better", 1.0)]),
         ]);
-        let p = verdict_probs(&r, B).unwrap();
-        assert!((p.b - 0.7).abs() < 1e-9 && (p.a - 0.3).abs() < 1e-9);
-        // No logprobs (a judge that does not return them): no probabilities,
-        // and the order scores by its verdict.
+        assert_eq!(parse_verdict(&r.1), Some(A));
+        let p = probs_of(&r).unwrap();
+        assert!((p.a - 0.7).abs() < 1e-9 && (p.b - 0.3).abs() < 1e-9, "{p:?}");
+        // The chosen token is counted when the alternatives leave it out,
+        // and a repeated alternative once.
+        let r = logprobs_reply(&[("B", &[("A", 0.5), ("A", 0.5), ("\u{120}B", 0.25)])]);
+        let mut v = r.0.clone();
+        v["choices"][0]["logprobs"]["content"][0]["logprob"] = json!(0.25f64.ln());
+        let p = verdict_probs(&v, &r.1, B, 0).unwrap();
+        assert!((p.a - 0.5 / 1.0).abs() < 1e-9 && (p.b - 0.5).abs() < 1e-9, "{p:?}");
+        // No logprobs (a judge that does not return them): no probabilities.
         let plain = json!({"choices": [{"message": {"content": "A"}}]});
-        assert_eq!(verdict_probs(&plain, A), None);
-        assert_eq!(order_score(Order::ModelFirst, Some(A), None), Some(1.0));
-        // No token stands for the verdict read from the text.
-        assert_eq!(verdict_probs(&r, A), None);
-        // Words that merely start with a letter are not verdict tokens.
+        assert_eq!(verdict_probs(&plain, "A", A, 0), None);
+        // Tokens that do not spell the reply: no probabilities.
+        let (raw, _) = logprobs_reply(&[("A", &[("A", 0.9)])]);
+        assert_eq!(verdict_probs(&raw, "B", B, 0), None);
+        // Words that merely start with a letter are not verdict tokens;
+        // byte-level BPE and SentencePiece space marks are stripped.
         assert_eq!(verdict_token("Answer"), None);
         assert_eq!(verdict_token(" (a"), Some(A));
+        assert_eq!(verdict_token("\u{120}B"), Some(B));
+        assert_eq!(verdict_token("\u{2581}tie"), Some(Tie));
         assert_eq!(verdict_token("[["), None);
+        // Where each shape of reply reads its verdict.
+        assert_eq!(parse_verdict_at("  Verdict: B"), Some((B, 11)));
+        assert_eq!(parse_verdict_at("Final verdict: [[A]]"), Some((A, 17)));
+        assert_eq!(parse_verdict_at("I think output (b) is clearly better."), Some((B, 16)));
+        assert_eq!(parse_verdict_at("It's a tie."), Some((Tie, 0)));
     }
 
     #[test]

@@ -434,13 +434,13 @@ pub async fn run(config: &EvalConfig) -> Result<Outcome> {
                         let (instruction, reference) = refs.get(&p.id).cloned().expect("checked above");
                         let jc = config.judge.as_ref().expect("checked above");
                         let ep = judge_ep.expect("made above");
-                        let mut order_scores: [Option<f64>; 2] = [None, None];
+                        let mut judged = [judge::Judged::default(); 2];
                         let mut shown = serde_json::Map::new();
                         for (oi, order) in Order::BOTH.into_iter().enumerate() {
                             if j.response.trim().is_empty() {
                                 // An empty output loses without asking the judge.
                                 let loss = match order { Order::ModelFirst => Verdict::B, Order::ReferenceFirst => Verdict::A };
-                                order_scores[oi] = judge::order_score(order, Some(loss), None);
+                                judged[oi] = judge::Judged { verdict: Some(loss), probs: None };
                                 shown.insert(order.as_str().into(), json!({"verdict": loss, "reply": "empty output: a loss"}));
                                 continue;
                             }
@@ -471,8 +471,9 @@ pub async fn run(config: &EvalConfig) -> Result<Outcome> {
                                     counters.lock().unwrap().0 += 1;
                                     let r = match ep.chat(&body).await {
                                         Ok(r) => {
-                                            let verdict = judge::parse_verdict(&r.text);
-                                            let probs = verdict.and_then(|v| judge::verdict_probs(&r.raw, v));
+                                            let read = judge::parse_verdict_at(&r.text);
+                                            let verdict = read.map(|(v, _)| v);
+                                            let probs = read.and_then(|(v, at)| judge::verdict_probs(&r.raw, &r.text, v, at));
                                             Record::Judge {
                                                 key, model: model_name.clone(), prompt: p.id.clone(), order,
                                                 verdict, probs, reply: Some(r.text), error: None,
@@ -488,7 +489,7 @@ pub async fn run(config: &EvalConfig) -> Result<Outcome> {
                                 }
                             };
                             if let Record::Judge { verdict, probs, reply, error, .. } = rec {
-                                order_scores[oi] = judge::order_score(order, verdict, probs);
+                                judged[oi] = judge::Judged { verdict, probs };
                                 if verdict.is_none() {
                                     note = Some(match &error {
                                         Some(e) => format!("judge request failed ({}): {e}", order.as_str()),
@@ -498,7 +499,7 @@ pub async fn run(config: &EvalConfig) -> Result<Outcome> {
                                 shown.insert(order.as_str().into(), json!({"verdict": verdict, "probs": probs, "reply": reply, "error": error}));
                             }
                         }
-                        scores.insert(bench, judge::prompt_score(order_scores[0], order_scores[1]));
+                        scores.insert(bench, judge::prompt_score(judged[0], judged[1]));
                         detail = Value::Object(shown);
                     }
                 }
