@@ -17,7 +17,12 @@ step "Python packages (openai, pytest, transformers, ...)"
 python3 -m pip install -q --disable-pip-version-check -r tests/python/requirements.txt
 
 step "build (release; target dir $CARGO_TARGET_DIR)"
+# One profile and one feature set for the binary and the tests: every crate
+# is compiled once.
 cargo build --release --locked -p fusechat
+cargo test --release --locked --workspace --no-run
+step "an unchanged tree builds without compiling (scripts/check_rebuild.sh)"
+bash scripts/check_rebuild.sh
 step "models"
 "$FUSECHAT_BIN" models fetch
 step "Rust tests"

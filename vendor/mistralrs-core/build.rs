@@ -72,30 +72,12 @@ fn main() {
     }
 }
 
+// fusechat: the revision is fixed to the vendored upstream commit. Asking
+// `git` here would find fusechat's repository (every commit would rebuild
+// this crate), and there is no `.git/HEAD` in this folder to watch (cargo
+// counts a missing rerun-if-changed file as always stale and would rebuild
+// it on every build). See vendor/README.md.
 fn set_git_revision() {
-    let commit = std::process::Command::new("git")
-        .args(["rev-parse", "HEAD"])
-        .output()
-        .ok()
-        .and_then(|output| {
-            if output.status.success() {
-                String::from_utf8(output.stdout).ok()
-            } else {
-                None
-            }
-        })
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "unknown".to_string());
-
-    println!("cargo:rustc-env=MISTRALRS_GIT_REVISION={commit}");
-    println!("cargo:rerun-if-changed=.git/HEAD");
-    if let Ok(head) = std::fs::read_to_string(".git/HEAD") {
-        if let Some(ref_path) = head.strip_prefix("ref:") {
-            let ref_path = ref_path.trim();
-            if !ref_path.is_empty() {
-                println!("cargo:rerun-if-changed=.git/{}", ref_path);
-            }
-        }
-    }
+    println!("cargo:rustc-env=MISTRALRS_GIT_REVISION=9397956728e6508d1c7a288043161ad1d70b658f+fusechat");
+    println!("cargo:rerun-if-changed=build.rs");
 }
