@@ -24,8 +24,9 @@ import httpx
 # The same loopback check as the serving benchmark (resolves the host name).
 from serving_bench import check_loopback
 
-# Words per prompt: about 1.3 SmolLM2 tokens each, plus the chat template.
-LENGTHS = [180, 380, 760, 1520]
+# Words per prompt: about 1.3 SmolLM2 tokens each, plus the chat template
+# (about 240 to 2,000 tokens).
+LENGTHS = [180, 380, 760, 1520, 1860]
 WORDS = (
     "the river carried small boats past the old mill while farmers counted sacks of grain "
     "and children read numbers from the market board before the evening bell rang twice"
@@ -79,8 +80,7 @@ def run(args) -> int:
     return 0
 
 
-def report(args) -> int:
-    runs = [json.load(open(p)) for p in args.inputs]
+def table(runs: list[dict]) -> list[str]:
     lines = ["| server | model | prompt tokens | time to answer (median) s | prefill tokens/s |",
              "|---|---|---:|---:|---:|"]
     for r in runs:
@@ -91,6 +91,25 @@ def report(args) -> int:
                 continue
             lines.append(f"| {r['server']} | {r['model']} | {row['prompt_tokens']} | "
                          f"{row['seconds']:.2f} | **{row['prefill_tok_s']:.0f}** |")
+    return lines
+
+
+def ratio_line(runs: list[dict], server: str = "fusechat", peer: str = "llamacpp") -> str:
+    """`server`'s prefill tokens/s over `peer`'s, prompt by prompt (same words)."""
+    def rates(name):
+        run = next((r for r in runs if r["server"] == name), None)
+        return {row["words"]: row["prefill_tok_s"] for row in run["rows"] if "prefill_tok_s" in row} if run else {}
+    ours, theirs = rates(server), rates(peer)
+    parts = [f"{w} words **{ours[w] / theirs[w]:.2f}x**" for w in sorted(ours) if theirs.get(w)]
+    return f"{server} / {peer}, prefill tokens/s: " + (", ".join(parts) if parts else "not measured")
+
+
+def report(args) -> int:
+    runs = [json.load(open(p)) for p in args.inputs]
+    lines = []
+    for model in dict.fromkeys(r["model"] for r in runs):
+        mine = [r for r in runs if r["model"] == model]
+        lines += [f"### {model}", ""] + table(mine) + ["", ratio_line(mine), ""]
     with open(args.md_out, "w") as f:
         f.write("\n".join(lines) + "\n")
     if args.into:

@@ -362,6 +362,27 @@ def markdown_for_runs(runs: list[dict]) -> str:
     return TABLE_HEADER + "".join(table_rows(r) for r in runs)
 
 
+def ratio_line(runs: list[dict], server: str = "fusechat", peer: str = "llamacpp") -> str:
+    """`server`'s aggregate tokens/s over `peer`'s at each concurrency both
+    measured, e.g. "fusechat / llamacpp aggregate: c=1 0.92x, c=16 1.10x"."""
+    def rates(name):
+        run = next((r for r in runs if r.get("server") == name and r.get("status") == "ok"), None)
+        return {lv["concurrency"]: lv["aggregate_tps"] for lv in run["levels"]} if run else {}
+    ours, theirs = rates(server), rates(peer)
+    parts = [f"c={c} **{ours[c] / theirs[c]:.2f}x**" for c in sorted(ours) if theirs.get(c) and ours[c]]
+    return f"{server} / {peer}, aggregate tokens/s: " + (", ".join(parts) if parts else "not measured")
+
+
+def markdown_by_model(runs: list[dict]) -> str:
+    """One table per model (runs in the order given), each with its ratio line."""
+    models = list(dict.fromkeys(r.get("model", "?") for r in runs))
+    out = []
+    for model in models:
+        mine = [r for r in runs if r.get("model", "?") == model]
+        out += [f"### {model}", "", markdown_for_runs(mine).rstrip("\n"), "", ratio_line(mine), ""]
+    return "\n".join(out)
+
+
 # --------------------------------------------------------------------------- #
 # subcommands
 # --------------------------------------------------------------------------- #
@@ -467,7 +488,7 @@ def cmd_report(args) -> int:
         for k, v in machine.items():
             lines.append(f"- **{k}**: {v}")
         lines.append("")
-    lines += ["## Results", "", markdown_for_runs(runs).rstrip("\n"), ""]
+    lines += ["## Results", "", markdown_by_model(runs).rstrip("\n"), ""]
     if runs:
         r0 = next((r for r in runs if r.get("status") == "ok"), runs[0])
         lines += [

@@ -1,22 +1,23 @@
-//! CPU products of GGML-quantized weights (Q8_0, Q4_0, Q4_1) with f32
-//! activations, for the serving engine (the vendored `mistralrs-quant` calls
-//! [`qmatmul`] before candle's own quantized matmul).
+//! CPU products of GGML-quantized weights (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1,
+//! Q4_K, Q6_K) with f32 activations, for the serving engine (the vendored
+//! `mistralrs-quant` calls [`qmatmul`] before candle's own quantized matmul).
 //!
 //! Why not candle's: its CPU quantized matmul first quantizes the activations
-//! to 8 bits per block of 32. SmolLM2's `down_proj` inputs reach about 3,000
-//! where most values are below 1, and that rounding alone turns its answers
-//! into nonsense. It also walks a batch row by row, reading the weights once
-//! per sequence, and has no SIMD path for Q4_1. Here the activations stay
-//! f32, the weights are dequantized block by block in registers, a batch
-//! shares one pass over the weights, and each output value is computed by
-//! the same instructions whatever the batch, so a sequence's logits do not
-//! depend on what it is batched with.
+//! to 8 bits per block of 32 (256 for the k-quants). SmolLM2's `down_proj`
+//! inputs reach about 3,000 where most values are below 1, and that rounding
+//! alone turns its answers into nonsense. It also walks a batch row by row,
+//! reading the weights once per sequence, and has no SIMD path for Q4_1 or
+//! Q5_1. Here the activations stay f32, the weights are dequantized 32 at a
+//! time in registers, a batch shares one pass over the weights, and each
+//! output value is computed by the same instructions whatever the batch, so
+//! a sequence's logits do not depend on what it is batched with.
 
 mod avx2;
+mod avx512;
 mod format;
 mod matmul;
 
-pub use format::{dequantize_row_scalar, BlockFormat, BLOCK};
+pub use format::{dequantize_row_scalar, BlockFormat, GROUP};
 pub use matmul::{matmul, matmul_with, Isa};
 
 use candle_core::quantized::QTensor;
@@ -41,7 +42,7 @@ pub fn qmatmul(w: &QTensor, x: &Tensor) -> Result<Option<Tensor>> {
         Some(&last) if last == k => {}
         _ => candle_core::bail!("qmatmul: x has shape {:?}, the weights take rows of {k}", x.shape()),
     }
-    if k % BLOCK != 0 {
+    if k % format.block_values() != 0 {
         return Ok(None);
     }
     let m = x.elem_count() / k;
@@ -61,6 +62,36 @@ pub fn qmatmul(w: &QTensor, x: &Tensor) -> Result<Option<Tensor>> {
     Tensor::from_vec(y, out_dims, &Device::Cpu).map(Some)
 }
 
+/// Rows `ids` of a quantized (n, k) table, dequantized to f32 as the
+/// products see them: an embedding lookup that keeps the table quantized.
+/// `None` when the table is not a 2-D CPU tensor in a format read here.
+pub fn embedding(table: &QTensor, ids: &[u32]) -> Result<Option<Tensor>> {
+    let Some(format) = BlockFormat::from_ggml(table.dtype()) else {
+        return Ok(None);
+    };
+    let Ok((n, k)) = table.shape().dims2() else {
+        return Ok(None);
+    };
+    if !matches!(table.device(), Device::Cpu) || k % format.block_values() != 0 {
+        return Ok(None);
+    }
+    let data = table.data()?;
+    let rb = format.row_bytes(k);
+    let mut out = vec![0f32; ids.len() * k];
+    for (&id, row) in ids.iter().zip(out.chunks_exact_mut(k)) {
+        let id = id as usize;
+        if id >= n {
+            candle_core::bail!("embedding: token id {id} is outside the table's {n} rows");
+        }
+        let bytes = &data[id * rb..(id + 1) * rb];
+        match Isa::best() {
+            Isa::Avx2 | Isa::Avx512 => avx2::dequantize_row(format, bytes, row),
+            Isa::Scalar => dequantize_row_scalar(format, bytes, row),
+        }
+    }
+    Tensor::from_vec(out, (ids.len(), k), &Device::Cpu).map(Some)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,13 +104,21 @@ mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
-    const FORMATS: [GgmlDType; 3] = [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4_1];
+    const FORMATS: [GgmlDType; 7] = [
+        GgmlDType::Q8_0,
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q4K,
+        GgmlDType::Q6K,
+    ];
 
     /// Equal (to f32 rounding) to dequantizing with candle and multiplying in f32.
     #[test]
     fn matches_dequantized_f32_matmul() {
         for dtype in FORMATS {
-            for (m, n, k) in [(1, 40, 64), (3, 300, 576), (17, 129, 1536), (70, 64, 2048)] {
+            for (m, n, k) in [(1, 40, 256), (3, 300, 768), (17, 129, 1536), (70, 64, 2048)] {
                 let w = QTensor::quantize(&random((n, k), 1), dtype).unwrap();
                 let x = random((m, k), 2);
                 let want = x.matmul(&w.dequantize(&Device::Cpu).unwrap().t().unwrap()).unwrap();
@@ -114,13 +153,18 @@ mod tests {
             return;
         }
         for dtype in FORMATS {
-            let (n, k) = (257, 576);
+            let (n, k) = (257, 768);
             let w = QTensor::quantize(&random((n, k), 3), dtype).unwrap();
             let x = random((9, k), 4);
-            let batched: Vec<Vec<f32>> = qmatmul(&w, &x).unwrap().unwrap().to_vec2().unwrap();
-            for (i, row) in batched.iter().enumerate() {
-                let alone: Vec<Vec<f32>> = qmatmul(&w, &x.narrow(0, i, 1).unwrap()).unwrap().unwrap().to_vec2().unwrap();
-                assert_eq!(&alone[0], row, "{dtype:?} row {i}");
+            let alone: Vec<Vec<f32>> = (0..9)
+                .map(|i| qmatmul(&w, &x.narrow(0, i, 1).unwrap()).unwrap().unwrap().flatten_all().unwrap().to_vec1().unwrap())
+                .collect();
+            // Batches that leave one, two and no rows over a group of three.
+            for m in [2, 4, 9] {
+                let batched: Vec<Vec<f32>> = qmatmul(&w, &x.narrow(0, 0, m).unwrap()).unwrap().unwrap().to_vec2().unwrap();
+                for (i, row) in batched.iter().enumerate() {
+                    assert_eq!(&alone[i], row, "{dtype:?} row {i} of {m}");
+                }
             }
         }
     }
@@ -133,7 +177,7 @@ mod tests {
         }
         for dtype in FORMATS {
             let format = BlockFormat::from_ggml(dtype).unwrap();
-            let (m, n, k) = (5, 100, 320);
+            let (m, n, k) = (5, 100, 512);
             let w = QTensor::quantize(&random((n, k), 5), dtype).unwrap();
             let data = w.data().unwrap();
             let x: Vec<f32> = random((m, k), 6).flatten_all().unwrap().to_vec1().unwrap();
@@ -151,11 +195,48 @@ mod tests {
         let w = QTensor::quantize(&random((32, 64), 7), GgmlDType::Q8_0).unwrap();
         let x = random((6, 64), 8).reshape((2, 3, 64)).unwrap();
         assert_eq!(qmatmul(&w, &x).unwrap().unwrap().dims(), &[2, 3, 32]);
-        let k = QTensor::quantize(&random((32, 256), 7), GgmlDType::Q4K).unwrap();
+        let k = QTensor::quantize(&random((32, 256), 7), GgmlDType::Q5K).unwrap();
         assert!(qmatmul(&k, &random((1, 256), 9)).unwrap().is_none());
         let bad = random((1, 63), 9);
         assert!(qmatmul(&w, &bad).is_err());
         let experts = QTensor::quantize(&random((64, 64), 10).reshape((2, 32, 64)).unwrap(), GgmlDType::Q8_0).unwrap();
         assert!(qmatmul(&experts, &random((1, 64), 11)).unwrap().is_none());
+    }
+
+    #[test]
+    fn embedding_rows_are_the_dequantized_rows() {
+        for dtype in FORMATS {
+            let table = QTensor::quantize(&random((50, 512), 12), dtype).unwrap();
+            let dense: Vec<Vec<f32>> = table.dequantize(&Device::Cpu).unwrap().to_vec2().unwrap();
+            let rows: Vec<Vec<f32>> = embedding(&table, &[7, 0, 49, 7]).unwrap().unwrap().to_vec2().unwrap();
+            for (row, id) in rows.iter().zip([7, 0, 49, 7]) {
+                for (a, b) in row.iter().zip(&dense[id]) {
+                    assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{dtype:?} row {id}: {a} vs {b}");
+                }
+            }
+            assert!(embedding(&table, &[50]).is_err());
+        }
+    }
+
+    /// The AVX-512 batched loops give the AVX2 loops' results bit for bit
+    /// (so a batch answers as its rows alone on either kind of CPU).
+    #[test]
+    fn avx512_matches_avx2_exactly() {
+        if !avx512::available() {
+            return;
+        }
+        for dtype in FORMATS {
+            let format = BlockFormat::from_ggml(dtype).unwrap();
+            let (n, k) = (37, 768);
+            let w = QTensor::quantize(&random((n, k), 13), dtype).unwrap();
+            let data = w.data().unwrap();
+            for m in [2, 5, 6, 7, 13] {
+                let x: Vec<f32> = random((m, k), 14).flatten_all().unwrap().to_vec1().unwrap();
+                let (mut a, mut b) = (vec![0f32; m * n], vec![0f32; m * n]);
+                matmul_with(Isa::Avx512, format, &data, n, k, &x, m, &mut a);
+                matmul_with(Isa::Avx2, format, &data, n, k, &x, m, &mut b);
+                assert_eq!(a, b, "{dtype:?} m={m}");
+            }
+        }
     }
 }

@@ -6,19 +6,18 @@
 
 use rayon::prelude::*;
 
-use crate::avx2;
-use crate::format::{dequantize_row_scalar, BlockFormat, BLOCK};
+use crate::format::{dequantize_row_scalar, BlockFormat};
+use crate::{avx2, avx512};
 
 /// Products below this many multiply-adds run on the calling thread: waking
 /// the pool costs more than they take.
 const PARALLEL_MIN_MACS: usize = 1 << 17;
 
-/// Dequantized weight values per panel (16 KiB of f32).
-const PANEL_VALUES: usize = 1 << 12;
-
-/// Activation values per tile (256 KiB of f32): a tile of x stays in L2 while
+/// Activation values per tile (1 MiB of f32): a tile of x stays in L2 while
 /// a thread's weight rows stream past it.
-const TILE_VALUES: usize = 1 << 16;
+const TILE_VALUES: usize = 1 << 18;
+
+const LONE_ROWS: usize = 4;
 
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
@@ -29,29 +28,52 @@ unsafe impl Sync for OutPtr {}
 /// Which inner loops to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
+    /// AVX-512 for batched products, AVX2 for the rest: the same results
+    /// as `Avx2`, bit for bit.
+    Avx512,
     Avx2,
     Scalar,
 }
 
 impl Isa {
+    /// The widest loops this CPU runs, or fewer where `FUSECHAT_KERNELS_ISA`
+    /// (`avx512`, `avx2`, `scalar`) says so: to compare them on one machine.
     pub fn best() -> Self {
-        if avx2::available() {
-            Isa::Avx2
-        } else {
-            Isa::Scalar
-        }
+        static BEST: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| {
+            let detected = if avx512::available() {
+                Isa::Avx512
+            } else if avx2::available() {
+                Isa::Avx2
+            } else {
+                Isa::Scalar
+            };
+            let asked = match std::env::var("FUSECHAT_KERNELS_ISA").as_deref() {
+                Ok("avx2") => Isa::Avx2,
+                Ok("scalar") => Isa::Scalar,
+                _ => detected,
+            };
+            // Never more than the CPU has.
+            match (detected, asked) {
+                (Isa::Scalar, _) => Isa::Scalar,
+                (Isa::Avx2, Isa::Avx512) => Isa::Avx2,
+                (_, asked) => asked,
+            }
+        })
     }
 }
 
 /// `y[i][j] = Σ_k x[i][k] · w[j][k]`. `w` holds n rows of `format` blocks,
-/// `x` is m × k and `y` is m × n, both row-major; `k` is a multiple of 32.
+/// `x` is m × k and `y` is m × n, both row-major; `k` is a multiple of the
+/// format's block (32, or 256 for the k-quants).
 pub fn matmul(format: BlockFormat, w: &[u8], n: usize, k: usize, x: &[f32], m: usize, y: &mut [f32]) {
     matmul_with(Isa::best(), format, w, n, k, x, m, y)
 }
 
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_with(isa: Isa, format: BlockFormat, w: &[u8], n: usize, k: usize, x: &[f32], m: usize, y: &mut [f32]) {
-    assert_eq!(k % BLOCK, 0, "k = {k} is not a multiple of {BLOCK}");
+    let bv = format.block_values();
+    assert_eq!(k % bv, 0, "k = {k} is not a multiple of {format:?}'s block of {bv}");
     assert_eq!(w.len(), n * format.row_bytes(k), "weights are n = {n} rows of k = {k}");
     assert_eq!(x.len(), m * k, "x is m = {m} rows of k = {k}");
     assert_eq!(y.len(), m * n, "y is m = {m} rows of n = {n}");
@@ -95,44 +117,69 @@ unsafe fn columns(
     let rb = format.row_bytes(k);
     let row = |j: usize| &w[j * rb..(j + 1) * rb];
     let write = |i: usize, j: usize, v: f32| *out.0.add(i * n + j) = v;
+    let xi = |i: usize| &x[i * k..(i + 1) * k];
+    // Weight rows in tiles of up to `avx2::ROWS`.
+    let tiles = || {
+        (cols.start..cols.end)
+            .step_by(avx2::ROWS)
+            .map(|j0| j0..(j0 + avx2::ROWS).min(cols.end))
+    };
     match isa {
-        Isa::Avx2 if m == 1 => {
-            for j in cols {
-                write(0, j, avx2::dot_quantized(format, row(j), x));
+        Isa::Avx2 | Isa::Avx512 if m == 1 => {
+            let mut y = [0f32; avx2::ROWS];
+            let lone_tiles = (cols.start..cols.end)
+                .step_by(LONE_ROWS)
+                .map(|j0| j0..(j0 + LONE_ROWS).min(cols.end));
+            for js in lone_tiles {
+                let mut rows: [&[u8]; avx2::ROWS] = [&[]; avx2::ROWS];
+                for (t, j) in js.clone().enumerate() {
+                    rows[t] = row(j);
+                }
+                avx2::dot_rows_quantized(format, &rows[..js.len()], x, &mut y[..js.len()]);
+                for (t, j) in js.enumerate() {
+                    write(0, j, y[t]);
+                }
             }
         }
-        Isa::Avx2 => {
-            // A panel of weight rows, dequantized once per tile of x, is
-            // multiplied with x three rows at a time: each group of three x
-            // rows is reused across the panel while both stay in L1.
-            let panel = (PANEL_VALUES / k).max(1);
-            let mut wpanel = vec![0f32; panel * k];
+        Isa::Avx2 | Isa::Avx512 => {
+            // A tile of weight rows, dequantized once per tile of x, is
+            // multiplied with x a few rows at a time; both stay in cache.
+            let wide = isa == Isa::Avx512;
+            let xs_per_call = if wide { avx512::XS512 } else { avx2::XS };
+            let mut wpanel = vec![0f32; avx2::ROWS * k];
             let tile = (TILE_VALUES / k).max(1);
-            let xi = |i: usize| &x[i * k..(i + 1) * k];
+            let mut y = [[0f32; avx512::XS512]; avx2::ROWS];
+            let mut y3 = [[0f32; avx2::XS]; avx2::ROWS];
             for start in (0..m).step_by(tile) {
                 let rows = start..(start + tile).min(m);
-                let mut j0 = cols.start;
-                while j0 < cols.end {
-                    let js = j0..(j0 + panel).min(cols.end);
-                    for (p, j) in js.clone().enumerate() {
-                        avx2::dequantize_row(format, row(j), &mut wpanel[p * k..(p + 1) * k]);
+                for js in tiles() {
+                    for (t, j) in js.clone().enumerate() {
+                        avx2::dequantize_row(format, row(j), &mut wpanel[t * k..(t + 1) * k]);
                     }
-                    let mut i = rows.start;
-                    while i + 3 <= rows.end {
-                        for (p, j) in js.clone().enumerate() {
-                            let y3 = avx2::dot_f32_x3(&wpanel[p * k..(p + 1) * k], [xi(i), xi(i + 1), xi(i + 2)]);
-                            for (r, v) in y3.into_iter().enumerate() {
-                                write(i + r, j, v);
+                    let mut ws: [&[f32]; avx2::ROWS] = [&[]; avx2::ROWS];
+                    for (t, w) in ws.iter_mut().take(js.len()).enumerate() {
+                        *w = &wpanel[t * k..(t + 1) * k];
+                    }
+                    for i0 in rows.clone().step_by(xs_per_call) {
+                        let is = i0..(i0 + xs_per_call).min(rows.end);
+                        let mut xs: [&[f32]; avx512::XS512] = [&[]; avx512::XS512];
+                        for (r, i) in is.clone().enumerate() {
+                            xs[r] = xi(i);
+                        }
+                        if wide {
+                            avx512::dot_rows_f32(&ws[..js.len()], &xs[..is.len()], &mut y);
+                        } else {
+                            avx2::dot_rows_f32(&ws[..js.len()], &xs[..is.len()], &mut y3);
+                            for (t, row) in y3.iter().enumerate() {
+                                y[t][..avx2::XS].copy_from_slice(row);
                             }
                         }
-                        i += 3;
-                    }
-                    for i in i..rows.end {
-                        for (p, j) in js.clone().enumerate() {
-                            write(i, j, avx2::dot_f32(&wpanel[p * k..(p + 1) * k], xi(i)));
+                        for (t, j) in js.clone().enumerate() {
+                            for (r, i) in is.clone().enumerate() {
+                                write(i, j, y[t][r]);
+                            }
                         }
                     }
-                    j0 = js.end;
                 }
             }
         }
@@ -141,8 +188,7 @@ unsafe fn columns(
             for j in cols {
                 dequantize_row_scalar(format, row(j), &mut wrow);
                 for i in 0..m {
-                    let xi = &x[i * k..(i + 1) * k];
-                    write(i, j, wrow.iter().zip(xi).map(|(a, b)| a * b).sum());
+                    write(i, j, wrow.iter().zip(xi(i)).map(|(a, b)| a * b).sum());
                 }
             }
         }

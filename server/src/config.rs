@@ -161,10 +161,6 @@ pub struct ModelConfig {
     /// Sampling used where a request gives none.
     #[serde(default)]
     pub defaults: SamplingDefaults,
-    /// Rewrite GGUF tensors that candle has no SIMD kernel for (Q4_1, Q5_0,
-    /// Q5_1) as Q8_0 once, and serve that copy. See `fusechat_models::requant`.
-    #[serde(default = "default_true")]
-    pub requantize: bool,
     /// Quantize the float weights of a Hugging Face folder when loading it
     /// (mistralrs in-situ quantization). Unset: `none`. Check a model's greedy
     /// answers before turning it on, and see `float_layers`.
@@ -194,10 +190,6 @@ pub enum Isq {
     Q4_1,
     /// 4-bit k-quant: half the memory of q8_0, a little less accurate.
     Q4k,
-}
-
-fn default_true() -> bool {
-    true
 }
 
 fn default_max_seqs() -> usize {
@@ -236,7 +228,6 @@ impl ModelConfig {
             max_seqs: default_max_seqs(),
             max_waiting: default_max_waiting(),
             defaults: SamplingDefaults::default(),
-            requantize: true,
             isq: None,
             float_layers: Vec::new(),
         }

@@ -65,8 +65,14 @@ pub struct LoadedModel {
 /// How a weights location is loaded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WeightsKind {
-    /// A GGUF file whose architecture mistralrs's GGUF loader takes.
-    Gguf { dir: PathBuf, file: String },
+    /// A GGUF file served as it is, every tensor in the file's own type.
+    Gguf {
+        dir: PathBuf,
+        file: String,
+        /// fusechat's tokenizer files for it (`fusechat_models::import::import_tokenizer`),
+        /// where the import knows the architecture; else mistralrs converts the GGUF's.
+        tokenizer: Option<PathBuf>,
+    },
     /// A Hugging Face folder, loaded through mistralrs's text loader or,
     /// for Gemma 3 (even text-only), its multimodal loader.
     Hf {
@@ -77,22 +83,25 @@ pub enum WeightsKind {
     },
 }
 
-/// GGUF architectures served straight from the GGUF file by mistralrs 0.8's
-/// GGUF loader. Every other architecture is imported once into a Hugging Face
-/// folder and served from its float weights, which `isq` can quantize at load.
-/// `llama` is left out on purpose: mistralrs 0.8.1's GGUF llama path decoded
-/// SmolLM2-135M-Instruct's Q4_1 file wrongly (greedy "What is the capital of
-/// France?" gave "L'Étoile, la Marseillaise, ...") and keeps its tied output
-/// layer in f32. Measured cause: SmolLM2's `down_proj` inputs reach 3058
-/// while most values are below 1, and candle's quantized kernels round their
-/// inputs to 8 bits per block of 32. fusechat-kernels (kernels/) keep them
-/// f32, and the imported folder with `isq = "q8_0"` on every layer answers
-/// "Paris"; with `isq = "q4_1"` it still does not (cause not found).
-const GGUF_NATIVE: &[&str] = &["qwen2", "qwen3", "phi2", "phi3", "starcoder2"];
+/// GGUF architectures served straight from the GGUF file, each tensor in the
+/// file's own type: on the CPU the quantized layers run fusechat-kernels
+/// (kernels/: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K with f32 activations),
+/// which answer as the float reference does where candle's kernels, which
+/// round activations to 8 bits, did not (SmolLM2's `down_proj` inputs reach
+/// 3058 where most are below 1: "L'Étoile" for "Paris"). gemma3 runs the
+/// vendored engine's own GGUF model (`models/quantized_gemma3.rs`). Other
+/// architectures are imported once into a Hugging Face folder and served
+/// from float weights.
+const GGUF_NATIVE: &[&str] = &["llama", "qwen2", "gemma3", "qwen3", "phi2", "phi3", "starcoder2"];
+
+/// GGUF architectures whose tokenizer fusechat's import rebuilds (checked
+/// against transformers); mistralrs's own conversion reads SentencePiece
+/// vocabularies (Gemma's) as unigram models.
+const OWN_TOKENIZER: &[&str] = &["llama", "qwen2", "gemma3"];
 
 impl LoadedModel {
     pub async fn load(config: &ModelConfig, weights: &Path, home: &Path) -> anyhow::Result<Self> {
-        let kind = resolve_weights(weights, home, config.requantize)
+        let kind = resolve_weights(weights, home, config.isq.is_some())
             .await
             .with_context(|| format!("model `{}`: cannot use {}", config.id, weights.display()))?;
         let fingerprint = {
@@ -105,11 +114,14 @@ impl LoadedModel {
             .map(|p| p.to_string_lossy().to_string());
         tracing::info!(model = %config.id, ?kind, "loading");
         let engine = match &kind {
-            WeightsKind::Gguf { dir, file } => {
+            WeightsKind::Gguf { dir, file, tokenizer } => {
                 let mut builder = GgufModelBuilder::new(dir.to_string_lossy(), vec![file.clone()])
                     .with_token_source(TokenSource::None)
                     .with_max_num_seqs(config.max_seqs)
                     .with_prefix_cache_n(None);
+                if let Some(tokenizer) = tokenizer {
+                    builder = builder.with_tok_model_id(tokenizer.to_string_lossy());
+                }
                 if let Some(t) = template {
                     builder = builder.with_jinja_explicit(t);
                 }
@@ -281,9 +293,11 @@ pub fn weights_path(config: &ModelConfig, home: &Path) -> anyhow::Result<PathBuf
     }
 }
 
-/// Decides how to load `path`; a GGUF of an architecture the GGUF loader
-/// lacks (gemma3) is imported once into a Hugging Face folder under `home`.
-pub async fn resolve_weights(path: &Path, home: &Path, requantize: bool) -> anyhow::Result<WeightsKind> {
+/// Decides how to load `path`. A GGUF file is served as it is when the GGUF
+/// loader has its architecture and no in-situ quantization (`isq`) is asked
+/// for; otherwise it is imported once into a Hugging Face folder under `home`
+/// and served from its float weights (quantized by `isq` at load).
+pub async fn resolve_weights(path: &Path, home: &Path, isq: bool) -> anyhow::Result<WeightsKind> {
     if path.is_dir() {
         return resolve_weights_folder(path, Isq::None);
     }
@@ -291,19 +305,19 @@ pub async fn resolve_weights(path: &Path, home: &Path, requantize: bool) -> anyh
         bail!("no such file or folder");
     }
     let arch = gguf_architecture(path)?;
-    if GGUF_NATIVE.contains(&arch.as_str()) {
-        let path = if requantize && fusechat_models::requant::needs_requant(path)? {
-            requantized(path, home).await?
-        } else {
-            path.to_path_buf()
-        };
+    if GGUF_NATIVE.contains(&arch.as_str()) && !isq {
         let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
         let file = path
             .file_name()
             .context("GGUF path has no file name")?
             .to_string_lossy()
             .to_string();
-        return Ok(WeightsKind::Gguf { dir, file });
+        let tokenizer = if OWN_TOKENIZER.contains(&arch.as_str()) {
+            Some(imported_tokenizer(path, home).await?)
+        } else {
+            None
+        };
+        return Ok(WeightsKind::Gguf { dir, file, tokenizer });
     }
     let out = derived_path(path, home, "imported")?;
     if !out.join("config.json").exists() {
@@ -314,6 +328,18 @@ pub async fn resolve_weights(path: &Path, home: &Path, requantize: bool) -> anyh
             .with_context(|| format!("importing {} ({arch})", path.display()))?;
     }
     resolve_weights_folder(&out, Isq::None)
+}
+
+/// `home/tokenizers/<stem>-<size>`: the tokenizer files of a GGUF, written once.
+async fn imported_tokenizer(gguf: &Path, home: &Path) -> anyhow::Result<PathBuf> {
+    let out = derived_path(gguf, home, "tokenizers")?;
+    if !out.join("tokenizer_config.json").exists() {
+        let (src, dst) = (gguf.to_path_buf(), out.clone());
+        tokio::task::spawn_blocking(move || fusechat_models::import::import_tokenizer(&src, &dst))
+            .await?
+            .with_context(|| format!("reading the tokenizer of {}", gguf.display()))?;
+    }
+    Ok(out)
 }
 
 /// A mistralrs topology that quantizes every linear layer to `isq` except
@@ -332,21 +358,6 @@ fn isq_topology(isq: IsqType, float_layers: &[String]) -> anyhow::Result<Topolog
     };
     let yaml = format!("'/(^|\\.)({})\\.weight$/':\n  isq: {name}\n", quantized.join("|"));
     Topology::from_str(&yaml).with_context(|| format!("building the in-situ quantization topology:\n{yaml}"))
-}
-
-/// `home/requant/<stem>-<size>.q8_0.gguf`, written once.
-async fn requantized(gguf: &Path, home: &Path) -> anyhow::Result<PathBuf> {
-    let mut name = derived_path(gguf, home, "requant")?.into_os_string();
-    name.push(".q8_0.gguf");
-    let out = PathBuf::from(name);
-    if !out.exists() {
-        tracing::info!(gguf = %gguf.display(), out = %out.display(), "requantising Q4_1/Q5 tensors to Q8_0 (once)");
-        let (src, dst) = (gguf.to_path_buf(), out.clone());
-        let converted = tokio::task::spawn_blocking(move || fusechat_models::requant::requant_to_q8_0(&src, &dst))
-            .await??;
-        tracing::info!(converted, "requantised");
-    }
-    Ok(out)
 }
 
 fn resolve_weights_folder(dir: &Path, default_isq: Isq) -> anyhow::Result<WeightsKind> {
@@ -389,7 +400,7 @@ pub fn gguf_architecture(path: &Path) -> anyhow::Result<String> {
 /// sha256 over the weight files, shortened: it names the exact weights.
 fn fingerprint(kind: &WeightsKind) -> anyhow::Result<String> {
     let files: Vec<PathBuf> = match kind {
-        WeightsKind::Gguf { dir, file } => vec![dir.join(file)],
+        WeightsKind::Gguf { dir, file, .. } => vec![dir.join(file)],
         WeightsKind::Hf { dir, .. } => {
             let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
                 .filter_map(|e| e.ok().map(|e| e.path()))

@@ -122,7 +122,6 @@ pub async fn start(
         _seats: seats,
     });
     let (tx, rx) = mpsc::channel(64 * req.n);
-    let is_text = matches!(req.prompt, crate::engine::Prompt::Text(_));
     // OpenAI's default temperature is 1; a model's configured default comes first.
     let temperature = sampling.temperature.unwrap_or(1.0);
     let greedy = sampling.is_greedy();
@@ -161,9 +160,7 @@ pub async fn start(
             prompt: req.prompt.clone(),
             sampling: params,
             logits_processor: seeded,
-            // Completions always ask the engine for the token text: see
-            // `missing_whitespace`.
-            logprobs: req.logprobs.is_some() || is_text,
+            logprobs: req.logprobs.is_some(),
             constraint: match &req.json_schema {
                 Some(schema) => Constraint::JsonSchema(schema.clone()),
                 None => Constraint::None,
@@ -173,7 +170,6 @@ pub async fn start(
         let choice = ChoiceTask {
             index: index as u32,
             client_logprobs: req.logprobs.is_some(),
-            restore_leading_whitespace: is_text,
             trace: trace.clone(),
             stop: StopFilter::new(req.stop.clone()),
             prompt_tokens,
@@ -191,8 +187,6 @@ struct ChoiceTask {
     index: u32,
     /// Whether the client asked for log-probabilities.
     client_logprobs: bool,
-    /// Put back the leading whitespace mistralrs trims from the first piece.
-    restore_leading_whitespace: bool,
     trace: Arc<RequestTrace>,
     stop: StopFilter,
     prompt_tokens: u64,
@@ -240,19 +234,8 @@ impl ChoiceTask {
             last_piece = Some(now);
             pieces += 1;
 
-            let mut logprob = chunk.logprob;
-            let mut text = chunk.text;
-            if pieces == 1 && self.restore_leading_whitespace {
-                if let Some(whole) = token_text(logprob.as_ref()).map(str::to_string) {
-                    if let Some(ws) = missing_whitespace(&text, &whole) {
-                        text.insert_str(0, ws);
-                        // The token's reported text lost the same whitespace.
-                        if let Some(l) = logprob.as_mut() {
-                            l.token = whole;
-                        }
-                    }
-                }
-            }
+            let logprob = chunk.logprob;
+            let text = chunk.text;
             let logprob = logprob.filter(|_| self.client_logprobs);
             let was_stopped = self.stop.is_stopped();
             let filtered = self.stop.push(&text);
@@ -321,22 +304,6 @@ impl ChoiceTask {
     }
 }
 
-/// mistralrs trims the whitespace at the start of a sequence's first piece
-/// (right for chat, wrong for `/v1/completions`, where " Paris" continues
-/// "The capital of France is"). The engine's text of that first token still
-/// has it: the whitespace to put back, if `text` lost it.
-fn missing_whitespace<'a>(text: &str, token_text: &'a str) -> Option<&'a str> {
-    let trimmed = token_text.trim_start();
-    let ws = &token_text[..token_text.len() - trimmed.len()];
-    (!ws.is_empty() && !text.starts_with(ws) && text.starts_with(trimmed)).then_some(ws)
-}
-
-/// The engine's own decoding of a streamed token (its `token` field is the
-/// trimmed delta; `bytes` is the token decoded alone).
-fn token_text(logprob: Option<&mistralrs::core::ResponseLogprob>) -> Option<&str> {
-    logprob.and_then(|l| l.bytes.as_deref()).and_then(|b| std::str::from_utf8(b).ok())
-}
-
 fn into_chunk(response: Response) -> Result<EngineChunk, ApiError> {
     match response {
         Response::Chunk(mut chunk) => {
@@ -402,20 +369,5 @@ fn convert_logprob(l: mistralrs::core::ResponseLogprob) -> TokenLogprob {
                 }
             })
             .collect(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::missing_whitespace;
-
-    #[test]
-    fn the_trimmed_space_of_the_first_token_comes_back() {
-        assert_eq!(missing_whitespace("Paris.", " Paris"), Some(" "));
-        assert_eq!(missing_whitespace("\n\nOnce", "\n\n"), None);
-        assert_eq!(missing_whitespace("", "\n\n"), Some("\n\n"));
-        assert_eq!(missing_whitespace("Hello", "Hello"), None);
-        // The piece is not that token's text: leave it alone.
-        assert_eq!(missing_whitespace("Bonjour", " Hello"), None);
     }
 }

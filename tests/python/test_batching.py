@@ -14,11 +14,15 @@ patched, the answers and their logprobs are identical to the ones each
 request gets alone.
 
 The patched engine also decodes sequences of different lengths in one step
-(llama on the CPU: their KV caches are left-padded to the longest and the
-attention skips the padding). The staggered requests exercise that: each
-joins while the earlier ones decode, so they decode together at different
-lengths, and must still answer exactly as alone. (Upstream, they decoded one
-length at a time; the serving benchmark shows the difference.)
+(llama, qwen2 and gemma3 on the CPU: their KV caches are left-padded to the
+longest and the attention skips the padding). The staggered requests
+exercise that: each joins while the earlier ones decode, so they decode
+together at different lengths, and must still answer exactly as alone.
+(Upstream, they decoded one length at a time; the serving benchmark shows
+the difference.) It runs for each of the three GGUF files served as they
+are; Gemma's set adds a prompt longer than its 512-token sliding window, so
+that its local layers cut the padded cache while shorter sequences decode
+beside it.
 
 The batched test runs twice: on SmolLM2's float weights, and on the Q8_0
 weights config/serve.toml serves. Quantized layers run fusechat-kernels
@@ -34,9 +38,10 @@ from openai import OpenAI
 
 import pytest
 
-from conftest import BASE_SMOLLM2, SMOL, Server, metric, scrape
+from conftest import BASE_SMOLLM2, GEMMA, QWEN, SMOL, Server, metric, scrape
 
 MODEL = "smollm2-135m-instruct"
+GGUF = {"smollm2-135m-instruct": SMOL, "qwen2.5-coder-0.5b-instruct": QWEN, "gemma-3-270m": GEMMA}
 
 # Three word problems of exactly 24 tokens each (SmolLM2's tokenizer), so
 # their chat prompts have equal lengths and the engine may batch them.
@@ -64,6 +69,17 @@ path = "{SMOL}"
 max_seqs = {max_seqs}
 max_waiting = 16
 isq = "q8_0"
+"""
+
+
+def gguf_as_it_is(model: str, max_seqs: int) -> str:
+    """The model's GGUF file served as it is: every tensor in its own type."""
+    return f"""
+[[models]]
+id = "{model}"
+path = "{GGUF[model]}"
+max_seqs = {max_seqs}
+max_waiting = 16
 """
 
 
@@ -96,9 +112,9 @@ class Answer:
         return repr(self.text)
 
 
-def ask(c: OpenAI, question: str) -> Answer:
+def ask(c: OpenAI, question: str, model: str = MODEL) -> Answer:
     r = c.chat.completions.create(
-        model=MODEL,
+        model=model,
         messages=[{"role": "user", "content": question}],
         max_tokens=48,
         temperature=0,
@@ -149,42 +165,60 @@ def in_threads(n: int, body):
         raise errors[0]
 
 
-def running(server: Server) -> int:
+def running(server: Server, model: str = MODEL) -> int:
     """The model's fusechat_num_requests_running gauge."""
-    value = metric(scrape(server.base), "fusechat_num_requests_running", model=MODEL)
+    value = metric(scrape(server.base), "fusechat_num_requests_running", model=model)
     assert value is not None, "no fusechat_num_requests_running for the model in /metrics"
     return int(value)
 
 
-def alone_answers(server: Server, questions):
+def alone_answers(server: Server, questions, model: str = MODEL):
     c = client(server)
-    return [ask(c, q) for q in questions]
+    return [ask(c, q, model) for q in questions]
 
 
-def staggered(server: Server, interruptions: int = 0):
-    """The STAGGERED answers when each request joins while the earlier ones
-    decode. With `interruptions`, one-token requests keep arriving meanwhile:
-    each is a prompt step between decode steps that ends its sequence at
-    once, after which only waiting sequences are left (upstream's scheduler
-    then prefilled the decoding ones all over again)."""
+def staggered(server: Server, interruptions: int = 0, questions=STAGGERED, model: str = MODEL, together=True):
+    """The answers to `questions` when each request joins while the earlier
+    ones decode. With `interruptions`, one-token requests keep arriving
+    meanwhile: each is a prompt step between decode steps that ends its
+    sequence at once, after which only waiting sequences are left
+    (upstream's scheduler then prefilled the decoding ones all over again).
+    With `together`, fails when no two of them ever ran at once (the running
+    gauge)."""
     c = client(server)
-    together = [None] * len(STAGGERED)
+    answers = [None] * len(questions)
+    seen = []
+    done = threading.Event()
 
     def join(i):
         time.sleep(0.8 * i)
-        together[i] = ask(c, STAGGERED[i])
+        answers[i] = ask(c, questions[i], model)
 
     def interrupt(j):
         time.sleep(0.5 + 0.3 * j)
         c.chat.completions.create(
-            model=MODEL,
+            model=model,
             messages=[{"role": "user", "content": f"Say {j}."}],
             max_tokens=1,
         )
 
-    n = len(STAGGERED)
-    in_threads(n + interruptions, lambda i: join(i) if i < n else interrupt(i - n))
-    return together
+    def watch():
+        while not done.is_set():
+            seen.append(running(server, model))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    n = len(questions)
+    try:
+        in_threads(n + interruptions, lambda i: join(i) if i < n else interrupt(i - n))
+    finally:
+        done.set()
+        watcher.join()
+    assert not together or max(seen, default=0) >= 2, (
+        f"the requests never decoded together (running gauge: {sorted(set(seen))}): the test proves nothing"
+    )
+    return answers
 
 
 def equal_lengths_in_one_step(server: Server):
@@ -236,7 +270,7 @@ def equal_lengths_in_one_step(server: Server):
 def test_one_sequence_at_a_time_answers_as_alone():
     s = Server(serve_toml_like(1), "batch1")
     try:
-        check(STAGGERED, alone_answers(s, STAGGERED), staggered(s))
+        check(STAGGERED, alone_answers(s, STAGGERED), staggered(s, together=False))
     finally:
         s.stop()
 
@@ -250,6 +284,27 @@ def test_batched_decoding_answers_as_alone(weights):
         alone = alone_answers(s, STAGGERED)
         check(STAGGERED, alone, staggered(s))
         check(STAGGERED, alone, staggered(s, interruptions=8))
+        assert s.alive(), s.tail()
+    finally:
+        s.stop()
+
+
+# Longer than Gemma 3's 512-token sliding window once templated.
+LONG = "Answer the last question. " + " ".join(STAGGERED * 6)
+
+
+@pytest.mark.parametrize("model", list(GGUF))
+def test_gguf_decoding_of_different_lengths_answers_as_alone(model):
+    # Gemma's long prompt first: it decodes past its window while the short
+    # ones join.
+    questions = [LONG] + STAGGERED if model == "gemma-3-270m" else STAGGERED
+    s = Server(gguf_as_it_is(model, 8), f"ragged-{model}")
+    try:
+        alone = alone_answers(s, questions, model)
+        if model == "gemma-3-270m":
+            assert alone[0].prompt_tokens > 512, f"the long prompt has {alone[0].prompt_tokens} tokens"
+        check(questions, alone, staggered(s, questions=questions, model=model))
+        check(questions, alone, staggered(s, interruptions=8, questions=questions, model=model))
         assert s.alive(), s.tail()
     finally:
         s.stop()

@@ -177,13 +177,7 @@ pub fn import_gguf_with(
         )));
     }
     let plans = tensors::plan(&params, &gguf.tensor_shapes())?;
-    let tokenizer_json = vocab.tokenizer_json()?;
-    let (chat_template, chat_template_source) = chat_template::chat_template(
-        params.arch,
-        gguf.opt_str("tokenizer.chat_template")?,
-    );
-    let eot = gguf.opt_u32("tokenizer.ggml.eot_token_id")?;
-    let stop_ids = chat_template::stop_token_ids(&vocab, eot);
+    let tokenizer = TokenizerFiles::read(&gguf, &params, &vocab)?;
     tracing::info!(
         "importing {} ({}) from {}",
         params.arch.hf_class(),
@@ -195,19 +189,7 @@ pub fn import_gguf_with(
     let dir = staging.path();
 
     write_json(&dir.join("config.json"), &params.config_json(&vocab.ids, options.dtype))?;
-    write_json(
-        &dir.join("generation_config.json"),
-        &chat_template::generation_config_json(&vocab, &stop_ids),
-    )?;
-    write_json(&dir.join("tokenizer.json"), &tokenizer_json)?;
-    write_json(
-        &dir.join("tokenizer_config.json"),
-        &chat_template::tokenizer_config_json(
-            &vocab,
-            chat_template.as_deref(),
-            params.context_length,
-        ),
-    )?;
+    tokenizer.write(dir)?;
 
     let num_parameters = write_weights(&mut gguf, &plans, &dir.join("model.safetensors"), options.dtype)?;
 
@@ -220,10 +202,58 @@ pub fn import_gguf_with(
         num_parameters,
         dtype: options.dtype,
         vocab_size: params.vocab_size,
-        chat_template: chat_template_source,
+        chat_template: tokenizer.chat_template_source,
         out_dir: out_dir.to_path_buf(),
         elapsed: started.elapsed(),
     })
+}
+
+/// Writes only the tokenizer files of `gguf_path` into `out_dir` (created, or its files of the
+/// same names replaced): `tokenizer.json`, `tokenizer_config.json` with the chat template and
+/// `generation_config.json`, exactly as [`import_gguf`] writes them. A server that reads the
+/// weights from the GGUF file itself then tokenizes and renders chats as the imported folder does.
+pub fn import_tokenizer(gguf_path: &Path, out_dir: &Path) -> Result<ChatTemplateSource, ImportError> {
+    let gguf = GgufFile::open(gguf_path)?;
+    let params = ModelParams::read(&gguf)?;
+    let vocab = GgufVocab::read(&gguf)?;
+    let tokenizer = TokenizerFiles::read(&gguf, &params, &vocab)?;
+    let staging = prepare_output(out_dir, true)?;
+    tokenizer.write(staging.path())?;
+    finish_output(staging, out_dir)?;
+    Ok(tokenizer.chat_template_source)
+}
+
+/// The three tokenizer files of an import, built before anything is written.
+struct TokenizerFiles {
+    tokenizer: serde_json::Value,
+    tokenizer_config: serde_json::Value,
+    generation_config: serde_json::Value,
+    chat_template_source: ChatTemplateSource,
+}
+
+impl TokenizerFiles {
+    fn read(gguf: &GgufFile, params: &ModelParams, vocab: &GgufVocab) -> Result<Self, ImportError> {
+        let (chat_template, chat_template_source) =
+            chat_template::chat_template(params.arch, gguf.opt_str("tokenizer.chat_template")?);
+        let eot = gguf.opt_u32("tokenizer.ggml.eot_token_id")?;
+        let stop_ids = chat_template::stop_token_ids(vocab, eot);
+        Ok(Self {
+            tokenizer: vocab.tokenizer_json()?,
+            tokenizer_config: chat_template::tokenizer_config_json(
+                vocab,
+                chat_template.as_deref(),
+                params.context_length,
+            ),
+            generation_config: chat_template::generation_config_json(vocab, &stop_ids),
+            chat_template_source,
+        })
+    }
+
+    fn write(&self, dir: &Path) -> Result<(), ImportError> {
+        write_json(&dir.join("generation_config.json"), &self.generation_config)?;
+        write_json(&dir.join("tokenizer.json"), &self.tokenizer)?;
+        write_json(&dir.join("tokenizer_config.json"), &self.tokenizer_config)
+    }
 }
 
 /// Dequantizes, transforms and writes every planned tensor; returns the parameter count.

@@ -1045,7 +1045,10 @@ impl Sequence {
         // The first token usually starts with a space. We don't want to add that to the delta.
         // Since we're using the completion_bytes, we need to take care of that ourselves.
         // Had we used HF's Tokenizer, it would have taken care of that for us.
-        if is_first {
+        // fusechat: a chat answer only. A completion continues its prompt, and
+        // its leading space belongs to the text (" Paris" after "The capital
+        // of France is"), as OpenAI's and vLLM's completions keep it.
+        if is_first && self.get_mut_group().is_chat {
             return Ok(Some(new_decoded.trim_start().to_string()));
         }
         Ok(Some(new_decoded.to_string()))

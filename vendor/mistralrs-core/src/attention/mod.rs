@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Result, Tensor};
 mod backends;
 
 #[allow(unused)]
-pub(crate) use backends::{flash_attn, maybe_synchronize, naive_sdpa, sinks_attn, with_kv_pads};
+pub(crate) use backends::{current_kv_pads, flash_attn, maybe_synchronize, naive_sdpa, sinks_attn, with_kv_pads};
 
 /// Chunk size for attention computation to avoid OOM on long sequences
 pub(crate) const ATTENTION_CHUNK_SIZE: usize = 1024;

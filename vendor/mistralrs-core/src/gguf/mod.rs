@@ -30,6 +30,8 @@ pub enum GGUFArchitecture {
     Qwen3,
     Qwen3MoE,
     Mistral3,
+    /// fusechat: `models/quantized_gemma3.rs`.
+    Gemma3,
 }
 
 // Wraps from_str() for some convenience:

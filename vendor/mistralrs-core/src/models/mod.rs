@@ -17,6 +17,7 @@ pub(crate) mod phi3_5_moe;
 pub(crate) mod quantized_llama;
 pub(crate) mod quantized_phi2;
 pub(crate) mod quantized_phi3;
+pub(crate) mod quantized_gemma3;
 pub(crate) mod quantized_qwen;
 pub(crate) mod quantized_qwen3;
 pub(crate) mod quantized_qwen3_moe;

@@ -658,6 +658,12 @@ impl ModelConfig::FromGGUF for ModelWeights {
 }
 
 impl ModelWeights {
+    /// fusechat: decode steps may batch sequences of different lengths (full
+    /// KV caches, `Sdpa` on the CPU; see `Pipeline::supports_ragged_decode`).
+    pub fn supports_ragged_decode(&self) -> bool {
+        self.device.is_cpu() && self.layers.iter().all(|l| l.paged_attn.is_none())
+    }
+
     pub fn forward(
         &self,
         x: &Tensor,

@@ -42,13 +42,14 @@ use crate::{
     models::quantized_phi3::ModelWeights as QPhi3,
     models::quantized_qwen::ModelWeights as QQwen,
     models::quantized_qwen3::ModelWeights as QQwen3,
+    models::quantized_gemma3::ModelWeights as QGemma3,
     models::quantized_qwen3_moe::ModelWeights as QQwen3MoE,
     models::quantized_starcoder2::ModelWeights as QStarcoder2,
     utils::tokens::get_token,
     xlora_models::{XLoraQLlama, XLoraQPhi3},
 };
 use anyhow::{bail, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use either::Either;
 use hf_hub::{api::sync::ApiBuilder, Repo, RepoType};
 use mistralrs_quant::IsqType;
@@ -72,6 +73,7 @@ enum Model {
     Qwen(QQwen),
     Qwen3(QQwen3),
     Qwen3MoE(QQwen3MoE),
+    Gemma3(QGemma3),
 }
 
 pub struct GGUFPipeline {
@@ -313,6 +315,12 @@ impl Loader for GGUFLoader {
                 "You are trying to in-situ quantize a GGUF model. This will not do anything."
             );
         }
+        // fusechat: on the CPU the activations, the attention and the KV
+        // cache stay f32 (the `mistralrs` builder asks for `Auto`, which picks
+        // bf16 wherever a bf16 matmul runs, the CPU included). The quantized
+        // layers take and give f32 there (fusechat-kernels), and bf16
+        // attention would only round what they computed.
+        let dtype: &dyn TryIntoDType = if device.is_cpu() { &DType::F32 } else { dtype };
 
         info!("Prompt chunk size is {ATTENTION_CHUNK_SIZE}.");
 
@@ -403,6 +411,10 @@ impl Loader for GGUFLoader {
         // TODO: PagedAttention is not supported with CPU for now.
         // This check is not really necessary because `get_device_layers` should prevent it.
         let mapping_uses_cpu = mapper.get_unique_devices().iter().any(Device::is_cpu);
+        // fusechat: the GGUF gemma3 model has no PagedAttention path.
+        if matches!(arch, GGUFArchitecture::Gemma3) {
+            paged_attn_config = None;
+        }
         if mapping_uses_cpu {
             warn!("Device mapping contains a mix of GPU and CPU. There is no CPU support for PagedAttention, disabling PagedAttention.");
             paged_attn_config = None;
@@ -483,6 +495,7 @@ impl Loader for GGUFLoader {
                 GGUFArchitecture::Qwen2 => Model::Qwen(QQwen::try_from(model_config)?),
                 GGUFArchitecture::Qwen3 => Model::Qwen3(QQwen3::try_from(model_config)?),
                 GGUFArchitecture::Qwen3MoE => Model::Qwen3MoE(QQwen3MoE::try_from(model_config)?),
+                GGUFArchitecture::Gemma3 => Model::Gemma3(QGemma3::try_from(model_config)?),
                 a => bail!("Unsupported architecture `{a:?}` for GGUF"),
             },
             ModelKind::GgufAdapter { adapter, .. } => match arch {
@@ -549,6 +562,7 @@ impl Loader for GGUFLoader {
             Model::Qwen(ref p) => p.max_seq_len,
             Model::Qwen3(ref p) => p.max_seq_len,
             Model::Qwen3MoE(ref p) => p.max_seq_len,
+            Model::Gemma3(ref p) => p.max_seq_len,
         };
         let llg_factory = build_llg_factory(tokenizer.clone())?;
         let num_hidden_layers = match model {
@@ -561,6 +575,7 @@ impl Loader for GGUFLoader {
             Model::Qwen(ref model) => model.cache.normal().0.len(),
             Model::Qwen3(ref model) => model.cache.normal().0.len(),
             Model::Qwen3MoE(ref model) => model.cache.normal().0.len(),
+            Model::Gemma3(ref model) => model.cache.normal().0.len(),
         };
 
         if chat_template.bos_token.is_none() {
@@ -698,6 +713,7 @@ impl CacheManagerMixin for GGUFPipeline {
             Model::Qwen(ref model) => &model.cache,
             Model::Qwen3(ref model) => &model.cache,
             Model::Qwen3MoE(ref model) => &model.cache,
+            Model::Gemma3(ref model) => &model.cache,
         }
     }
 }
@@ -714,6 +730,7 @@ impl MetadataMixin for GGUFPipeline {
             Model::Qwen(ref model) => model.device.clone(),
             Model::Qwen3(ref model) => model.device.clone(),
             Model::Qwen3MoE(ref model) => model.device.clone(),
+            Model::Gemma3(ref model) => model.device.clone(),
         }
     }
     fn tokenizer(&self) -> Option<Arc<Tokenizer>> {
@@ -741,6 +758,17 @@ impl MetadataMixin for GGUFPipeline {
 
 #[async_trait::async_trait]
 impl Pipeline for GGUFPipeline {
+    /// fusechat: the GGUF llama and qwen2 models keep full KV caches on every
+    /// layer and run their attention through `Sdpa`, which on the CPU skips
+    /// each sequence's cache padding (see `NormalModel::supports_ragged_decode`).
+    fn supports_ragged_decode(&self) -> bool {
+        match &self.model {
+            Model::Llama(model) => model.supports_ragged_decode(),
+            Model::Qwen(model) => model.supports_ragged_decode(),
+            Model::Gemma3(model) => model.supports_ragged_decode(),
+            _ => false,
+        }
+    }
     fn forward_inputs(
         &mut self,
         inputs: Box<dyn Any>,
@@ -812,6 +840,9 @@ impl Pipeline for GGUFPipeline {
                 model.forward(&input_ids, &seqlen_offsets, context_lens, paged_attn_meta)?
             }
             Model::Qwen3MoE(ref model) => {
+                model.forward(&input_ids, &seqlen_offsets, context_lens, paged_attn_meta)?
+            }
+            Model::Gemma3(ref model) => {
                 model.forward(&input_ids, &seqlen_offsets, context_lens, paged_attn_meta)?
             }
         };

@@ -14,6 +14,16 @@ pub fn build_llg_factory(tokenizer: Tokenizer) -> Result<Arc<ParserFactory>> {
         .filter(|(_, at)| at.special)
         .map(|(id, at)| (id, at.content))
         .collect();
+    // fusechat: added tokens the tokenizer does not call special (Gemma's
+    // `<em>`, `<b>`, ... HTML tags) are text. toktrie treats every `<...>`
+    // added token as special, and the engine's output drops special tokens,
+    // so an answer lost its tags (transformers keeps them).
+    let added_plain: Vec<(u32, String)> = tokenizer
+        .get_added_tokens_decoder()
+        .into_iter()
+        .filter(|(_, at)| !at.special)
+        .map(|(id, at)| (id, at.content))
+        .collect();
 
     let bt = toktrie_hf_tokenizers::ByteTokenizer::from_tokenizer(tokenizer)?;
     let info = bt.tokrx_info();
@@ -31,6 +41,15 @@ pub fn build_llg_factory(tokenizer: Tokenizer) -> Result<Arc<ParserFactory>> {
             let mut bytes = content.as_bytes().to_vec();
             bytes.insert(0, toktrie::TokTrie::SPECIAL_TOKEN_MARKER);
             token_bytes[idx] = bytes;
+        }
+    }
+
+    for (id, content) in &added_plain {
+        let idx = *id as usize;
+        if idx < token_bytes.len()
+            && token_bytes[idx].first() == Some(&toktrie::TokTrie::SPECIAL_TOKEN_MARKER)
+        {
+            token_bytes[idx] = content.as_bytes().to_vec();
         }
     }
 

@@ -362,6 +362,22 @@ impl DeviceMappedModelLoader for GgufDeviceMapLoaderInner<'_, '_> {
                 };
                 token_embd + output_norm + output
             }
+            // fusechat: the GGUF gemma3 model keeps its token embeddings in
+            // their quantized type and ties the output to them.
+            GGUFArchitecture::Gemma3 => {
+                let token_embd =
+                    tensor_info_size_in_bytes!(self.model.tensor_info("token_embd.weight")?);
+                let output_norm = tensor_info_size_in_bytes!(
+                    self.model.tensor_info("output_norm.weight")?,
+                    DType::F32
+                );
+                let output = if self.model.has_tensor("output.weight") {
+                    tensor_info_size_in_bytes!(self.model.tensor_info("output.weight")?)
+                } else {
+                    0
+                };
+                token_embd + output_norm + output
+            }
             _ => unimplemented!(),
         };
         Ok(size_in_bytes)
@@ -645,6 +661,20 @@ impl DeviceMappedModelLoader for GgufDeviceMapLoaderInner<'_, '_> {
                     + ffn_gate
             }
 
+            // fusechat: every tensor of a gemma3 block.
+            GGUFArchitecture::Gemma3 => {
+                let mut total = 0;
+                for name in [
+                    "attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "attn_q_norm",
+                    "attn_k_norm", "post_attention_norm", "ffn_norm", "ffn_gate", "ffn_up",
+                    "ffn_down", "post_ffw_norm",
+                ] {
+                    total += tensor_info_size_in_bytes!(self
+                        .model
+                        .tensor_info(&format!("blk.0.{name}.weight"))?);
+                }
+                total
+            }
             _ => unimplemented!(),
         };
         Ok(vec![size_in_bytes; self.num_layers(config)?])

@@ -100,7 +100,8 @@ pub(crate) fn with_kv_pads<R>(pads: Option<std::sync::Arc<[usize]>>, f: impl FnO
     f()
 }
 
-fn kv_pads() -> Option<std::sync::Arc<[usize]>> {
+/// fusechat: the padding `with_kv_pads` set for this thread's forward pass.
+pub(crate) fn current_kv_pads() -> Option<std::sync::Arc<[usize]>> {
     KV_PADS.with(|p| p.borrow().clone())
 }
 
@@ -476,7 +477,7 @@ where
     // fusechat: sequence `b_i` attends to positions `pads[b_i]..kv_len` and its
     // tiles start at its first position, as when it decodes alone, so its
     // result is the same to the bit.
-    let pads: Vec<usize> = match kv_pads() {
+    let pads: Vec<usize> = match current_kv_pads() {
         Some(pads) if pads.len() == b => pads.iter().map(|&p| p.min(kv_len)).collect(),
         Some(pads) => candle_core::bail!(
             "decode attention: {} cache paddings for a batch of {b}",
