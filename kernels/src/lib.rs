@@ -11,7 +11,11 @@
 //! time in registers, a batch shares one pass over the weights, and each
 //! output value is computed by the same instructions whatever the batch, so
 //! a sequence's logits do not depend on what it is batched with.
+//!
+//! [`attention::prompt_attention`] is the attention of a prompt over its
+//! keys, tiled, for the engine's CPU attention backend.
 
+pub mod attention;
 mod avx2;
 mod avx512;
 mod format;

@@ -1,6 +1,6 @@
 #![allow(clippy::cast_possible_truncation, clippy::cast_precision_loss)]
 
-use candle_core::{Context, Device, Result, Storage, Tensor, WithDType};
+use candle_core::{Context, DType, Device, Result, Storage, Tensor, WithDType};
 
 use half::bf16;
 use half::f16;
@@ -358,6 +358,13 @@ pub fn run_flash_attn_cpu<T>(
 where
     T: WithDType + Sum + num_traits::real::Real + DowncastF32 + UpcastF32 + Copy,
 {
+    // fusechat: a prompt (more than one query) in f32 goes to the tiled
+    // kernel of fusechat-kernels.
+    if q.dim(1)? > 1 && q.dtype() == DType::F32 {
+        if let Some(out) = prompt_attention_f32(q, k, v, mask, sdpa_params)? {
+            return Ok(out);
+        }
+    }
     // Inline CPU slice extraction for q, k, v, and optional mask
     let (q_guard, q_layout) = q.storage_and_layout();
     let q_data: &[T] = if let Storage::Cpu(cpu) = &*q_guard {
@@ -447,6 +454,78 @@ where
         0.0,
         sdpa_params.softcap.unwrap_or(0.0),
     )
+}
+
+/// fusechat: `fusechat_kernels::attention::prompt_attention` for f32 q, k and
+/// v laid out (batch, position, head, dim), or `None` when the mask is one it
+/// does not read (its last dimension is not the keys) and the generic kernel
+/// below should run.
+fn prompt_attention_f32(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    sdpa_params: &SdpaParams,
+) -> Result<Option<Tensor>> {
+    use fusechat_kernels::attention::{prompt_attention, Heads, PromptAttention};
+    let (batch, queries, heads, head_dim) = q.dims4()?;
+    let (_, keys, kv_heads, _) = k.dims4()?;
+    if v.dims4()? != k.dims4()? || k.dim(3)? != head_dim || heads % kv_heads != 0 {
+        return Ok(None);
+    }
+    let mask = match mask {
+        Some(m) if m.dims().last() != Some(&keys) => return Ok(None),
+        Some(m) => Some(m.to_dtype(DType::F32)?.contiguous()?),
+        None => None,
+    };
+    fn heads_of<'a>(t: &Tensor, storage: &'a Storage, start: usize) -> Result<Heads<'a>> {
+        let Storage::Cpu(cpu) = storage else {
+            candle_core::bail!("prompt attention: expected CPU storage");
+        };
+        let stride = t.stride();
+        if stride[3] != 1 {
+            candle_core::bail!("prompt attention: rows must be contiguous");
+        }
+        Ok(Heads { data: &cpu.as_slice::<f32>()?[start..], batch: stride[0], position: stride[1], head: stride[2] })
+    }
+    let (q_storage, q_layout) = q.storage_and_layout();
+    let (k_storage, k_layout) = k.storage_and_layout();
+    let (v_storage, v_layout) = v.storage_and_layout();
+    let mask_storage = mask.as_ref().map(|m| m.storage_and_layout());
+    let mask_rows: Option<(&[f32], &[usize])> = match &mask_storage {
+        Some((storage, layout)) => {
+            let Storage::Cpu(cpu) = &**storage else {
+                candle_core::bail!("prompt attention: expected a CPU mask");
+            };
+            Some((&cpu.as_slice::<f32>()?[layout.start_offset()..], layout.dims()))
+        }
+        None => None,
+    };
+    let shape = PromptAttention {
+        batch,
+        queries,
+        keys,
+        heads,
+        kv_heads,
+        head_dim,
+        scale: sdpa_params.softmax_scale,
+        softcap: sdpa_params.softcap.filter(|&c| c != 0.0),
+    };
+    let mut out = vec![0f32; batch * heads * queries * head_dim];
+    prompt_attention(
+        &shape,
+        heads_of(q, &q_storage, q_layout.start_offset())?,
+        heads_of(k, &k_storage, k_layout.start_offset())?,
+        heads_of(v, &v_storage, v_layout.start_offset())?,
+        |b, h, query| {
+            let (data, dims) = mask_rows?;
+            // The mask's last dimension is the keys, so the row starts at key 0.
+            let start = mask_offset(dims, batch, heads, b, h, query, 0)?;
+            Some(&data[start..start + keys])
+        },
+        &mut out,
+    );
+    Tensor::from_vec(out, (batch, heads, queries, head_dim), &Device::Cpu).map(Some)
 }
 
 /// Optimised path for the common decode case: q_len == 1 but kv_len ≫ 1.
