@@ -23,6 +23,8 @@ cargo build --release --locked -p fusechat
 cargo test --release --locked --workspace --no-run
 step "an unchanged tree builds without compiling (scripts/check_rebuild.sh)"
 bash scripts/check_rebuild.sh
+step "vendor/ is upstream + the listed patches (scripts/check_vendor.sh)"
+bash scripts/check_vendor.sh
 step "models"
 "$FUSECHAT_BIN" models fetch
 step "Rust tests"

@@ -32,6 +32,8 @@ pub struct LoadModelRequest {
     pub alias: Option<String>,
     pub max_seqs: Option<usize>,
     pub max_waiting: Option<usize>,
+    /// Prompt tokens prefilled per engine step (default 256; 0: whole prompts).
+    pub prefill_chunk: Option<usize>,
     /// In-situ quantization: `none` (default), `q8_0`, `q4_1`, `q4k`.
     #[schema(value_type = Option<String>)]
     pub isq: Option<Isq>,
@@ -214,6 +216,7 @@ pub async fn load_model(
     let mut config = ModelConfig::from_path(&id, path.clone());
     config.max_seqs = request.max_seqs.unwrap_or(config.max_seqs).max(1);
     config.max_waiting = request.max_waiting.unwrap_or(config.max_waiting);
+    config.prefill_chunk = request.prefill_chunk.unwrap_or(config.prefill_chunk);
     config.isq = request.isq;
     config.float_layers = float_layers;
     let replaced = state.slots().iter().any(|(m, _)| *m == id);

@@ -158,6 +158,14 @@ pub struct ModelConfig {
     /// Sequences that may wait for a slot; past that, 429.
     #[serde(default = "default_max_waiting")]
     pub max_waiting: usize,
+    /// Prompt tokens prefilled per engine step (chunked prefill): a long
+    /// prompt is processed this many tokens at a time, and the sequences
+    /// being decoded take a step between two chunks instead of stalling for
+    /// the whole prompt. 0 prefills a prompt in one step. Models whose
+    /// engine decodes sequences of different lengths together (llama, qwen2,
+    /// gemma3) chunk; others ignore it.
+    #[serde(default = "default_prefill_chunk")]
+    pub prefill_chunk: usize,
     /// Sampling used where a request gives none.
     #[serde(default)]
     pub defaults: SamplingDefaults,
@@ -198,6 +206,9 @@ fn default_max_seqs() -> usize {
 fn default_max_waiting() -> usize {
     64
 }
+fn default_prefill_chunk() -> usize {
+    256
+}
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -227,6 +238,7 @@ impl ModelConfig {
             chat_template: None,
             max_seqs: default_max_seqs(),
             max_waiting: default_max_waiting(),
+            prefill_chunk: default_prefill_chunk(),
             defaults: SamplingDefaults::default(),
             isq: None,
             float_layers: Vec::new(),

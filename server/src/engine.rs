@@ -171,6 +171,10 @@ impl LoadedModel {
             }
         }
         .with_context(|| format!("model `{}`: the engine could not load {}", config.id, weights.display()))?;
+        engine
+            .inner()
+            .set_prefill_chunk_tokens(None, config.prefill_chunk)
+            .map_err(|e| anyhow::anyhow!("model `{}`: cannot set prefill_chunk: {e}", config.id))?;
         let max_seq_len = engine
             .max_sequence_length()
             .ok()

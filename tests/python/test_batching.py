@@ -29,6 +29,13 @@ weights config/serve.toml serves. Quantized layers run fusechat-kernels
 (kernels/), which compute each row of a batch with the same instructions as
 a row alone; with candle's quantized matmul the Q8_0 logprobs moved by up to
 0.15 when batched and a greedy answer took another turn after 19 tokens.
+
+Chunked prefill (`prefill_chunk`) must not change an answer either: the same
+model served twice, prompts read whole and 96 tokens a step, gives the same
+tokens and logprobs on all three models (Gemma's long prompt crosses its
+sliding window inside a chunk). And it must do what it is for: a stream
+keeps streaming while a 1,500-token prompt is read, where with whole
+prompts it stalls for the entire prefill (the control in the same test).
 """
 
 import threading
@@ -305,6 +312,90 @@ def test_gguf_decoding_of_different_lengths_answers_as_alone(model):
             assert alone[0].prompt_tokens > 512, f"the long prompt has {alone[0].prompt_tokens} tokens"
         check(questions, alone, staggered(s, questions=questions, model=model))
         check(questions, alone, staggered(s, interruptions=8, questions=questions, model=model))
+        assert s.alive(), s.tail()
+    finally:
+        s.stop()
+
+
+def whole_and_chunked(model: str, chunk: int) -> str:
+    """The model's GGUF twice: `whole` prefills a prompt in one step,
+    `chunked` `chunk` tokens a step."""
+    return "".join(
+        f"""
+[[models]]
+id = "{name}"
+path = "{GGUF[model]}"
+max_seqs = 4
+max_waiting = 16
+prefill_chunk = {tokens}
+"""
+        for name, tokens in (("whole", 0), ("chunked", chunk))
+    )
+
+
+@pytest.mark.parametrize("model", list(GGUF))
+def test_chunked_prefill_answers_as_whole(model):
+    # Chunks of 96 tokens: Gemma's long prompt crosses its 512-token sliding
+    # window in the middle of a chunk.
+    s = Server(whole_and_chunked(model, 96), f"chunked-{model}")
+    lengths = []
+    try:
+        c = client(s)
+        for question in (LONG, STAGGERED[0]):
+            whole, chunked = ask(c, question, "whole"), ask(c, question, "chunked")
+            why = difference(whole, chunked)
+            assert why is None, f"[{question[:40]}...] {why}\n    whole:   {whole!r}\n    chunked: {chunked!r}"
+            lengths.append(chunked.prompt_tokens)
+        assert lengths[0] > 512 and lengths[1] < 96, f"prompt lengths {lengths}: one must be chunked, one not"
+    finally:
+        s.stop()
+
+
+# About 1,500 prompt tokens for SmolLM2.
+VERY_LONG = "Answer the last question. " + " ".join(STAGGERED * 13)
+
+
+def longest_stall(c: OpenAI, model: str):
+    """While a stream decodes, a very long prompt arrives on the same model:
+    returns the longest gap (s) between two streamed tokens during its
+    prefill, the tokens streamed meanwhile, and its prompt length."""
+    stamps = []
+    started = threading.Event()
+
+    def stream():
+        for _ in c.completions.create(
+            model=model, prompt="1, 2, 3, 4, 5, 6, 7, 8,", max_tokens=400, temperature=0, stream=True
+        ):
+            stamps.append(time.monotonic())
+            if len(stamps) == 5:
+                started.set()
+
+    streamer = threading.Thread(target=stream)
+    streamer.start()
+    assert started.wait(120), "the stream did not start"
+    sent = time.monotonic()
+    long = c.completions.create(model=model, prompt=VERY_LONG, max_tokens=1, temperature=0)
+    answered = time.monotonic()
+    streamer.join()
+    assert stamps[-1] > answered, "the stream ended before the long prompt was read: the test proves nothing"
+    during = [t for t in stamps if sent <= t <= answered]
+    edges = [sent] + during + [answered]
+    return max(b - a for a, b in zip(edges, edges[1:])), len(during), long.usage.prompt_tokens
+
+
+def test_chunked_prefill_keeps_streams_going():
+    s = Server(whole_and_chunked("smollm2-135m-instruct", 64), "chunked-stall")
+    try:
+        c = client(s)
+        whole_gap, _, prompt_tokens = longest_stall(c, "whole")
+        chunked_gap, chunked_tokens, _ = longest_stall(c, "chunked")
+        assert prompt_tokens > 1200, f"the long prompt has only {prompt_tokens} tokens"
+        # Whole, the stream waits for the entire prefill; chunked, for one
+        # chunk of 64 tokens (and a decode step) at a time.
+        assert chunked_tokens >= 5 and chunked_gap < whole_gap / 3, (
+            f"longest gap between streamed tokens while a {prompt_tokens}-token prompt was read: "
+            f"{whole_gap:.3f} s whole, {chunked_gap:.3f} s chunked ({chunked_tokens} tokens streamed meanwhile)"
+        )
         assert s.alive(), s.tail()
     finally:
         s.stop()

@@ -20,7 +20,10 @@ use std::{
     error::Error,
     fs::OpenOptions,
     io::Write,
-    sync::{atomic::AtomicBool, Arc, Mutex, RwLock},
+    sync::{
+        atomic::{self, AtomicBool, AtomicUsize},
+        Arc, Mutex, RwLock,
+    },
     thread::{self, JoinHandle},
     time::{SystemTime, UNIX_EPOCH},
 };
@@ -327,6 +330,9 @@ struct RebootState {
     mcp_client_config: Option<McpClientConfig>,
     /// Optional loader config for reloading after unload
     loader_config: Option<ModelLoaderConfig>,
+    /// fusechat: the engine's prompt chunk (`MistralRs::set_prefill_chunk_tokens`),
+    /// kept here so that a rebooted engine keeps it.
+    prefill_chunk: Arc<AtomicUsize>,
 }
 
 /// Model status for loaded/unloaded state
@@ -554,6 +560,7 @@ impl MistralRs {
             encoder_cache_counters,
         ));
         let logger_for_engine = logger.clone();
+        let prefill_chunk = reboot_state.prefill_chunk.clone();
 
         info!("Pipeline input modalities are {:?}", &modalities.input);
         info!("Pipeline output modalities are {:?}", &modalities.output);
@@ -588,6 +595,7 @@ impl MistralRs {
                         config.tool_callbacks.clone(),
                         config.tool_callbacks_with_tools.clone(),
                         logger_for_engine,
+                        prefill_chunk.clone(),
                     )
                     .expect("Engine creation failed.");
                     Arc::new(engine).run().await;
@@ -613,6 +621,7 @@ impl MistralRs {
                         config.tool_callbacks.clone(),
                         config.tool_callbacks_with_tools.clone(),
                         logger_for_engine,
+                        prefill_chunk.clone(),
                     )
                     .expect("Engine creation failed.");
                     Arc::new(engine).run().await;
@@ -710,6 +719,7 @@ impl MistralRs {
             tool_callbacks_with_tools: tool_callbacks_with_tools.clone(),
             mcp_client_config: mcp_client_config.clone(),
             loader_config,
+            prefill_chunk: Arc::default(),
         };
 
         // Create the engine configuration
@@ -1145,6 +1155,31 @@ impl MistralRs {
         }
     }
 
+    /// fusechat: prefill prompts a chunk of at most `tokens` tokens per step
+    /// (0: a whole prompt in one step), so that the sequences being decoded
+    /// take a step between two chunks instead of waiting for a long prompt.
+    /// Takes effect from the next prompt step; engines that cannot decode
+    /// sequences of different lengths together ignore it.
+    pub fn set_prefill_chunk_tokens(
+        &self,
+        model_id: Option<&str>,
+        tokens: usize,
+    ) -> Result<(), MistralRsError> {
+        let resolved_model_id = self.resolve_alias_or_default(model_id)?;
+        let engines = self
+            .engines
+            .read()
+            .map_err(|_| MistralRsError::SenderPoisoned)?;
+        let engine_instance = engines
+            .get(&resolved_model_id)
+            .ok_or(MistralRsError::EnginePoisoned)?;
+        engine_instance
+            .reboot_state
+            .prefill_chunk
+            .store(tokens, atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
     pub fn next_request_id(&self) -> usize {
         let l = self.next_request_id.lock().unwrap();
         let last = &mut *l.borrow_mut();
@@ -1215,6 +1250,7 @@ impl MistralRs {
             tool_callbacks_with_tools: config.engine_config.tool_callbacks_with_tools.clone(),
             mcp_client_config: config.mcp_client_config.clone(),
             loader_config: config.loader_config.clone(),
+            prefill_chunk: Arc::default(),
         };
 
         let engine_instance =
@@ -1629,6 +1665,9 @@ impl MistralRs {
                 .clone(),
             mcp_client_config: unloaded_state.mcp_client_config.clone(),
             loader_config: Some(unloaded_state.loader_config.clone()),
+            // fusechat: a model reloaded after an unload prefills whole
+            // prompts until it is set again.
+            prefill_chunk: Arc::default(),
         };
 
         // Create the engine instance

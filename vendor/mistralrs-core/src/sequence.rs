@@ -522,6 +522,11 @@ pub struct Sequence {
     /// fusechat: positions of left padding in front of this sequence's data
     /// in its `normal_cache` (see `NormalCacheManager::clone_in_cache`).
     normal_cache_pad: usize,
+    /// fusechat: where the prompt chunk being prefilled ends, while a long
+    /// prompt is prefilled a chunk at a time (`begin_prompt_chunk`).
+    prompt_chunk_end: Option<usize>,
+    /// fusechat: time spent on the prompt chunks prefilled so far.
+    prompt_chunks_time: std::time::Duration,
     normal_draft_cache: Vec<Option<KvCache>>,
     scaling_cache: Option<Tensor>,
     cache: LayerCaches,
@@ -636,6 +641,8 @@ impl Sequence {
             recognizer,
             prefill_prompt_toks: None,
             prefix_cache_len: 0,
+            prompt_chunk_end: None,
+            prompt_chunks_time: std::time::Duration::ZERO,
             suffix,
             prefix,
             cumulative_logprob: 0.,
@@ -894,6 +901,46 @@ impl Sequence {
     /// Remove the prefill tokens.
     pub fn reset_prefill_toks(&mut self) {
         self.prefill_prompt_toks = None
+    }
+
+    /// fusechat: limits the next prompt step to the next `max_tokens` tokens
+    /// of the prompt when more than that are left to prefill, and says
+    /// whether it did. The step then runs like a prefix-cache hit: the
+    /// positions before `token_offset` are in this sequence's KV cache and
+    /// only the chunk is computed. Nothing is sampled from a chunk that is
+    /// not the last (`is_partial_prompt_chunk`); `end_prompt_chunk` moves on.
+    pub fn begin_prompt_chunk(&mut self, max_tokens: usize) -> bool {
+        let start = self.token_offset;
+        if max_tokens == 0 || !self.is_prompt() || self.tokens.len() <= start + max_tokens {
+            return false;
+        }
+        let end = start + max_tokens;
+        self.prefill_prompt_toks = Some(self.tokens[start..end].to_vec());
+        self.prompt_chunk_end = Some(end);
+        true
+    }
+
+    /// fusechat: the current prompt step prefills a chunk that is not the
+    /// prompt's last; its logits are not sampled.
+    pub fn is_partial_prompt_chunk(&self) -> bool {
+        self.prompt_chunk_end.is_some()
+    }
+
+    /// fusechat: after a partial chunk's step (which took `took`), the rest
+    /// of the prompt is what is left to prefill, after the positions now in
+    /// the KV cache.
+    pub fn end_prompt_chunk(&mut self, took: std::time::Duration) {
+        if let Some(end) = self.prompt_chunk_end.take() {
+            self.token_offset = end;
+            self.prefill_prompt_toks = Some(self.tokens[end..].to_vec());
+            self.prompt_chunks_time += took;
+        }
+    }
+
+    /// fusechat: the time the partial chunks of this prompt took (zero for a
+    /// prompt prefilled in one step).
+    pub fn prompt_chunks_time(&self) -> std::time::Duration {
+        self.prompt_chunks_time
     }
 
     /// Internal api to add one raw token.

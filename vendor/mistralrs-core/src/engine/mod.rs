@@ -28,7 +28,7 @@ use std::{
     ops::Deref,
     str::FromStr,
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc, LazyLock,
     },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -171,6 +171,13 @@ pub struct Engine {
     logger: Arc<IntervalLogger>,
     handles: Arc<Mutex<Vec<JoinHandle<()>>>>,
     pending_notify: Arc<Notify>,
+    /// fusechat: prompt tokens prefilled per step (0: whole prompts), set
+    /// through `MistralRs::set_prefill_chunk_tokens`; read at every prompt
+    /// step. Only engines with `ragged_decode` chunk: a chunk's step resumes
+    /// from the sequence's own KV cache (as a prefix-cache hit does), which
+    /// the ragged-decode models read with the offsets and masks this needs.
+    prefill_chunk: Arc<AtomicUsize>,
+    ragged_decode: bool,
 }
 
 impl Drop for Engine {
@@ -198,6 +205,7 @@ impl Engine {
         tool_callbacks: tools::ToolCallbacks,
         tool_callbacks_with_tools: tools::ToolCallbacksWithTools,
         logger: Arc<IntervalLogger>,
+        prefill_chunk: Arc<AtomicUsize>,
     ) -> anyhow::Result<Self> {
         no_kv_cache |= get_mut_arcmutex!(pipeline).get_metadata().no_kv_cache;
 
@@ -252,6 +260,8 @@ impl Engine {
             logger,
             handles: Arc::new(Mutex::new(Vec::new())),
             pending_notify: Arc::new(Notify::new()),
+            prefill_chunk,
+            ragged_decode,
         })
     }
 
@@ -432,6 +442,27 @@ impl Engine {
                     }
 
                     if !scheduled.prompt.is_empty() {
+                        // fusechat: a prompt longer than `prefill_chunk` is
+                        // prefilled a chunk per step. The sequences of one
+                        // prompt step have the same length and offset, so
+                        // either all of them take a partial chunk or none.
+                        let chunk_tokens = self.prefill_chunk.load(Ordering::Relaxed);
+                        let chunked = chunk_tokens > 0
+                            && self.ragged_decode
+                            && !scheduled.prompt[0].return_raw_logits
+                            && scheduled.prompt.iter().all(|seq| seq.images().is_none())
+                            && {
+                                let chunked = scheduled
+                                    .prompt
+                                    .iter_mut()
+                                    .map(|seq| seq.begin_prompt_chunk(chunk_tokens))
+                                    .fold(false, |any, this| any | this);
+                                debug_assert!(scheduled
+                                    .prompt
+                                    .iter()
+                                    .all(|seq| seq.is_partial_prompt_chunk() == chunked));
+                                chunked
+                            };
                         let prompt_exec_time = {
                             let mut pipeline = get_mut_arcmutex!(self.pipeline);
 
@@ -495,6 +526,12 @@ impl Engine {
                         self.logger.add_tokens_processed(total_processed_tokens);
 
                         for seq in scheduled.prompt.iter_mut() {
+                            if chunked {
+                                // Still a prompt: it waits for its next
+                                // chunk (see `FixedBucketingManager`).
+                                seq.end_prompt_chunk(prompt_exec_time);
+                                continue;
+                            }
                             match seq.sequence_stepping_type() {
                                 SeqStepType::OneShot => {
                                     seq.set_state(SequenceState::Done(StopReason::GeneratedImage))
@@ -507,12 +544,13 @@ impl Engine {
                                 .duration_since(UNIX_EPOCH)
                                 .expect("Time travel has occurred!")
                                 .as_millis();
+                            let prompt_time = prompt_exec_time + seq.prompt_chunks_time();
                             #[allow(clippy::cast_precision_loss)]
                             let prompt_tok_per_sec =
-                                seq.len() as f32 / prompt_exec_time.as_secs_f32();
+                                seq.len() as f32 / prompt_time.as_secs_f32();
                             seq.prompt_tok_per_sec = prompt_tok_per_sec;
                             seq.prompt_timestamp = Some(now);
-                            seq.total_prompt_time = Some(prompt_exec_time.as_millis());
+                            seq.total_prompt_time = Some(prompt_time.as_millis());
                             seq.step_start_instant = None;
                         }
                         last_completion_ids = vec![];

@@ -580,6 +580,12 @@ pub trait Pipeline:
                     _ => unreachable!("Unreachable POST cache op."),
                 }
 
+                // fusechat: a prompt chunk that is not the prompt's last only
+                // fills the KV cache; nothing is sampled from it.
+                if input_seqs.iter().any(|seq| seq.is_partial_prompt_chunk()) {
+                    return Ok(exec_duration);
+                }
+
                 if raw_out_logits[0][0].is_some() {
                     let start = Instant::now();
                     response::send_raw_responses(

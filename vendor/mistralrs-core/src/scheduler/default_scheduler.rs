@@ -85,13 +85,13 @@ const MAX_DECODE_WAIT: usize = 4;
 
 impl FixedBucketingManager {
     fn bucket_key(&self, seq: &Sequence) -> BucketKey {
-        let len = if self.ragged_decode && seq.is_completion() {
-            usize::MAX
-        } else {
-            seq.len()
-        };
+        if self.ragged_decode && seq.is_completion() {
+            // The offset where a prompt's prefill resumed plays no part
+            // in decoding.
+            return (usize::MAX, false, 0);
+        }
         (
-            len,
+            seq.len(),
             seq.images().is_some() && seq.is_prompt(),
             seq.token_offset(),
         )
@@ -138,7 +138,11 @@ impl<Backer: FcfsBacker> BucketingManager<Backer> for FixedBucketingManager {
             // until its urgency outweighs the summed priorities of the whole
             // decoding batch (about 100 steps at 16 sequences). The decoding
             // batch goes first once it has waited `MAX_DECODE_WAIT` steps, so
-            // a stream of prompts cannot hold it back for long.
+            // a stream of prompts cannot hold it back for long. Between two
+            // chunks of a long prompt (`min` resumes a prefill: its offset
+            // is past 0) it waits one step only, so its tokens keep coming
+            // while the prompt is prefilled.
+            let max_wait = if min.2 > 0 { 1 } else { MAX_DECODE_WAIT };
             let waited_decode = seq_buckets
                 .iter()
                 .find(|((len, _, _), seqs)| {
@@ -146,7 +150,7 @@ impl<Backer: FcfsBacker> BucketingManager<Backer> for FixedBucketingManager {
                         && *len == usize::MAX
                         && seqs
                             .iter()
-                            .any(|seq| seq.scheduling_urgency() >= MAX_DECODE_WAIT)
+                            .any(|seq| seq.scheduling_urgency() >= max_wait)
                 })
                 .map(|(key, _)| *key);
             let min = waited_decode.unwrap_or(min);
@@ -265,9 +269,13 @@ impl<Backer: FcfsBacker> DefaultScheduler<Backer> {
                 }
                 logger.set_num_running(self.running.len());
                 logger.set_num_waiting(self.waiting.len());
+                // fusechat: a running sequence may still be a prompt whose
+                // prefill goes on a chunk at a time (`Sequence::begin_prompt_chunk`).
+                let (completion, prompt): (Vec<_>, Vec<_>) =
+                    self.running.iter_mut().partition(|seq| seq.is_completion());
                 return DefaultSchedulerOutput {
-                    prompt: vec![].into(),
-                    completion: self.running.iter_mut().collect::<Vec<_>>().into(),
+                    prompt: prompt.into(),
+                    completion: completion.into(),
                 };
             }
             _ => {}
