@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use fusechat_models::fetch;
-use fusechat_server::config::{ModelConfig, ServerConfig};
+use fusechat_server::config::{Isq, ModelConfig, ServerConfig};
 
 mod data;
 mod eval;
@@ -70,8 +70,10 @@ struct ServeArgs {
     /// Port to listen on (overrides the config).
     #[arg(long)]
     port: Option<u16>,
-    /// Add or replace a model: ID=PATH, PATH a GGUF file or a Hugging Face folder.
-    #[arg(long = "model", value_name = "ID=PATH")]
+    /// Add or replace a model: ID=PATH, PATH a GGUF file (served from its
+    /// own quantized tensors) or a Hugging Face folder; ID=PATH:f32 serves
+    /// the weights as f32 floats instead.
+    #[arg(long = "model", value_name = "ID=PATH[:f32]")]
     models: Vec<String>,
     /// Serve only the --model entries, not the config's models.
     #[arg(long)]
@@ -151,9 +153,19 @@ fn serve(args: ServeArgs) -> Result<()> {
     }
     for entry in &args.models {
         let Some((id, path)) = entry.split_once('=') else {
-            bail!("--model takes ID=PATH, got `{entry}`");
+            bail!("--model takes ID=PATH or ID=PATH:f32, got `{entry}`");
         };
-        config.upsert_model(ModelConfig::from_path(id, PathBuf::from(path)));
+        // `:f32`: float weights (a GGUF imported into floats), never the
+        // default, which serves a GGUF from its own quantized tensors.
+        let (path, float) = match path.strip_suffix(":f32") {
+            Some(path) => (path, true),
+            None => (path, false),
+        };
+        let mut model = ModelConfig::from_path(id, PathBuf::from(path));
+        if float {
+            model.isq = Some(Isq::None);
+        }
+        config.upsert_model(model);
     }
     if let Some(host) = args.host {
         config.listen.host = host;

@@ -171,7 +171,11 @@ pub struct ModelConfig {
     pub defaults: SamplingDefaults,
     /// Quantize the float weights of a Hugging Face folder when loading it
     /// (mistralrs in-situ quantization). Unset: `none`. Check a model's greedy
-    /// answers before turning it on, and see `float_layers`.
+    /// answers before turning it on, and see `float_layers`. A GGUF file is
+    /// served from its own quantized tensors while this is unset; set, the
+    /// file is imported into float weights first (`none`: served as f32, as
+    /// `--model ID=PATH:f32` does). `GET /v1/models` lists how each model
+    /// holds its weights.
     #[serde(default)]
     pub isq: Option<Isq>,
     /// With `isq`: the linear layers (by name: q_proj, k_proj, v_proj, o_proj,

@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 
 use crate::config::{Isq, ModelConfig, ModelSource, SamplingDefaults, LINEAR_LAYERS};
 use crate::error::ApiError;
+use crate::holding::{self, Holding};
 use crate::queue::Admission;
 
 /// What the engine is asked to continue.
@@ -59,6 +60,8 @@ pub struct LoadedModel {
     pub max_seq_len: usize,
     pub defaults: SamplingDefaults,
     pub admission: Admission,
+    /// How the weights are held (`GET /v1/models`).
+    pub holding: Holding,
     engine: Model,
 }
 
@@ -108,6 +111,17 @@ impl LoadedModel {
             let kind = kind.clone();
             tokio::task::spawn_blocking(move || fingerprint(&kind)).await??
         };
+        let holding = {
+            let (kind, isq, float_layers) = (kind.clone(), config.isq, config.float_layers.clone());
+            tokio::task::spawn_blocking(move || match &kind {
+                WeightsKind::Gguf { dir, file, .. } => holding::of_gguf(&dir.join(file)),
+                WeightsKind::Hf { dir, default_isq, .. } => {
+                    holding::of_folder(dir, isq.unwrap_or(*default_isq), &float_layers)
+                }
+            })
+            .await??
+        };
+        tracing::info!(model = %config.id, weights = %weights.display(), "{}; {}", holding.summary(), why(&kind, config.isq));
         let template = config
             .chat_template
             .as_ref()
@@ -186,6 +200,7 @@ impl LoadedModel {
             max_seq_len,
             defaults: config.defaults.clone(),
             admission: Admission::new(config.max_seqs, config.max_waiting),
+            holding,
             engine,
         })
     }
@@ -301,6 +316,19 @@ pub fn weights_path(config: &ModelConfig, home: &Path) -> anyhow::Result<PathBuf
 /// loader has its architecture and no in-situ quantization (`isq`) is asked
 /// for; otherwise it is imported once into a Hugging Face folder under `home`
 /// and served from its float weights (quantized by `isq` at load).
+/// Why a model takes its load path, for the startup log.
+fn why(kind: &WeightsKind, isq: Option<Isq>) -> &'static str {
+    match (kind, isq) {
+        (WeightsKind::Gguf { .. }, _) => "fusechat serves this GGUF architecture from the file's own tensors",
+        (WeightsKind::Hf { .. }, Some(Isq::None)) => "float asked for (`isq = \"none\"`, or `:f32` after --model's path)",
+        (WeightsKind::Hf { .. }, Some(_)) => "`isq` asks for quantization at load",
+        (WeightsKind::Hf { default_isq: Isq::None, .. }, None) => {
+            "float weights with no `isq`, or a GGUF architecture fusechat does not serve as it is (imported into floats)"
+        }
+        (WeightsKind::Hf { .. }, None) => "the folder's default quantization at load",
+    }
+}
+
 pub async fn resolve_weights(path: &Path, home: &Path, isq: bool) -> anyhow::Result<WeightsKind> {
     if path.is_dir() {
         return resolve_weights_folder(path, Isq::None);

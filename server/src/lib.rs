@@ -13,6 +13,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod generate;
+pub mod holding;
 pub mod metrics;
 pub mod openapi;
 pub mod protocol;

@@ -292,6 +292,9 @@ pub struct ModelCard {
     /// For an alias: the model id it points at now.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub alias_of: Option<String>,
+    /// Once loaded: how the weights are held (load path, tensor types, bytes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weights: Option<crate::holding::Holding>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]

@@ -132,15 +132,19 @@ pub async fn list_models(state: web::Data<AppState>) -> HttpResponse {
                 ModelSlot::Ready(m) => Some(m.max_seq_len),
                 _ => None,
             },
+            weights: match &slot {
+                ModelSlot::Ready(m) => Some(m.holding.clone()),
+                _ => None,
+            },
             id,
             alias_of: None,
         })
         .collect::<Vec<_>>();
     let mut data = data;
     for (alias, target) in state.aliases() {
-        let (status, max_model_len) = match state.model(&alias) {
-            Ok(m) => ("ready".to_string(), Some(m.max_seq_len)),
-            Err(_) => ("unavailable".to_string(), None),
+        let (status, max_model_len, weights) = match state.model(&alias) {
+            Ok(m) => ("ready".to_string(), Some(m.max_seq_len), Some(m.holding.clone())),
+            Err(_) => ("unavailable".to_string(), None, None),
         };
         data.push(ModelCard {
             id: alias,
@@ -150,6 +154,7 @@ pub async fn list_models(state: web::Data<AppState>) -> HttpResponse {
             status,
             max_model_len,
             alias_of: Some(target),
+            weights,
         });
     }
     HttpResponse::Ok().json(ModelList { object: "list", data })

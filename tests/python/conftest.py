@@ -47,7 +47,7 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, config_text: str, name: str, timeout: float = 600):
+    def __init__(self, config_text: str, name: str, timeout: float = 600, args: tuple = ()):
         if not BIN.exists():
             pytest.fail(f"{BIN} is missing: build it with `cargo build --release` (scripts/test.sh does)")
         for path in (SMOL, QWEN, GEMMA):
@@ -62,7 +62,7 @@ class Server:
         self.log = open(self.log_path, "w")
         env = dict(os.environ, FUSECHAT_HOME=str(HOME), RUST_LOG=os.environ.get("RUST_LOG", "info,mistralrs_core=warn"))
         self.proc = subprocess.Popen(
-            [str(BIN), "serve", "--config", str(config), "--host", "127.0.0.1", "--port", str(self.port)],
+            [str(BIN), "serve", "--config", str(config), "--host", "127.0.0.1", "--port", str(self.port), *args],
             stdout=self.log, stderr=subprocess.STDOUT, env=env,
         )
         deadline = time.time() + timeout
