@@ -49,8 +49,16 @@ for crate in mistralrs-core mistralrs-quant; do
   done
   rm -f "$work/$crate/fusechat/.cargo-ok" "$work/$crate/fusechat/Cargo.toml.orig" \
         "$work/$crate/fusechat/.cargo_vcs_info.json"
-  (cd "$work/$crate" && git diff --no-index --no-color --src-prefix=a/ --dst-prefix=b/ upstream fusechat \
-     > "$work/$crate.patch") || true
+  # Pinned diff settings, so that nobody's git config changes the patch text;
+  # exit 1 means "differs", anything above is an error.
+  rc=0
+  (cd "$work/$crate" && git -c diff.context=3 -c diff.interHunkContext=0 -c diff.suppressBlankEmpty=false \
+     diff --no-index --no-color --no-ext-diff --no-textconv --no-renames --diff-algorithm=myers \
+     --src-prefix=a/ --dst-prefix=b/ upstream fusechat > "$work/$crate.patch") || rc=$?
+  if (( rc > 1 )); then
+    echo "check_vendor: git diff failed (exit $rc) on $crate" >&2
+    exit 1
+  fi
   # upstream/x and fusechat/x -> x, so the patch applies with -p1 inside the crate.
   sed -i -E -e '/^(diff --git|--- |\+\+\+ )/s#([ab])/(upstream|fusechat)/#\1/#g' "$work/$crate.patch"
 

@@ -161,9 +161,9 @@ pub struct ModelConfig {
     /// Prompt tokens prefilled per engine step (chunked prefill): a long
     /// prompt is processed this many tokens at a time, and the sequences
     /// being decoded take a step between two chunks instead of stalling for
-    /// the whole prompt. 0 prefills a prompt in one step. Models whose
-    /// engine decodes sequences of different lengths together (llama, qwen2,
-    /// gemma3) chunk; others ignore it.
+    /// the whole prompt. 0 prefills a prompt in one step. On the CPU, the
+    /// engines that decode sequences of different lengths together chunk:
+    /// GGUF llama, qwen2 and gemma3 files and llama folders; others ignore it.
     #[serde(default = "default_prefill_chunk")]
     pub prefill_chunk: usize,
     /// Sampling used where a request gives none.

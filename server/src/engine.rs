@@ -60,8 +60,9 @@ pub struct LoadedModel {
     pub max_seq_len: usize,
     pub defaults: SamplingDefaults,
     pub admission: Admission,
-    /// How the weights are held (`GET /v1/models`).
-    pub holding: Holding,
+    /// How the weights are held (`GET /v1/models`); `None` where the files
+    /// could not be read for it.
+    pub holding: Option<Holding>,
     engine: Model,
 }
 
@@ -111,6 +112,7 @@ impl LoadedModel {
             let kind = kind.clone();
             tokio::task::spawn_blocking(move || fingerprint(&kind)).await??
         };
+        // Reported, not needed to serve: a file it cannot read is logged.
         let holding = {
             let (kind, isq, float_layers) = (kind.clone(), config.isq, config.float_layers.clone());
             tokio::task::spawn_blocking(move || match &kind {
@@ -119,9 +121,18 @@ impl LoadedModel {
                     holding::of_folder(dir, isq.unwrap_or(*default_isq), &float_layers)
                 }
             })
-            .await??
+            .await?
         };
-        tracing::info!(model = %config.id, weights = %weights.display(), "{}; {}", holding.summary(), why(&kind, config.isq));
+        let holding = match holding {
+            Ok(holding) => {
+                tracing::info!(model = %config.id, weights = %weights.display(), "{}; {}", holding.summary(), why(&kind, config.isq));
+                Some(holding)
+            }
+            Err(e) => {
+                tracing::warn!(model = %config.id, weights = %weights.display(), "cannot tell how the weights are held: {e:#}");
+                None
+            }
+        };
         let template = config
             .chat_template
             .as_ref()
@@ -312,10 +323,6 @@ pub fn weights_path(config: &ModelConfig, home: &Path) -> anyhow::Result<PathBuf
     }
 }
 
-/// Decides how to load `path`. A GGUF file is served as it is when the GGUF
-/// loader has its architecture and no in-situ quantization (`isq`) is asked
-/// for; otherwise it is imported once into a Hugging Face folder under `home`
-/// and served from its float weights (quantized by `isq` at load).
 /// Why a model takes its load path, for the startup log.
 fn why(kind: &WeightsKind, isq: Option<Isq>) -> &'static str {
     match (kind, isq) {
@@ -329,6 +336,10 @@ fn why(kind: &WeightsKind, isq: Option<Isq>) -> &'static str {
     }
 }
 
+/// Decides how to load `path`. A GGUF file is served as it is when the GGUF
+/// loader has its architecture and no in-situ quantization (`isq`) is asked
+/// for; otherwise it is imported once into a Hugging Face folder under `home`
+/// and served from its float weights (quantized by `isq` at load).
 pub async fn resolve_weights(path: &Path, home: &Path, isq: bool) -> anyhow::Result<WeightsKind> {
     if path.is_dir() {
         return resolve_weights_folder(path, Isq::None);

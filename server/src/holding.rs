@@ -38,7 +38,8 @@ pub struct TypeShare {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
 pub struct Holding {
     pub path: LoadPath,
-    /// Per tensor type (`Q4_K`, `Q8_0`, `F32`, ...): tensors and bytes.
+    /// Per tensor type (`Q4K`, `Q8_0`, `F32`, ... as candle names them):
+    /// tensors and bytes.
     pub types: BTreeMap<String, TypeShare>,
     /// Bytes of weights in memory, all types together.
     pub bytes: u64,
@@ -52,7 +53,7 @@ impl Holding {
         self.bytes += bytes;
     }
 
-    /// One line for the startup log: `gguf: Q4_K 212 MB, Q6_K 61 MB, F32 ...`.
+    /// One line for the startup log: `GGUF as it is: 246.6 MB (Q8_0 179.8 MB, ...)`.
     pub fn summary(&self) -> String {
         let mut types: Vec<_> = self.types.iter().collect();
         types.sort_by(|a, b| b.1.bytes.cmp(&a.1.bytes));
@@ -69,9 +70,12 @@ impl Holding {
     }
 }
 
-/// A GGUF file served as it is. The llama and qwen2 models of the engine
-/// also keep an f32 copy of the token embedding table for lookups; gemma3
-/// reads the quantized table where fusechat-kernels know its type.
+/// A GGUF file served as it is, counted as the engine holds it: the llama
+/// and qwen2 models keep an f32 copy of the token embedding table for
+/// lookups, and its quantized table only where it is also the output layer
+/// (no `output.weight`); gemma3 reads the quantized table where
+/// fusechat-kernels know its type, and a tied output layer is a second
+/// quantized copy. F16 and BF16 matrices are held as f32.
 pub fn of_gguf(file: &Path) -> anyhow::Result<Holding> {
     let mut reader = std::fs::File::open(file)?;
     let content = gguf_file::Content::read(&mut reader)
@@ -82,13 +86,37 @@ pub fn of_gguf(file: &Path) -> anyhow::Result<Holding> {
         .and_then(|v| v.to_string().ok())
         .cloned()
         .unwrap_or_default();
+    let tied = !content.tensor_infos.contains_key("output.weight");
     let mut holding = Holding { path: LoadPath::Gguf, types: BTreeMap::new(), bytes: 0 };
     for (name, info) in &content.tensor_infos {
         let elements = info.shape.elem_count() as u64;
         let dtype = info.ggml_dtype;
-        holding.add(&format!("{dtype:?}").to_uppercase(), stored_bytes(dtype, elements));
-        if name == "token_embd.weight" && dense_embedding_copy(&arch, dtype) {
-            holding.add("F32", elements * 4);
+        let label = format!("{dtype:?}").to_uppercase();
+        let held = |holding: &mut Holding| match dtype {
+            GgmlDType::F16 | GgmlDType::BF16 if info.shape.rank() == 2 => holding.add("F32", elements * 4),
+            _ => holding.add(&label, stored_bytes(dtype, elements)),
+        };
+        if name != "token_embd.weight" {
+            held(&mut holding);
+            continue;
+        }
+        if arch == "gemma3" {
+            let dense = fusechat_kernels::BlockFormat::from_ggml(dtype).is_none();
+            if dense {
+                holding.add("F32", elements * 4);
+            } else {
+                held(&mut holding);
+            }
+            if tied {
+                held(&mut holding);
+            }
+        } else {
+            if dtype != GgmlDType::F32 {
+                holding.add("F32", elements * 4);
+            }
+            if tied || dtype == GgmlDType::F32 {
+                held(&mut holding);
+            }
         }
     }
     Ok(holding)
@@ -98,16 +126,11 @@ fn stored_bytes(dtype: GgmlDType, elements: u64) -> u64 {
     elements / dtype.block_size() as u64 * dtype.type_size() as u64
 }
 
-fn dense_embedding_copy(arch: &str, dtype: GgmlDType) -> bool {
-    match arch {
-        "gemma3" => fusechat_kernels::BlockFormat::from_ggml(dtype).is_none(),
-        _ => !matches!(dtype, GgmlDType::F32),
-    }
-}
-
 /// Float weights in a Hugging Face folder, served with `isq` (none: floats)
 /// on every linear layer but `float_layers`. Float tensors are held as f32
-/// on the CPU.
+/// on the CPU. With `isq` this is an estimate: a layer whose width is not a
+/// multiple of the quantized block falls back to another type, and a tied
+/// output layer quantized from the embeddings is not counted.
 pub fn of_folder(dir: &Path, isq: Isq, float_layers: &[String]) -> anyhow::Result<Holding> {
     let quantized = match isq {
         Isq::None => None,

@@ -133,7 +133,7 @@ pub async fn list_models(state: web::Data<AppState>) -> HttpResponse {
                 _ => None,
             },
             weights: match &slot {
-                ModelSlot::Ready(m) => Some(m.holding.clone()),
+                ModelSlot::Ready(m) => m.holding.clone(),
                 _ => None,
             },
             id,
@@ -143,7 +143,7 @@ pub async fn list_models(state: web::Data<AppState>) -> HttpResponse {
     let mut data = data;
     for (alias, target) in state.aliases() {
         let (status, max_model_len, weights) = match state.model(&alias) {
-            Ok(m) => ("ready".to_string(), Some(m.max_seq_len), Some(m.holding.clone())),
+            Ok(m) => ("ready".to_string(), Some(m.max_seq_len), m.holding.clone()),
             Err(_) => ("unavailable".to_string(), None, None),
         };
         data.push(ModelCard {

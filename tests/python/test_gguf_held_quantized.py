@@ -36,9 +36,10 @@ def test_gguf_from_the_command_line_is_held_quantized_and_answers_as_configured(
             assert weights["path"] == "gguf", (name, weights)
             quantized = sum(share["bytes"] for ty, share in weights["types"].items() if ty in QUANTIZED)
             # The layers are held in the file's quantized types: they are
-            # most of the file. Norms stay float, and llama and qwen2 also
-            # hold an f32 copy of the embedding table for lookups.
-            assert quantized > 0.8 * FILES[name].stat().st_size, (name, weights)
+            # most of the file. Norms stay float, and llama and qwen2 hold
+            # the embedding table as f32 for lookups (Qwen's quantized table,
+            # a fifth of its file, is then dropped: its output layer is its own).
+            assert quantized > 0.6 * FILES[name].stat().st_size, (name, weights)
             assert weights == cards[f"config-{name}"]["weights"], name
             for q in QUESTIONS:
                 assert greedy(c, f"cli-{name}", q) == greedy(c, f"config-{name}", q), (name, q)

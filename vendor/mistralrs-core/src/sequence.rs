@@ -911,7 +911,10 @@ impl Sequence {
     /// not the last (`is_partial_prompt_chunk`); `end_prompt_chunk` moves on.
     pub fn begin_prompt_chunk(&mut self, max_tokens: usize) -> bool {
         let start = self.token_offset;
-        if max_tokens == 0 || !self.is_prompt() || self.tokens.len() <= start + max_tokens {
+        // A single token left over joins the last chunk: a one-token step
+        // takes the decode path, whose sliding-window attention (Gemma 3)
+        // reaches one key less than the prompt path's mask.
+        if max_tokens == 0 || !self.is_prompt() || self.tokens.len() <= start + max_tokens + 1 {
             return false;
         }
         let end = start + max_tokens;

@@ -457,7 +457,10 @@ impl Engine {
                                     .iter_mut()
                                     .map(|seq| seq.begin_prompt_chunk(chunk_tokens))
                                     .fold(false, |any, this| any | this);
-                                debug_assert!(scheduled
+                                // Bucketing (length and offset) keeps a step
+                                // from mixing the two; mixed, the whole ones
+                                // would not be sampled.
+                                assert!(scheduled
                                     .prompt
                                     .iter()
                                     .all(|seq| seq.is_partial_prompt_chunk() == chunked));

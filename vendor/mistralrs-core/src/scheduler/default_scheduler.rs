@@ -271,8 +271,10 @@ impl<Backer: FcfsBacker> DefaultScheduler<Backer> {
                 logger.set_num_waiting(self.waiting.len());
                 // fusechat: a running sequence may still be a prompt whose
                 // prefill goes on a chunk at a time (`Sequence::begin_prompt_chunk`).
-                let (completion, prompt): (Vec<_>, Vec<_>) =
-                    self.running.iter_mut().partition(|seq| seq.is_completion());
+                // Anything else (decoding, or cancelled just above) goes to the
+                // completion step, as upstream sent every sequence here.
+                let (prompt, completion): (Vec<_>, Vec<_>) =
+                    self.running.iter_mut().partition(|seq| seq.is_prompt());
                 return DefaultSchedulerOutput {
                     prompt: prompt.into(),
                     completion: completion.into(),
