@@ -109,11 +109,19 @@ def client(server: Server) -> OpenAI:
 class Answer:
     """A greedy answer with its tokens and their logprobs."""
 
-    def __init__(self, r):
+    def __init__(self, text: str, prompt_tokens: int, tokens):
+        self.text = text
+        self.prompt_tokens = prompt_tokens
+        self.tokens = tokens
+
+    @classmethod
+    def of(cls, r):
         choice = r.choices[0]
-        self.text = choice.message.content
-        self.prompt_tokens = r.usage.prompt_tokens
-        self.tokens = [(t.token, t.logprob) for t in choice.logprobs.content]
+        return cls(
+            choice.message.content,
+            r.usage.prompt_tokens,
+            [(t.token, t.logprob) for t in choice.logprobs.content],
+        )
 
     def __repr__(self):
         return repr(self.text)
@@ -127,7 +135,35 @@ def ask(c: OpenAI, question: str, model: str = MODEL) -> Answer:
         temperature=0,
         logprobs=True,
     )
-    return Answer(r)
+    return Answer.of(r)
+
+
+def ask_streamed(c: OpenAI, question: str, model: str, decoding: threading.Event) -> Answer:
+    """`ask`, streamed: sets `decoding` once the second token has arrived, so
+    that the caller knows this sequence is in its decode steps."""
+    text, tokens, prompt_tokens = "", [], None
+    try:
+        for chunk in c.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": question}],
+            max_tokens=48,
+            temperature=0,
+            logprobs=True,
+            stream=True,
+            stream_options={"include_usage": True},
+        ):
+            if chunk.usage:
+                prompt_tokens = chunk.usage.prompt_tokens
+            for choice in chunk.choices:
+                text += choice.delta.content or ""
+                if choice.logprobs:
+                    tokens += [(t.token, t.logprob) for t in choice.logprobs.content]
+            if len(tokens) >= 2:
+                decoding.set()
+    finally:
+        # A request that failed or ended early must not hold up the next one.
+        decoding.set()
+    return Answer(text, prompt_tokens, tokens)
 
 
 def difference(alone: Answer, together: Answer):
@@ -186,7 +222,9 @@ def alone_answers(server: Server, questions, model: str = MODEL):
 
 def staggered(server: Server, interruptions: int = 0, questions=STAGGERED, model: str = MODEL, together=True):
     """The answers to `questions` when each request joins while the earlier
-    ones decode. With `interruptions`, one-token requests keep arriving
+    ones decode: request i is sent once request i - 1 has streamed its second
+    token (a fixed delay let a fast machine finish each answer before the
+    next one arrived). With `interruptions`, one-token requests keep arriving
     meanwhile: each is a prompt step between decode steps that ends its
     sequence at once, after which only waiting sequences are left
     (upstream's scheduler then prefilled the decoding ones all over again).
@@ -197,9 +235,12 @@ def staggered(server: Server, interruptions: int = 0, questions=STAGGERED, model
     seen = []
     done = threading.Event()
 
+    decoding = [threading.Event() for _ in questions]
+
     def join(i):
-        time.sleep(0.8 * i)
-        answers[i] = ask(c, questions[i], model)
+        if i > 0:
+            assert decoding[i - 1].wait(600), f"request {i - 1} never started decoding"
+        answers[i] = ask_streamed(c, questions[i], model, decoding[i])
 
     def interrupt(j):
         time.sleep(0.5 + 0.3 * j)
