@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Side-by-side training benchmark: the same SFT and DPO steps on SmolLM2-135M
-# (float32, full fine-tune, AdamW, sequence length <= 512) in PyTorch +
-# transformers and in fusechat, one after the other in one run, on the same
-# rows. Writes bench/results/training.md and training.json.
+# (float32, full fine-tune, AdamW, sequence length <= 512), and LoRA SFT
+# (rank 16, alpha 32, every linear layer), in PyTorch + transformers (+ peft)
+# and in fusechat, one after the other in one run, on the same rows. Writes
+# bench/results/training.md and training.json.
 #
 # Usage: bench/run_training.sh            (STEPS=5 by default)
 # Environment: STEPS, MODEL (a Hugging Face folder; default the imported SmolLM2)
@@ -28,5 +29,11 @@ $T "$WORK/torch-dpo.time" $PY torch-dpo --model "$MODEL" --data "$WORK/dpo.jsonl
 $T "$WORK/fusechat-dpo.time" "$FUSECHAT_BIN" dpo --model "$MODEL" --data "$WORK/dpo.jsonl" --out "$WORK/fusechat-dpo" \
   --max-steps "$STEPS" --epochs 1 --batch 2 --grad-accum 1 --max-len 512 --warmup-ratio 0 --checkpoint-every 0 --on-bad-input fail \
   --loss sigmoid --beta 0.1 --lr 1e-6 --save-dtype bf16
-SETUP="$(date -u +%Y-%m-%d), $(nproc) CPU cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), model $(basename "$MODEL") float32, $STEPS steps each; the first step is excluded from the means (warm-up). SFT: 4 sequences of 440-512 tokens per step; DPO: 2 pairs (4 sequences) per step, sigmoid loss, reference log-probs computed once before the steps (not timed). Peak RSS of the whole process (/usr/bin/time), including model load and the final save."
+LORA="--lora-rank 16 --lora-alpha 32 --lora-targets all-linear"
+$T "$WORK/torch-lora-sft.time" $PY torch-sft --model "$MODEL" --data "$WORK/sft.jsonl" --steps "$STEPS" --batch 4 --lr 1e-4 \
+  --lora 16 --lora-alpha 32 --json "$WORK/torch-lora-sft.json"
+$T "$WORK/fusechat-lora-sft.time" "$FUSECHAT_BIN" sft --model "$MODEL" --data "$WORK/sft.jsonl" --out "$WORK/fusechat-lora-sft" \
+  --max-steps "$STEPS" --epochs 1 --batch 4 --grad-accum 1 --max-len 512 --warmup-ratio 0 --checkpoint-every 0 --on-bad-input fail \
+  --lr 1e-4 $LORA
+SETUP="$(date -u +%Y-%m-%d), $(nproc) CPU cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), model $(basename "$MODEL") float32, $STEPS steps each; the first step is excluded from the means (warm-up). SFT: 4 sequences of 440-512 tokens per step (LoRA SFT: the same, rank 16, alpha 32, all seven linear layers of every block, lr 1e-4); DPO: 2 pairs (4 sequences) per step, sigmoid loss, reference log-probs computed once before the steps (not timed). Peak RSS of the whole process (/usr/bin/time), including model load and the final save."
 $PY report --dir "$WORK" --results "$HERE/results" --setup "$SETUP"

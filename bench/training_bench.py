@@ -1,9 +1,10 @@
 """Training benchmark helper: prepares the data both trainers read, and runs
 the PyTorch + transformers side (SFT and DPO steps on the same rows, float32,
-full fine-tune, AdamW), writing per-step timings as JSON.
+full fine-tune or peft LoRA, AdamW), writing per-step timings (forward,
+backward, optimizer) as JSON.
 
   python3 bench/training_bench.py prepare --model DIR --out DIR --steps N
-  python3 bench/training_bench.py torch-sft --model DIR --data F --steps N --batch 4 --json OUT
+  python3 bench/training_bench.py torch-sft --model DIR --data F --steps N --batch 4 --json OUT [--lora R]
   python3 bench/training_bench.py torch-dpo --model DIR --data F --steps N --batch 2 --json OUT
 """
 
@@ -112,9 +113,16 @@ def run(args, kind):
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    model.train()
     model.config.use_cache = False
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    if args.lora:
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(
+            r=args.lora, lora_alpha=args.lora_alpha, lora_dropout=0.0,
+            target_modules=args.lora_targets.split(","), task_type="CAUSAL_LM"))
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
     rows = [json.loads(l) for l in Path(args.data).read_text().splitlines() if l.strip()]
     steps = []
     if kind == "sft":
@@ -147,12 +155,16 @@ def run(args, kind):
             logits = (lp[:m] - ref_c) - (lp[m:] - ref_r)
             loss = -torch.nn.functional.logsigmoid(args.beta * logits).mean()
             tokens = int(attn.sum())
+        t1 = time.perf_counter()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        t2 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        dt = time.perf_counter() - t0
-        steps.append({"step": step + 1, "loss": loss.item(), "seconds": dt, "tokens": tokens})
+        t3 = time.perf_counter()
+        dt = t3 - t0
+        steps.append({"step": step + 1, "loss": loss.item(), "seconds": dt, "tokens": tokens,
+                      "forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2})
         print(f"torch {kind} step {step + 1}: loss {loss.item():.4f} {dt:.2f}s {tokens / dt:.0f} tok/s", file=sys.stderr)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     Path(args.json).write_text(json.dumps({
@@ -171,13 +183,18 @@ def report(args):
     """bench/results/training.md and .json from one run's files."""
     d = Path(args.dir)
     rows = []
-    for stage in ("sft", "dpo"):
+    mean = lambda steps, key: sum(s[key] for s in steps) / len(steps)
+    for stage in ("sft", "dpo", "lora-sft"):
+        if not (d / f"torch-{stage}.json").is_file():
+            continue
         t = json.loads((d / f"torch-{stage}.json").read_text())
         steps = t["steps"][1:] or t["steps"]  # the first step warms up
+        peft = " + peft" if stage.startswith("lora") else ""
         rows.append({
-            "stage": stage, "trainer": f"PyTorch {t['torch']} + transformers ({t['threads']} threads)",
-            "steps": len(t["steps"]), "tokens_per_step": sum(s["tokens"] for s in steps) / len(steps),
-            "seconds_per_step": sum(s["seconds"] for s in steps) / len(steps),
+            "stage": stage, "trainer": f"PyTorch {t['torch']} + transformers{peft} ({t['threads']} threads)",
+            "steps": len(t["steps"]), "tokens_per_step": mean(steps, "tokens"),
+            "seconds_per_step": mean(steps, "seconds"),
+            "phases": [mean(steps, k) for k in ("forward", "backward", "optimizer")],
             "peak_rss_gb": peak_rss_gb(d / f"torch-{stage}.time"),
             "losses": [s["loss"] for s in t["steps"]],
         })
@@ -185,8 +202,9 @@ def report(args):
         steps = m[1:] or m
         rows.append({
             "stage": stage, "trainer": "fusechat (candle 0.10, CPU)",
-            "steps": len(m), "tokens_per_step": sum(s["tokens"] for s in steps) / len(steps),
-            "seconds_per_step": sum(s["step_seconds"] for s in steps) / len(steps),
+            "steps": len(m), "tokens_per_step": mean(steps, "tokens"),
+            "seconds_per_step": mean(steps, "step_seconds"),
+            "phases": [mean(steps, f"{k}_seconds") for k in ("forward", "backward", "optimizer")],
             "peak_rss_gb": peak_rss_gb(d / f"fusechat-{stage}.time"),
             "losses": [s["loss"] for s in m],
         })
@@ -206,6 +224,11 @@ def report(args):
         ratio = f"{r['tokens_per_s'] / rows[i - 1]['tokens_per_s']:.2f}" if i % 2 else ""
         lines.append(f"| {r['stage']} | {r['trainer']} | {r['steps']} | {r['tokens_per_step']:.0f} | "
                      f"{r['seconds_per_step']:.2f} | {r['tokens_per_s']:.0f} | {r['peak_rss_gb']:.2f} | {ratio} |")
+    lines += ["", "Where a step's time goes (mean seconds per step, first step excluded; the rest of a step is batching and summing the micro-batches' gradients):", "",
+              "| stage | trainer | forward | backward | optimizer (clip + AdamW) |", "| --- | --- | ---: | ---: | ---: |"]
+    for r in rows:
+        f, b, o = r["phases"]
+        lines.append(f"| {r['stage']} | {r['trainer'].split(' (')[0]} | {f:.2f} | {b:.2f} | {o:.2f} |")
     lines += ["", "Losses per step (same rows and initial weights; fusechat shuffles the rows with its seed while the PyTorch side takes them in file order, and PyTorch also learns the newline after the end-of-turn token, so the losses are not comparable step by step):", ""]
     for r in rows:
         lines.append(f"- {r['stage']} {r['trainer'].split(' (')[0]}: " + ", ".join(f"{x:.4f}" for x in r["losses"]))
@@ -232,6 +255,9 @@ def main():
         b.add_argument("--lr", type=float, default=5e-6)
         b.add_argument("--beta", type=float, default=0.1)
         b.add_argument("--json", required=True)
+        b.add_argument("--lora", type=int, default=0, help="peft LoRA of this rank (0: full fine-tune)")
+        b.add_argument("--lora-alpha", type=float, default=16.0)
+        b.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
     c = sub.add_parser("report")
     c.add_argument("--dir", required=True)
     c.add_argument("--results", required=True)
@@ -242,7 +268,7 @@ def main():
     elif args.cmd == "report":
         report(args)
     else:
-        run(args, args.cmd.split("-")[1])
+        run(args, args.cmd.split("-", 1)[1])
 
 
 if __name__ == "__main__":

@@ -13,8 +13,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 
-VERSION=0.8.1
+declare -A VERSION=(
+  [candle-core]=0.10.2
+  [mistralrs-core]=0.8.1
+  [mistralrs-quant]=0.8.1
+)
 declare -A SHA256=(
+  [candle-core]=6bd9895436c1ba5dc1037a19935d084b838db066ff4e15ef7dded020b7c12a4a
   [mistralrs-core]=a2b8b9e5c94491d9ceeded3a30291cb6af6ae74810a5776dd55e3bbb8b3429d4
   [mistralrs-quant]=980715493d252e9aaf0779c4c101576d67ef4dd9812bfd77a54987f6f17526f4
 )
@@ -27,10 +32,11 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 status=0
 
-for crate in mistralrs-core mistralrs-quant; do
-  archive="$cache/$crate-$VERSION.crate"
+for crate in candle-core mistralrs-core mistralrs-quant; do
+  version="${VERSION[$crate]}"
+  archive="$cache/$crate-$version.crate"
   if [[ ! -f "$archive" ]] || ! echo "${SHA256[$crate]}  $archive" | sha256sum -c --status; then
-    curl -sSfL --retry 3 -o "$archive.part" "https://static.crates.io/crates/$crate/$VERSION/download"
+    curl -sSfL --retry 3 -o "$archive.part" "https://static.crates.io/crates/$crate/$version/download"
     mv "$archive.part" "$archive"
   fi
   echo "${SHA256[$crate]}  $archive" | sha256sum -c --status \
@@ -67,7 +73,7 @@ for crate in mistralrs-core mistralrs-quant; do
     cp "$work/$crate.patch" "$committed"
     echo "check_vendor: wrote $committed ($(grep -c '^diff --git' "$committed") files)"
   elif ! cmp -s "$work/$crate.patch" "$committed"; then
-    echo "check_vendor: vendor/$crate differs from pristine $crate $VERSION + $committed:" >&2
+    echo "check_vendor: vendor/$crate differs from pristine $crate $version + $committed:" >&2
     diff -u "$committed" "$work/$crate.patch" | head -n 40 >&2 || true
     echo "check_vendor: describe the change in vendor/README.md, then run scripts/check_vendor.sh --update" >&2
     status=1

@@ -14,7 +14,11 @@ mod fuse;
 mod train;
 
 #[derive(Parser)]
-#[command(name = "fusechat", version, about = "Fuse several LLMs into one small model, and serve them all behind the OpenAI API.")]
+#[command(
+    name = "fusechat",
+    version,
+    about = "Fuse several LLMs into one small model, and serve them all behind the OpenAI API."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -44,6 +48,10 @@ enum Command {
     /// Preference optimization (DPO / length-normalised DPO / IPO) on JSONL
     /// `{"prompt", "chosen", "rejected"}` pairs.
     Dpo(train::DpoArgs),
+    /// What training a model would hold in memory (weights, gradients, AdamW
+    /// moments, activations), from its config.json alone; `sft` and `dpo`
+    /// print the same estimate before their first step.
+    Memory(train::MemoryArgs),
     /// Sample every source through its OpenAI endpoint into the data store.
     Sample(data::DataArgs),
     /// Score the stored samples (math answers, code tests, reward model, judge).
@@ -106,7 +114,9 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(args),
-        Command::Models { command: ModelsCommand::Fetch } => {
+        Command::Models {
+            command: ModelsCommand::Fetch,
+        } => {
             let home = fetch::home();
             for path in fetch::ensure_all(&home)? {
                 eprintln!("fusechat: ok {}", path.display());
@@ -114,7 +124,9 @@ fn main() -> Result<()> {
             println!("{}", fetch::models_dir(&home).display());
             Ok(())
         }
-        Command::Models { command: ModelsCommand::List } => {
+        Command::Models {
+            command: ModelsCommand::List,
+        } => {
             for m in fetch::MODELS {
                 println!(
                     "{:<30} {:<8} {:>10} bytes  {}  (licence: {})",
@@ -135,6 +147,7 @@ fn main() -> Result<()> {
         }
         Command::Sft(args) => train::sft(args),
         Command::Dpo(args) => train::dpo(args),
+        Command::Memory(args) => train::memory(args),
         Command::Sample(args) => data::sample(args),
         Command::Score(args) => data::score(args),
         Command::Pair(args) => data::pair(args),

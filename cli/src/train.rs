@@ -5,9 +5,26 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use fusechat_train::data::OnBadInput;
 use fusechat_train::dpo::{self, DpoOptions};
-use fusechat_train::loss::PreferenceLoss;
+use fusechat_train::loss::{Preference, PreferenceLoss};
+use fusechat_train::memory::{parameter_count, ForwardShape, MemoryPlan};
+use fusechat_train::model::LoraConfig;
 use fusechat_train::sft::{self, SftOptions};
 use fusechat_train::trainer::{Resume, RunSummary, TrainOptions};
+
+/// What a stage trains with when its flags do not say.
+struct StageDefaults {
+    epochs: usize,
+    lr: f64,
+}
+
+const SFT_DEFAULTS: StageDefaults = StageDefaults {
+    epochs: 3,
+    lr: 5e-6,
+};
+const DPO_DEFAULTS: StageDefaults = StageDefaults {
+    epochs: 1,
+    lr: 1e-6,
+};
 
 /// Flags both stages share.
 #[derive(clap::Args)]
@@ -18,12 +35,12 @@ pub struct CommonArgs {
     /// Training data (JSONL).
     #[arg(long)]
     data: PathBuf,
-    /// Run folder: metrics.jsonl, curves.svg, checkpoints/, final/.
+    /// Run folder: metrics.jsonl, curves.svg, checkpoints/, final/ (and adapter/ under LoRA).
     #[arg(long)]
     out: PathBuf,
-    /// Passes over the data.
-    #[arg(long, default_value_t = 3)]
-    epochs: usize,
+    /// Passes over the data [default: 3 for SFT, 1 for DPO, as in the paper].
+    #[arg(long)]
+    epochs: Option<usize>,
     /// Stop after this many optimizer steps (the schedule spans them).
     #[arg(long)]
     max_steps: Option<usize>,
@@ -67,20 +84,73 @@ pub struct CommonArgs {
     /// Train on the CPU even when built with CUDA.
     #[arg(long)]
     cpu: bool,
+    #[command(flatten)]
+    lora: LoraArgs,
+    /// Under LoRA, also write OUT/final: the model with the adapters merged in, which
+    /// `fusechat serve` and transformers load like any model folder.
+    #[arg(long)]
+    merge: bool,
+}
+
+/// LoRA: adapters trained on the frozen model (peft's LoRA, with its defaults).
+#[derive(clap::Args)]
+struct LoraArgs {
+    /// Train LoRA adapters instead of every weight (implied by any --lora-* flag);
+    /// OUT/adapter is then peft's adapter folder.
+    #[arg(long)]
+    lora: bool,
+    /// Rank of the adapters [default: 8].
+    #[arg(long)]
+    lora_rank: Option<usize>,
+    /// The update is scaled by alpha / rank [default: 8].
+    #[arg(long)]
+    lora_alpha: Option<f64>,
+    /// Layers to adapt: a comma-separated list of q_proj, k_proj, v_proj, o_proj,
+    /// gate_proj, up_proj, down_proj, or all-linear [default: q_proj,v_proj].
+    #[arg(long)]
+    lora_targets: Option<String>,
+}
+
+impl LoraArgs {
+    /// The LoRA settings, when any LoRA flag is given.
+    fn config(&self) -> Result<Option<LoraConfig>> {
+        let wanted = self.lora
+            || self.lora_rank.is_some()
+            || self.lora_alpha.is_some()
+            || self.lora_targets.is_some();
+        if !wanted {
+            return Ok(None);
+        }
+        let peft = LoraConfig::default();
+        let targets = match &self.lora_targets {
+            Some(list) => LoraConfig::parse_targets(list)
+                .map_err(|e| anyhow::anyhow!("--lora-targets: {e}"))?,
+            None => peft.targets().to_vec(),
+        };
+        let config = LoraConfig::new(
+            self.lora_rank.unwrap_or(peft.rank()),
+            self.lora_alpha.unwrap_or(peft.alpha()),
+            targets,
+        )
+        .map_err(|e| anyhow::anyhow!("--lora-rank, --lora-alpha, --lora-targets: {e}"))?;
+        Ok(Some(config))
+    }
 }
 
 impl CommonArgs {
-    fn train_options(&self, default_lr: f64) -> TrainOptions {
-        TrainOptions {
-            epochs: self.epochs,
+    fn train_options(&self, defaults: StageDefaults) -> Result<TrainOptions> {
+        Ok(TrainOptions {
+            epochs: self.epochs.unwrap_or(defaults.epochs),
             max_steps: self.max_steps,
             micro_batch: self.batch,
             grad_accum: self.grad_accum,
-            lr: self.lr.unwrap_or(default_lr),
+            lr: self.lr.unwrap_or(defaults.lr),
             warmup_ratio: self.warmup_ratio,
             weight_decay: self.weight_decay,
             max_grad_norm: self.max_grad_norm,
             seed: self.seed,
+            lora: self.lora.config()?,
+            merge: self.merge,
             checkpoint_every: self.checkpoint_every,
             keep_checkpoints: self.keep_checkpoints,
             save_dtype: if self.save_dtype == "bf16" {
@@ -93,7 +163,7 @@ impl CommonArgs {
             } else {
                 Resume::SameRunOnly
             },
-        }
+        })
     }
 
     fn on_bad_input(&self) -> OnBadInput {
@@ -115,7 +185,7 @@ impl CommonArgs {
         if self.batch == 0 || self.grad_accum == 0 {
             bail!("--batch and --grad-accum must be at least 1");
         }
-        if self.epochs == 0 || self.max_steps == Some(0) {
+        if self.epochs == Some(0) || self.max_steps == Some(0) {
             bail!("--epochs and --max-steps must be at least 1");
         }
         if !(0.0..=1.0).contains(&self.warmup_ratio) {
@@ -131,6 +201,9 @@ impl CommonArgs {
         }
         if !(self.max_grad_norm >= 0.0) || self.weight_decay < 0.0 {
             bail!("--max-grad-norm and --weight-decay must not be negative");
+        }
+        if self.lora.config()?.is_none() && self.merge {
+            bail!("--merge merges LoRA adapters: add --lora (or --lora-rank R)");
         }
         Ok(())
     }
@@ -154,6 +227,78 @@ pub struct DpoArgs {
     beta: f64,
     #[arg(long, default_value_t = 0.0)]
     label_smoothing: f64,
+}
+
+/// `fusechat memory`: what a training run would hold, from config.json alone.
+#[derive(clap::Args)]
+pub struct MemoryArgs {
+    /// A Hugging Face model folder, or its config.json (no weights needed).
+    #[arg(long)]
+    model: PathBuf,
+    /// Sequences in one forward pass (SFT: --batch; DPO: twice --batch).
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    /// Tokens per sequence; every sequence is taken at this length and every
+    /// token as learned (the worst case of --max-len).
+    #[arg(long, default_value_t = 1024)]
+    max_len: usize,
+    /// Bytes per value of weights, gradients, AdamW moments and activations:
+    /// f32 (what the trainer runs in) or bf16 (half; on paper for now).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    dtype: String,
+    /// The CPU's fused attention (recomputes the attention scores in the
+    /// backward pass) instead of the composed attention other devices run.
+    #[arg(long)]
+    cpu: bool,
+    #[command(flatten)]
+    lora: LoraArgs,
+}
+
+pub fn memory(args: MemoryArgs) -> Result<()> {
+    let dir = if args.model.is_file() {
+        args.model.parent().map(PathBuf::from).unwrap_or_default()
+    } else {
+        args.model.clone()
+    };
+    let config = fusechat_train::model::ModelConfig::from_dir(&dir)
+        .with_context(|| format!("reading {}", args.model.display()))?;
+    if args.batch == 0 || args.max_len == 0 {
+        bail!("--batch and --max-len must be at least 1");
+    }
+    let shape = ForwardShape {
+        lens: vec![args.max_len; args.batch],
+        learned: args.batch * args.max_len,
+    };
+    let bytes = if args.dtype == "bf16" { 2 } else { 4 };
+    let keeps_scores = !args.cpu;
+    let (what, plan) = match args.lora.config()? {
+        Some(lora) => (
+            format!(
+                "LoRA rank {} on {} ({} adapter parameters)",
+                lora.rank(),
+                lora.targets()
+                    .iter()
+                    .map(|t| t.name())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                lora.parameter_count(&config)
+            ),
+            MemoryPlan::lora(&config, &lora, bytes, &shape, keeps_scores),
+        ),
+        None => (
+            "full fine-tuning".to_string(),
+            MemoryPlan::full_fine_tune(&config, bytes, &shape, keeps_scores),
+        ),
+    };
+    println!(
+        "{} ({} parameters), {what}, {}, {} x {} tokens: {plan}",
+        args.model.display(),
+        parameter_count(&config),
+        args.dtype,
+        args.batch,
+        args.max_len
+    );
+    Ok(())
 }
 
 fn report(summary: &RunSummary) {
@@ -181,7 +326,7 @@ pub fn sft(args: SftArgs) -> Result<()> {
         out: c.out.clone(),
         max_len: c.max_len,
         on_bad_input: c.on_bad_input(),
-        train: c.train_options(5e-6),
+        train: c.train_options(SFT_DEFAULTS)?,
     };
     let summary =
         sft::sft(&options, &device).with_context(|| format!("SFT into {}", c.out.display()))?;
@@ -192,15 +337,8 @@ pub fn sft(args: SftArgs) -> Result<()> {
 pub fn dpo(args: DpoArgs) -> Result<()> {
     let c = &args.common;
     c.check()?;
-    if args.beta <= 0.0 {
-        bail!("--beta must be positive");
-    }
-    if !(0.0..0.5).contains(&args.label_smoothing) {
-        bail!("--label-smoothing must lie in [0, 0.5)");
-    }
-    if args.loss == PreferenceLoss::Ipo && args.label_smoothing > 0.0 {
-        bail!("--label-smoothing applies to the sigmoid and ln losses, not to ipo");
-    }
+    let preference = Preference::new(args.loss, args.beta, args.label_smoothing)
+        .context("--loss, --beta and --label-smoothing")?;
     fusechat_train::device::tune_allocator();
     let device = fusechat_train::device::select(c.cpu)?;
     eprintln!(
@@ -213,10 +351,8 @@ pub fn dpo(args: DpoArgs) -> Result<()> {
         out: c.out.clone(),
         max_len: c.max_len,
         on_bad_input: c.on_bad_input(),
-        loss: args.loss,
-        beta: args.beta,
-        label_smoothing: args.label_smoothing,
-        train: c.train_options(1e-6),
+        preference,
+        train: c.train_options(DPO_DEFAULTS)?,
     };
     let summary =
         dpo::dpo(&options, &device).with_context(|| format!("DPO into {}", c.out.display()))?;

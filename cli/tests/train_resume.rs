@@ -66,7 +66,16 @@ fn write_data(dir: &Path) -> (PathBuf, PathBuf) {
     (sft, dpo)
 }
 
-fn command(stage: &str, model: &Path, data: &Path, out: &Path) -> Command {
+/// LoRA flags of a run (none: full fine-tuning).
+const LORA: &[&str] = &[
+    "--lora-rank",
+    "4",
+    "--lora-targets",
+    "all-linear",
+    "--merge",
+];
+
+fn command(stage: &str, model: &Path, data: &Path, out: &Path, extra: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_fusechat"));
     cmd.args([stage, "--model"])
         .arg(model)
@@ -93,6 +102,7 @@ fn command(stage: &str, model: &Path, data: &Path, out: &Path) -> Command {
             "2",
             "--cpu",
         ])
+        .args(extra)
         .env("RUST_LOG", "warn");
     if stage == "dpo" {
         cmd.args(["--beta", "0.5", "--loss", "sigmoid"]);
@@ -154,7 +164,7 @@ fn losses(out: &Path) -> Vec<(u64, String)> {
         .collect()
 }
 
-fn run_interrupted_and_compare(stage: &str) {
+fn run_interrupted_and_compare(stage: &str, extra: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("model");
     tiny_model(&model);
@@ -162,7 +172,9 @@ fn run_interrupted_and_compare(stage: &str) {
     let data = if stage == "sft" { sft } else { dpo };
 
     let straight = dir.path().join("straight");
-    let status = command(stage, &model, &data, &straight).status().unwrap();
+    let status = command(stage, &model, &data, &straight, extra)
+        .status()
+        .unwrap();
     assert!(status.success());
     let expected = losses(&straight);
     assert_eq!(
@@ -174,45 +186,64 @@ fn run_interrupted_and_compare(stage: &str) {
     let resumed = dir.path().join("resumed");
     let metrics = resumed.join("metrics.jsonl");
     kill_after(
-        command(stage, &model, &data, &resumed).spawn().unwrap(),
+        command(stage, &model, &data, &resumed, extra)
+            .spawn()
+            .unwrap(),
         &metrics,
         5,
     );
     assert!(!resumed.join("final").exists());
     kill_after(
-        command(stage, &model, &data, &resumed).spawn().unwrap(),
+        command(stage, &model, &data, &resumed, extra)
+            .spawn()
+            .unwrap(),
         &metrics,
         20,
     );
     kill_inside_a_save(
-        command(stage, &model, &data, &resumed).spawn().unwrap(),
+        command(stage, &model, &data, &resumed, extra)
+            .spawn()
+            .unwrap(),
         &resumed,
         24,
     );
-    let status = command(stage, &model, &data, &resumed).status().unwrap();
+    let status = command(stage, &model, &data, &resumed, extra)
+        .status()
+        .unwrap();
     assert!(status.success());
 
     assert_eq!(losses(&resumed), expected, "the resumed loss curve differs");
-    let a = std::fs::read(straight.join("final/model.safetensors")).unwrap();
-    let b = std::fs::read(resumed.join("final/model.safetensors")).unwrap();
-    assert!(a == b, "the resumed run ends with other weights");
+    let mut results = vec!["final/model.safetensors"];
+    if !extra.is_empty() {
+        results.push("adapter/adapter_model.safetensors");
+    }
+    for file in results {
+        let a = std::fs::read(straight.join(file)).unwrap();
+        let b = std::fs::read(resumed.join(file)).unwrap();
+        assert!(a == b, "the resumed run ends with another {file}");
+    }
 }
 
 #[test]
 fn sft_killed_three_times_resumes_to_the_same_run() {
-    run_interrupted_and_compare("sft");
+    run_interrupted_and_compare("sft", &[]);
+}
+
+#[test]
+fn lora_sft_killed_three_times_resumes_to_the_same_run() {
+    run_interrupted_and_compare("sft", LORA);
 }
 
 #[test]
 fn dpo_killed_three_times_resumes_to_the_same_run() {
-    run_interrupted_and_compare("dpo");
+    run_interrupted_and_compare("dpo", &[]);
 }
 
 #[test]
 fn bad_model_folder_says_what_to_do() {
     let dir = tempfile::tempdir().unwrap();
     let (sft, _) = write_data(dir.path());
-    let output = command("sft", dir.path(), &sft, &dir.path().join("out"))
+    let output = command("sft", dir.path(), &sft, &dir.path().join("out"), &[])
         .output()
         .unwrap();
     assert!(!output.status.success());

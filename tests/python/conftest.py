@@ -171,3 +171,28 @@ def trained_smollm2(tmp_path_factory):
         check=True, timeout=900,
     )
     return out / "final"
+
+
+@pytest.fixture(scope="session")
+def lora_trained_smollm2(tmp_path_factory):
+    """`fusechat sft --lora ... --merge` on the real SmolLM2 folder (two steps on
+    8 small conversations): the run folder, with OUT/adapter (peft's format)
+    and OUT/final (merged)."""
+    if not (BASE_SMOLLM2 / "model.safetensors").is_file():
+        pytest.fail(f"{BASE_SMOLLM2} is missing: the Rust import test writes it (scripts/test.sh)")
+    work = tmp_path_factory.mktemp("lora")
+    data = work / "sft.jsonl"
+    with open(data, "w") as f:
+        for a in range(8):
+            f.write(json.dumps({"messages": [
+                {"role": "user", "content": f"What is {a} plus {a + 30}? Answer with the number."},
+                {"role": "assistant", "content": f"{a} + {a + 30} = {2 * a + 30}. The answer is {2 * a + 30}."},
+            ]}) + "\n")
+    out = work / "run"
+    subprocess.run(
+        [str(BIN), "sft", "--model", str(BASE_SMOLLM2), "--data", str(data), "--out", str(out),
+         "--epochs", "1", "--batch", "4", "--grad-accum", "1", "--lr", "1e-3", "--max-len", "256",
+         "--lora-rank", "8", "--lora-targets", "all-linear", "--merge"],
+        check=True, timeout=900,
+    )
+    return out

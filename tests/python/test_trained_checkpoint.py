@@ -1,7 +1,8 @@
 """The folder `fusechat sft` writes (OUT/final) is a real Hugging Face
 checkpoint: transformers loads it, fusechat's own server serves it, and both
 decode it the same way; its logits differ from the base model's (training
-changed it)."""
+changed it). Under LoRA, OUT/adapter is peft's adapter folder and OUT/final
+the merged model."""
 
 import json
 
@@ -47,4 +48,44 @@ def test_server_serves_it_like_transformers(trained_smollm2):
     finally:
         server.stop()
     # Same weights, same template, greedy: the first words agree.
+    assert got.split()[:4] == expected.split()[:4], (got, expected)
+
+
+def test_lora_adapter_loads_in_peft_and_the_merged_folder_serves_as_it(lora_trained_smollm2):
+    """`fusechat sft --lora --merge`: peft loads OUT/adapter over the base
+    folder and computes what transformers computes on the merged OUT/final;
+    `fusechat serve` serves OUT/final and answers as peft does."""
+    import openai
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter, merged = lora_trained_smollm2 / "adapter", lora_trained_smollm2 / "final"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["r"], len(config["target_modules"])) == ("LORA", 8, 7)
+    tok = AutoTokenizer.from_pretrained(adapter)
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.float32), adapter)
+    merged_model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.float32)
+    text = tok.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True)
+    ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        adapted = peft_model(ids).logits
+        diff = (adapted - merged_model(ids).logits).abs().max().item()
+        moved = (adapted - base(ids).logits).abs().max().item()
+        out = peft_model.generate(input_ids=ids, max_new_tokens=12, do_sample=False)
+    assert moved > 1e-2, f"the adapters barely change the model (max logit difference {moved})"
+    # Merged f32 weights against base + low-rank update, in f32.
+    assert diff < 2e-3, f"peft and the merged folder differ by {diff}"
+    expected = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+    server = Server(f'[[models]]\nid = "lora"\npath = "{merged}"\nmax_seqs = 2\n', "lora")
+    try:
+        client = openai.OpenAI(base_url=server.base + "/v1", api_key="unused")
+        reply = client.chat.completions.create(
+            model="lora", messages=[{"role": "user", "content": PROMPT}], max_tokens=12, temperature=0,
+        )
+        got = reply.choices[0].message.content
+    finally:
+        server.stop()
     assert got.split()[:4] == expected.split()[:4], (got, expected)

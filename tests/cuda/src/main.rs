@@ -30,6 +30,7 @@ fn options(steps: usize, micro: usize) -> TrainOptions {
         keep_checkpoints: 1,
         save_dtype: DType::F32,
         resume: Resume::default(),
+        ..TrainOptions::default()
     }
 }
 

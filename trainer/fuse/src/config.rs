@@ -180,6 +180,18 @@ pub struct DpoSection {
     pub seed: u64,
 }
 
+impl DpoSection {
+    /// The preference objective, checked by the trainer as `fusechat dpo` checks it.
+    pub fn preference(&self) -> Result<fusechat_train::loss::Preference> {
+        let loss = self
+            .loss
+            .parse()
+            .map_err(|e: String| FuseError::Config(format!("[dpo] loss: {e}")))?;
+        fusechat_train::loss::Preference::new(loss, self.beta, self.label_smoothing)
+            .map_err(|e| FuseError::Config(format!("[dpo] {e}")))
+    }
+}
+
 impl Default for DpoSection {
     fn default() -> Self {
         toml::from_str("").expect("every DPO field has a default")
@@ -240,8 +252,8 @@ fn default_beta() -> f64 {
 
 impl FuseConfig {
     pub fn parse(text: &str, base_dir: &Path, origin: &str) -> Result<Self> {
-        let mut c: FuseConfig = toml::from_str(text)
-            .map_err(|e| FuseError::Config(format!("{origin}: {e}")))?;
+        let mut c: FuseConfig =
+            toml::from_str(text).map_err(|e| FuseError::Config(format!("{origin}: {e}")))?;
         c.base_dir = std::path::absolute(base_dir).unwrap_or_else(|_| base_dir.to_path_buf());
         c.origin = origin.to_string();
         c.validate()?;
@@ -270,7 +282,9 @@ impl FuseConfig {
         let bad = |m: String| Err(FuseError::Config(m));
         let url = self.server.url.trim_end_matches('/');
         if !url.starts_with("http://") && !url.starts_with("https://") {
-            return bad(format!("server.url must be http(s)://HOST:PORT, got `{url}`"));
+            return bad(format!(
+                "server.url must be http(s)://HOST:PORT, got `{url}`"
+            ));
         }
         if url.ends_with("/v1") {
             return bad(format!(
@@ -289,15 +303,36 @@ impl FuseConfig {
             _ => {}
         }
         if self.target.alias.trim().is_empty() || self.target.alias == self.target.model {
-            return bad("target.alias must be a name of its own (not empty, not the model id)".into());
+            return bad(
+                "target.alias must be a name of its own (not empty, not the model id)".into(),
+            );
         }
-        const LINEAR: [&str; 8] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"];
-        if let Some(l) = self.target.float_layers.iter().find(|l| !LINEAR.contains(&l.as_str())) {
-            return bad(format!("target.float_layers names `{l}`; the layers are {}", LINEAR.join(", ")));
+        const LINEAR: [&str; 8] = [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+            "lm_head",
+        ];
+        if let Some(l) = self
+            .target
+            .float_layers
+            .iter()
+            .find(|l| !LINEAR.contains(&l.as_str()))
+        {
+            return bad(format!(
+                "target.float_layers names `{l}`; the layers are {}",
+                LINEAR.join(", ")
+            ));
         }
         if let Some(isq) = &self.target.isq {
             if !["none", "q8_0", "q4_1", "q4k"].contains(&isq.as_str()) {
-                return bad(format!("target.isq is none, q8_0, q4_1 or q4k, got `{isq}`"));
+                return bad(format!(
+                    "target.isq is none, q8_0, q4_1 or q4k, got `{isq}`"
+                ));
             }
         }
         for (name, table) in [("data", &self.data), ("eval", &self.eval)] {
@@ -310,25 +345,38 @@ impl FuseConfig {
             }
         }
         for (stage, epochs, batch, accum, lr, warmup) in [
-            ("sft", self.sft.epochs, self.sft.batch, self.sft.grad_accum, self.sft.lr, self.sft.warmup_ratio),
-            ("dpo", self.dpo.epochs, self.dpo.batch, self.dpo.grad_accum, self.dpo.lr, self.dpo.warmup_ratio),
+            (
+                "sft",
+                self.sft.epochs,
+                self.sft.batch,
+                self.sft.grad_accum,
+                self.sft.lr,
+                self.sft.warmup_ratio,
+            ),
+            (
+                "dpo",
+                self.dpo.epochs,
+                self.dpo.batch,
+                self.dpo.grad_accum,
+                self.dpo.lr,
+                self.dpo.warmup_ratio,
+            ),
         ] {
             if epochs == 0 || batch == 0 || accum == 0 {
-                return bad(format!("[{stage}] epochs, batch and grad_accum must be at least 1"));
+                return bad(format!(
+                    "[{stage}] epochs, batch and grad_accum must be at least 1"
+                ));
             }
             if !(lr.is_finite() && lr > 0.0) {
                 return bad(format!("[{stage}] lr must be a positive number, got {lr}"));
             }
             if !(0.0..=1.0).contains(&warmup) {
-                return bad(format!("[{stage}] warmup_ratio must lie in [0, 1], got {warmup}"));
+                return bad(format!(
+                    "[{stage}] warmup_ratio must lie in [0, 1], got {warmup}"
+                ));
             }
         }
-        if !["sigmoid", "ln", "ipo"].contains(&self.dpo.loss.as_str()) {
-            return bad(format!("dpo.loss is sigmoid, ln or ipo, got `{}`", self.dpo.loss));
-        }
-        if self.dpo.beta <= 0.0 || !(0.0..0.5).contains(&self.dpo.label_smoothing) {
-            return bad("dpo.beta must be positive and dpo.label_smoothing in [0, 0.5)".into());
-        }
+        self.dpo.preference()?;
         Ok(())
     }
 
@@ -370,7 +418,12 @@ mod tests {
             let path = format!("{}/../../config/{name}", env!("CARGO_MANIFEST_DIR"));
             FuseConfig::load(Some(Path::new(&path))).unwrap()
         };
-        let sources = ["base target", "fused target", "qwen2.5-coder-0.5b-instruct", "gemma-3-270m"];
+        let sources = [
+            "base target",
+            "fused target",
+            "qwen2.5-coder-0.5b-instruct",
+            "gemma-3-270m",
+        ];
         for (c, rows) in [
             (FuseConfig::load(None).unwrap(), &sources[..]),
             (shipped("fuse-gpu.toml"), &sources[..]),
@@ -380,7 +433,10 @@ mod tests {
             assert_eq!(data.output_dir(), run.join("data"));
             assert!(data.prompts.data_dir.is_absolute());
             // A fuse run redoes samples made under an older [data].
-            assert_eq!(data.sampling.on_change, fusechat_data::config::OnChange::Resample);
+            assert_eq!(
+                data.sampling.on_change,
+                fusechat_data::config::OnChange::Resample
+            );
             let eval = crate::eval_config(&c, run, &data, "t-fused-1").unwrap();
             let names: Vec<&str> = eval.models.iter().map(|m| m.name.as_str()).collect();
             assert_eq!(names, rows, "{}", c.origin);
@@ -401,17 +457,47 @@ fetched = "m"
 "#;
         FuseConfig::parse(ok, Path::new("."), "t").unwrap();
         let cases = [
-            (ok.replace("[data]", "[data]\nrun = { output = \"x\" }"), "must not set `run`"),
-            (ok.replace("[eval]", "[eval]\noutput = \"x\""), "must not set `output`"),
+            (
+                ok.replace("[data]", "[data]\nrun = { output = \"x\" }"),
+                "must not set `run`",
+            ),
+            (
+                ok.replace("[eval]", "[eval]\noutput = \"x\""),
+                "must not set `output`",
+            ),
             (ok.replace("fetched = \"m\"", ""), "needs `fetched`"),
-            (ok.replace("[data]", "[sft]\nlr = 0.0\n[data]"), "lr must be a positive"),
-            (ok.replace("[data]", "[dpo]\nloss = \"kto\"\n[data]"), "dpo.loss"),
-            (ok.replace("[data]", "[server]\nurl = \"http://h:1/v1\"\n[data]"), "without /v1"),
+            (
+                ok.replace("[data]", "[sft]\nlr = 0.0\n[data]"),
+                "lr must be a positive",
+            ),
+            (
+                ok.replace("[data]", "[dpo]\nloss = \"kto\"\n[data]"),
+                "[dpo] loss",
+            ),
+            (
+                ok.replace(
+                    "[data]",
+                    "[dpo]\nloss = \"ipo\"\nlabel_smoothing = 0.1\n[data]",
+                ),
+                "not to ipo",
+            ),
+            (
+                ok.replace("[data]", "[server]\nurl = \"http://h:1/v1\"\n[data]"),
+                "without /v1",
+            ),
             (ok.replace("[data]", "[target2]\n[data]"), "unknown field"),
-            (ok.replace("fetched = \"m\"", "fetched = \"m\"\nfloat_layers = [\"qproj\"]"), "float_layers names `qproj`"),
+            (
+                ok.replace(
+                    "fetched = \"m\"",
+                    "fetched = \"m\"\nfloat_layers = [\"qproj\"]",
+                ),
+                "float_layers names `qproj`",
+            ),
         ];
         for (text, want) in cases {
-            let e = FuseConfig::parse(&text, Path::new("."), "t").unwrap_err().to_string();
+            let e = FuseConfig::parse(&text, Path::new("."), "t")
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(want), "{want}: {e}");
         }
     }

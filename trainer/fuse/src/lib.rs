@@ -27,8 +27,8 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 pub use config::FuseConfig;
-pub use error::{FuseError, Result};
 use error::{io, stage};
+pub use error::{FuseError, Result};
 use fusechat_train::trainer::{Resume, RunSummary, TrainOptions};
 use server::Server;
 
@@ -69,8 +69,19 @@ impl Progress {
     fn end(&mut self, stage: &'static str, t: Instant, note: impl Into<String>) {
         let note = note.into();
         let seconds = t.elapsed().as_secs_f64();
-        eprintln!("fusechat fuse: {stage} done in {seconds:.0} s{}", if note.is_empty() { String::new() } else { format!(": {note}") });
-        self.done.push(StageTime { stage, seconds, note });
+        eprintln!(
+            "fusechat fuse: {stage} done in {seconds:.0} s{}",
+            if note.is_empty() {
+                String::new()
+            } else {
+                format!(": {note}")
+            }
+        );
+        self.done.push(StageTime {
+            stage,
+            seconds,
+            note,
+        });
     }
 }
 
@@ -83,8 +94,8 @@ pub fn run(config: &FuseConfig, bin: &Path) -> Result<Outcome> {
     std::fs::create_dir_all(run_dir.join("config"))
         .map_err(io(format!("creating {}", run_dir.display())))?;
     // No `..` in the paths the server is asked to load from (it refuses them).
-    let run_dir = std::fs::canonicalize(&run_dir)
-        .map_err(io(format!("resolving {}", run_dir.display())))?;
+    let run_dir =
+        std::fs::canonicalize(&run_dir).map_err(io(format!("resolving {}", run_dir.display())))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -99,7 +110,11 @@ pub fn run(config: &FuseConfig, bin: &Path) -> Result<Outcome> {
     // Check [eval] now, not after training.
     eval_config(config, &run_dir, &data_config, "fused")?;
     let served = format!("{}/v1", config.server_url());
-    if !data_config.endpoints.iter().any(|e| e.base_url.trim_end_matches('/') == served) {
+    if !data_config
+        .endpoints
+        .iter()
+        .any(|e| e.base_url.trim_end_matches('/') == served)
+    {
         eprintln!(
             "fusechat fuse: warning: no [[data.endpoints]] names this run's server ({served}); \
              the sources are sampled elsewhere"
@@ -118,7 +133,11 @@ pub fn run(config: &FuseConfig, bin: &Path) -> Result<Outcome> {
         )),
         other => other,
     })?;
-    let how = if server.started_here() { "started here" } else { "already running" };
+    let how = if server.started_here() {
+        "started here"
+    } else {
+        "already running"
+    };
     progress.end("server", t, how);
 
     let t = progress.begin("base", "the target's float weights");
@@ -138,7 +157,10 @@ pub fn run(config: &FuseConfig, bin: &Path) -> Result<Outcome> {
     progress.end(
         "sample",
         t,
-        format!("{} requested ({} failed), {} already stored", sampled.requested, sampled.failed, sampled.already_done),
+        format!(
+            "{} requested ({} failed), {} already stored",
+            sampled.requested, sampled.failed, sampled.already_done
+        ),
     );
 
     let t = progress.begin("score", "math answers, code tests, judge / reward model");
@@ -146,10 +168,17 @@ pub fn run(config: &FuseConfig, bin: &Path) -> Result<Outcome> {
         .map_err(stage("score"))?;
     progress.end("score", t, "");
 
-    let t = progress.begin("pair", "best response per prompt (SFT), best vs worst of one source (DPO)");
+    let t = progress.begin(
+        "pair",
+        "best response per prompt (SFT), best vs worst of one source (DPO)",
+    );
     let pairs = fusechat_data::pair::run(&data_config).map_err(stage("pair"))?;
     let data_dir = data_config.output_dir();
-    progress.end("pair", t, format!("{} SFT rows, {} DPO pairs", pairs.sft_rows, pairs.dpo_pairs));
+    progress.end(
+        "pair",
+        t,
+        format!("{} SFT rows, {} DPO pairs", pairs.sft_rows, pairs.dpo_pairs),
+    );
     if pairs.sft_rows == 0 {
         return Err(FuseError::Stage {
             stage: "pair",
@@ -162,7 +191,14 @@ pub fn run(config: &FuseConfig, bin: &Path) -> Result<Outcome> {
 
     fusechat_train::device::tune_allocator();
     let device = fusechat_train::device::select(false).map_err(stage("sft"))?;
-    let t = progress.begin("sft", &format!("{} rows on {}", pairs.sft_rows, fusechat_train::device::describe(&device)));
+    let t = progress.begin(
+        "sft",
+        &format!(
+            "{} rows on {}",
+            pairs.sft_rows,
+            fusechat_train::device::describe(&device)
+        ),
+    );
     let sft = fusechat_train::sft::sft(
         &fusechat_train::sft::SftOptions {
             model: base_dir.clone(),
@@ -178,8 +214,14 @@ pub fn run(config: &FuseConfig, bin: &Path) -> Result<Outcome> {
     progress.end("sft", t, train_note(&sft));
 
     let (final_dir, dpo) = if config.dpo.enabled && pairs.dpo_pairs > 0 {
-        let t = progress.begin("dpo", &format!("{} pairs, {} loss, from the SFT model", pairs.dpo_pairs, config.dpo.loss));
-        let loss = config.dpo.loss.parse().map_err(|e: String| FuseError::Config(e))?;
+        let t = progress.begin(
+            "dpo",
+            &format!(
+                "{} pairs, {} loss, from the SFT model",
+                pairs.dpo_pairs, config.dpo.loss
+            ),
+        );
+        let preference = config.dpo.preference()?;
         let dpo = fusechat_train::dpo::dpo(
             &fusechat_train::dpo::DpoOptions {
                 model: sft.final_dir.clone(),
@@ -187,9 +229,7 @@ pub fn run(config: &FuseConfig, bin: &Path) -> Result<Outcome> {
                 out: run_dir.join("dpo"),
                 max_len: config.dpo.max_len,
                 on_bad_input: fusechat_train::data::OnBadInput::Skip,
-                loss,
-                beta: config.dpo.beta,
-                label_smoothing: config.dpo.label_smoothing,
+                preference,
                 train: dpo_options(config),
             },
             &device,
@@ -199,7 +239,11 @@ pub fn run(config: &FuseConfig, bin: &Path) -> Result<Outcome> {
         (dpo.final_dir.clone(), Some(dpo))
     } else {
         let t = progress.begin("dpo", "skipped");
-        let why = if config.dpo.enabled { "no DPO pairs: the SFT model is the fused model" } else { "dpo.enabled is off" };
+        let why = if config.dpo.enabled {
+            "no DPO pairs: the SFT model is the fused model"
+        } else {
+            "dpo.enabled is off"
+        };
         progress.end("dpo", t, why);
         (sft.final_dir.clone(), None)
     };
@@ -208,18 +252,39 @@ pub fn run(config: &FuseConfig, bin: &Path) -> Result<Outcome> {
     let fused_dir = run_dir.join("fused");
     let sha = export(&final_dir, &fused_dir)?;
     let fused_id = fused_model_id(config, &sha);
-    progress.end("export", t, format!("{} (sha256 {})", fused_dir.display(), &sha[..16]));
+    progress.end(
+        "export",
+        t,
+        format!("{} (sha256 {})", fused_dir.display(), &sha[..16]),
+    );
 
-    let t = progress.begin("swap", &format!("load {fused_id} and point `{}` at it", config.target.alias));
+    let t = progress.begin(
+        "swap",
+        &format!("load {fused_id} and point `{}` at it", config.target.alias),
+    );
     let fingerprint = rt.block_on(swap(config, &server, &fused_id, &fused_dir))?;
-    progress.end("swap", t, format!("`{}` -> {fused_id}", config.target.alias));
+    progress.end(
+        "swap",
+        t,
+        format!("`{}` -> {fused_id}", config.target.alias),
+    );
 
-    let t = progress.begin("eval", "base and fused targets, and the sources, on the evaluation side");
+    let t = progress.begin(
+        "eval",
+        "base and fused targets, and the sources, on the evaluation side",
+    );
     let eval_config = write_eval_config(config, &run_dir, &data_config, &fused_id)?;
     let evaluated = rt
         .block_on(fusechat_eval::run(&eval_config))
         .map_err(stage("eval"))?;
-    progress.end("eval", t, format!("{} generations, {} judge calls, {} sandbox runs in this run", evaluated.generated, evaluated.judged, evaluated.sandboxed));
+    progress.end(
+        "eval",
+        t,
+        format!(
+            "{} generations, {} judge calls, {} sandbox runs in this run",
+            evaluated.generated, evaluated.judged, evaluated.sandboxed
+        ),
+    );
     server.stop();
 
     let t = progress.begin("report", "report.md, report.json");
@@ -267,7 +332,8 @@ fn train_note(s: &RunSummary) -> String {
         (Some(loss), from) => format!(
             "{} steps{}, last loss {loss:.4}, {:.0} tokens/s",
             s.steps,
-            from.map(|f| format!(" (resumed at {f})")).unwrap_or_default(),
+            from.map(|f| format!(" (resumed at {f})"))
+                .unwrap_or_default(),
             s.tokens_per_s
         ),
         (None, None) => format!("{} steps", s.steps),
@@ -295,9 +361,11 @@ fn train_options(
         weight_decay,
         max_grad_norm,
         seed,
+        lora: None,
         checkpoint_every: 10,
         keep_checkpoints: 1,
         save_dtype: candle_core::DType::F32,
+        merge: false,
         // The data grows when sampling is extended: the run then starts over.
         resume: Resume::SameRunOrStartOver,
     }
@@ -305,12 +373,32 @@ fn train_options(
 
 fn sft_options(c: &FuseConfig) -> TrainOptions {
     let s = &c.sft;
-    train_options(s.epochs, s.max_steps, s.batch, s.grad_accum, s.lr, s.warmup_ratio, s.weight_decay, s.max_grad_norm, s.seed)
+    train_options(
+        s.epochs,
+        s.max_steps,
+        s.batch,
+        s.grad_accum,
+        s.lr,
+        s.warmup_ratio,
+        s.weight_decay,
+        s.max_grad_norm,
+        s.seed,
+    )
 }
 
 fn dpo_options(c: &FuseConfig) -> TrainOptions {
     let d = &c.dpo;
-    train_options(d.epochs, d.max_steps, d.batch, d.grad_accum, d.lr, d.warmup_ratio, d.weight_decay, d.max_grad_norm, d.seed)
+    train_options(
+        d.epochs,
+        d.max_steps,
+        d.batch,
+        d.grad_accum,
+        d.lr,
+        d.warmup_ratio,
+        d.weight_decay,
+        d.max_grad_norm,
+        d.seed,
+    )
 }
 
 /// `RUN/config/data.toml`, written out so each data stage can be rerun
@@ -325,7 +413,8 @@ fn write_data_config(config: &FuseConfig, run_dir: &Path) -> Result<fusechat_dat
         toml::to_string(&data).map_err(|e| FuseError::Config(format!("writing the data config: {e}")))?
     );
     write_atomic(&path, text.as_bytes())?;
-    fusechat_data::Config::load(Some(&path)).map_err(|e| FuseError::Config(format!("{}: {e:#}", path.display())))
+    fusechat_data::Config::load(Some(&path))
+        .map_err(|e| FuseError::Config(format!("{}: {e:#}", path.display())))
 }
 
 /// The data config of a run: the `[data]` table with output `RUN/data` and
@@ -333,7 +422,10 @@ fn write_data_config(config: &FuseConfig, run_dir: &Path) -> Result<fusechat_dat
 pub fn data_config(config: &FuseConfig, run_dir: &Path) -> Result<fusechat_data::Config> {
     let mut table = config.data.clone();
     let mut run = toml::Table::new();
-    run.insert("output".into(), toml::Value::String(run_dir.join("data").display().to_string()));
+    run.insert(
+        "output".into(),
+        toml::Value::String(run_dir.join("data").display().to_string()),
+    );
     table.insert("run".into(), toml::Value::Table(run));
     // The run folder is the run's own: samples made under an older
     // `[data]` are redone rather than refused (unless the config says so).
@@ -383,16 +475,27 @@ pub fn eval_config(
     let mut table = config.eval.clone();
     if let Some(toml::Value::Array(extra)) = table.remove("models") {
         for v in extra {
-            rows.push(serde_json::to_value(v).map_err(|e| FuseError::Config(format!("[eval] models: {e}")))?);
+            rows.push(
+                serde_json::to_value(v)
+                    .map_err(|e| FuseError::Config(format!("[eval] models: {e}")))?,
+            );
         }
     }
     let rows: Vec<toml::Value> = rows
         .into_iter()
-        .map(|r| serde_json::from_value(r).map_err(|e| FuseError::Config(format!("an eval row: {e}"))))
+        .map(|r| {
+            serde_json::from_value(r).map_err(|e| FuseError::Config(format!("an eval row: {e}")))
+        })
         .collect::<Result<_>>()?;
     table.insert("models".into(), toml::Value::Array(rows));
-    table.insert("data_config".into(), toml::Value::String("data.toml".into()));
-    table.insert("output".into(), toml::Value::String(run_dir.join("eval").display().to_string()));
+    table.insert(
+        "data_config".into(),
+        toml::Value::String("data.toml".into()),
+    );
+    table.insert(
+        "output".into(),
+        toml::Value::String(run_dir.join("eval").display().to_string()),
+    );
     let mut eval: fusechat_eval::EvalConfig = toml::Value::Table(table)
         .try_into()
         .map_err(|e| FuseError::Config(format!("{} [eval]: {e}", config.origin)))?;
@@ -423,10 +526,12 @@ fn write_eval_config(
         "# Written by `fusechat fuse` from {} [eval]; rerun with `fusechat eval --config {}`.\n{}",
         config.origin,
         path.display(),
-        toml::to_string(&eval).map_err(|e| FuseError::Config(format!("writing the eval config: {e}")))?
+        toml::to_string(&eval)
+            .map_err(|e| FuseError::Config(format!("writing the eval config: {e}")))?
     );
     write_atomic(&path, text.as_bytes())?;
-    fusechat_eval::EvalConfig::load(Some(&path)).map_err(|e| FuseError::Config(format!("{}: {e}", path.display())))
+    fusechat_eval::EvalConfig::load(Some(&path))
+        .map_err(|e| FuseError::Config(format!("{}: {e}", path.display())))
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -448,10 +553,16 @@ fn base_weights(config: &FuseConfig, run_dir: &Path) -> Result<PathBuf> {
         }
         return Ok(p);
     }
-    let name = config.target.fetched.as_deref().expect("validated: fetched or path");
+    let name = config
+        .target
+        .fetched
+        .as_deref()
+        .expect("validated: fetched or path");
     let out = run_dir.join("models").join("base");
     let spec = fusechat_models::fetch::find(name).ok_or_else(|| {
-        FuseError::Config(format!("target.fetched `{name}` is not a model of `fusechat models list`"))
+        FuseError::Config(format!(
+            "target.fetched `{name}` is not a model of `fusechat models list`"
+        ))
     })?;
     // What the folder was imported from: reused only for the same GGUF.
     let origin = json!({"fetched": name, "gguf_sha256": spec.sha256, "dtype": "f32"});
@@ -463,7 +574,8 @@ fn base_weights(config: &FuseConfig, run_dir: &Path) -> Result<PathBuf> {
     if same && out.join("model.safetensors").is_file() {
         return Ok(out);
     }
-    let gguf = fusechat_models::fetch::ensure(spec, &fusechat_models::fetch::home()).map_err(stage("base"))?;
+    let gguf = fusechat_models::fetch::ensure(spec, &fusechat_models::fetch::home())
+        .map_err(stage("base"))?;
     let tmp = run_dir.join("models").join(".base.tmp");
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(io(format!("removing {}", tmp.display())))?;
@@ -472,7 +584,8 @@ fn base_weights(config: &FuseConfig, run_dir: &Path) -> Result<PathBuf> {
         dtype: fusechat_models::import::OutputDType::F32,
         overwrite: true,
     };
-    let summary = fusechat_models::import::import_gguf_with(&gguf, &tmp, &options).map_err(stage("base"))?;
+    let summary =
+        fusechat_models::import::import_gguf_with(&gguf, &tmp, &options).map_err(stage("base"))?;
     eprintln!("{summary}");
     std::fs::write(tmp.join("fusechat_base.json"), origin.to_string())
         .map_err(io("writing fusechat_base.json"))?;
@@ -501,7 +614,9 @@ fn export(final_dir: &Path, fused_dir: &Path) -> Result<String> {
         std::fs::remove_dir_all(&tmp).map_err(io(format!("removing {}", tmp.display())))?;
     }
     std::fs::create_dir_all(&tmp).map_err(io(format!("creating {}", tmp.display())))?;
-    for entry in std::fs::read_dir(final_dir).map_err(io(format!("listing {}", final_dir.display())))? {
+    for entry in
+        std::fs::read_dir(final_dir).map_err(io(format!("listing {}", final_dir.display())))?
+    {
         let entry = entry.map_err(io("listing the final folder"))?;
         if entry.path().is_file() {
             std::fs::copy(entry.path(), tmp.join(entry.file_name()))
@@ -509,23 +624,37 @@ fn export(final_dir: &Path, fused_dir: &Path) -> Result<String> {
         }
     }
     let info = json!({"from": final_dir.display().to_string(), "sha256": sha});
-    std::fs::write(tmp.join("fusechat_fuse.json"), serde_json::to_vec_pretty(&info).unwrap_or_default())
-        .map_err(io("writing fusechat_fuse.json"))?;
+    std::fs::write(
+        tmp.join("fusechat_fuse.json"),
+        serde_json::to_vec_pretty(&info).unwrap_or_default(),
+    )
+    .map_err(io("writing fusechat_fuse.json"))?;
     if fused_dir.exists() {
-        std::fs::remove_dir_all(fused_dir).map_err(io(format!("removing {}", fused_dir.display())))?;
+        std::fs::remove_dir_all(fused_dir)
+            .map_err(io(format!("removing {}", fused_dir.display())))?;
     }
-    std::fs::rename(&tmp, fused_dir).map_err(io(format!("moving {} into place", fused_dir.display())))?;
+    std::fs::rename(&tmp, fused_dir)
+        .map_err(io(format!("moving {} into place", fused_dir.display())))?;
     Ok(sha)
 }
 
 /// Loads the fused folder as `fused_id` and points the alias at it, unless
 /// the server already does exactly that. Returns the fused model's
 /// `system_fingerprint`.
-async fn swap(config: &FuseConfig, server: &Server, fused_id: &str, fused_dir: &Path) -> Result<String> {
+async fn swap(
+    config: &FuseConfig,
+    server: &Server,
+    fused_id: &str,
+    fused_dir: &Path,
+) -> Result<String> {
     let alias = &config.target.alias;
     let state = server.admin_models().await?;
     if state["aliases"][alias.as_str()] == fused_id {
-        let loaded = state["models"].as_array().into_iter().flatten().find(|m| m["id"] == fused_id);
+        let loaded = state["models"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|m| m["id"] == fused_id);
         if let Some(m) = loaded.filter(|m| m["state"] == "ready") {
             eprintln!("fusechat fuse: `{alias}` already points at {fused_id}");
             return Ok(m["fingerprint"].as_str().unwrap_or_default().to_string());

@@ -52,7 +52,6 @@ pub struct ChatTokenizer {
     template: String,
     bos_token: String,
     eos_token: String,
-    pad_id: u32,
 }
 
 #[derive(Deserialize)]
@@ -60,7 +59,6 @@ struct TokenizerConfig {
     chat_template: Option<serde_json::Value>,
     bos_token: Option<serde_json::Value>,
     eos_token: Option<serde_json::Value>,
-    pad_token: Option<serde_json::Value>,
 }
 
 /// `"<s>"` or `{"content": "<s>", ...}` (both appear in tokenizer_config.json files).
@@ -113,29 +111,15 @@ impl ChatTokenizer {
             message: "no eos_token".into(),
         })?;
         let bos_token = token_string(&config.bos_token).unwrap_or_default();
-        let pad_token = token_string(&config.pad_token).unwrap_or_else(|| eos_token.clone());
-        let pad_id = tokenizer
-            .token_to_id(&pad_token)
-            .or_else(|| tokenizer.token_to_id(&eos_token))
-            .ok_or_else(|| TrainError::File {
-                path: config_path.clone(),
-                message: format!("pad token {pad_token:?} is not in the vocabulary"),
-            })?;
         let chat = Self {
             tokenizer,
             template,
             bos_token,
             eos_token,
-            pad_id,
         };
         // Fail now, not on the first row, if the template does not compile.
         chat.render(&[Message::new("user", "hi")], true)?;
         Ok(chat)
-    }
-
-    /// The id used to pad batches (never learned: padded positions are masked out).
-    pub fn pad_id(&self) -> u32 {
-        self.pad_id
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {

@@ -1,5 +1,6 @@
 //! Checkpoints a killed run resumes from: `OUT/checkpoints/step-NNNNNNN/`
-//! holding the weights (f32), the optimizer state, and `state.json` (step,
+//! holding the trainable weights (f32: the model, or its LoRA adapters in
+//! peft's folder format), the optimizer state, and `state.json` (step,
 //! seed, data position, the run's key). Written into a hidden temporary
 //! folder, every file fsynced, then renamed into place and the parent
 //! fsynced: a folder named `step-*` is always complete.
@@ -11,7 +12,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{io, Result, TrainError};
@@ -55,7 +56,7 @@ pub fn save(
         std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
     }
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-    model.save(&tmp, DType::F32)?;
+    model.save_trainable(&tmp)?;
     let opt_path = tmp.join(OPTIMIZER);
     candle_core::safetensors::save(&optimizer.state(model.parameters()), &opt_path)?;
     let state_path = tmp.join(STATE);
@@ -137,7 +138,7 @@ pub fn restore(
         .first()
         .map(|(_, v)| v.device().clone())
         .ok_or_else(|| TrainError::Config("the model has no parameters".into()))?;
-    let weights_path = dir.join("model.safetensors");
+    let weights_path = dir.join(model.trainable_file());
     let mut weights: HashMap<String, Tensor> =
         candle_core::safetensors::load(&weights_path, &device)?;
     for (name, var) in model.parameters() {

@@ -15,9 +15,12 @@ use crate::chat::{ChatTokenizer, Encoded};
 use crate::data::{self, DpoExample, OnBadInput};
 use crate::error::{io, Result};
 use crate::fingerprint;
-use crate::loss::{learned_logps, preference_loss, row_sums, PairLogps, PreferenceLoss};
+use crate::loss::{learned_logps, preference_loss, row_sums, PairLogps, Preference};
+use crate::memory::ForwardShape;
 use crate::model::CausalLm;
-use crate::trainer::{self, GradSum, Objective, RunInputs, RunSummary, StepOutput, TrainOptions};
+use crate::trainer::{
+    self, GradSum, Objective, RunInputs, RunSummary, StepOutput, StepTimes, TrainOptions,
+};
 
 pub struct DpoOptions {
     pub model: PathBuf,
@@ -25,9 +28,7 @@ pub struct DpoOptions {
     pub out: PathBuf,
     pub max_len: usize,
     pub on_bad_input: OnBadInput,
-    pub loss: PreferenceLoss,
-    pub beta: f64,
-    pub label_smoothing: f64,
+    pub preference: Preference,
     pub train: TrainOptions,
 }
 
@@ -35,21 +36,13 @@ pub struct DpoObjective {
     pub examples: Vec<DpoExample>,
     /// Reference (chosen, rejected) summed log-probs, per example.
     pub reference: Vec<(f32, f32)>,
-    pub loss: PreferenceLoss,
-    pub beta: f64,
-    pub label_smoothing: f64,
-    pub pad_id: u32,
+    pub preference: Preference,
     pub device: Device,
 }
 
 /// Summed learned-token log-probs of each row, with the model as it is now.
-fn logps_of(
-    model: &CausalLm,
-    rows: &[&Encoded],
-    pad_id: u32,
-    device: &Device,
-) -> Result<(Tensor, Batch)> {
-    let batch = Batch::new(rows, pad_id, device)?;
+fn logps_of(model: &CausalLm, rows: &[&Encoded], device: &Device) -> Result<(Tensor, Batch)> {
+    let batch = Batch::new(rows, device)?;
     let learned = learned_logps(model, &batch)?;
     Ok((row_sums(&batch, &learned)?, batch))
 }
@@ -73,12 +66,23 @@ impl Objective for DpoObjective {
         ]
     }
 
+    /// Chosen and rejected run in one forward pass: 2 x `micro_batch` sequences.
+    fn largest_forward(&self, micro_batch: usize) -> ForwardShape {
+        let rows = self
+            .examples
+            .iter()
+            .flat_map(|e| [&e.chosen, &e.rejected])
+            .map(|r| (r.ids.len() - 1, r.learned_count()));
+        ForwardShape::largest(rows.collect(), 2 * micro_batch)
+    }
+
     fn step(&self, model: &CausalLm, examples: &[usize], micro_batch: usize) -> Result<StepOutput> {
         let params = model.parameters();
         let pairs = examples.len() as f64;
         let mut grads = GradSum::new(params);
         let mut sums = [0f64; 7];
         let mut tokens = 0;
+        let mut times = StepTimes::default();
         for chunk in examples.chunks(micro_batch) {
             let m = chunk.len();
             let rows: Vec<&Encoded> = chunk
@@ -86,7 +90,7 @@ impl Objective for DpoObjective {
                 .map(|&i| &self.examples[i].chosen)
                 .chain(chunk.iter().map(|&i| &self.examples[i].rejected))
                 .collect();
-            let (logps, batch) = logps_of(model, &rows, self.pad_id, &self.device)?;
+            let (logps, batch) = times.forward(|| logps_of(model, &rows, &self.device))?;
             tokens += batch.tokens;
             let policy_chosen = logps.narrow(0, 0, m)?;
             let policy_rejected = logps.narrow(0, m, m)?;
@@ -110,12 +114,10 @@ impl Objective for DpoObjective {
                     chosen_len: &lc,
                     rejected_len: &lr,
                 },
-                self.loss,
-                self.beta,
-                self.label_smoothing,
+                &self.preference,
             )?;
             let loss = (out.losses.sum_all()? / pairs)?;
-            grads.add(params, &loss.backward()?)?;
+            grads.add(params, &times.backward(|| loss.backward())?)?;
             let chosen_rewards = out.chosen_rewards.to_vec1::<f32>()?;
             let rejected_rewards = out.rejected_rewards.to_vec1::<f32>()?;
             let pc = policy_chosen.to_vec1::<f32>()?;
@@ -143,6 +145,7 @@ impl Objective for DpoObjective {
                 ("logps/chosen", mean(sums[5])),
                 ("logps/rejected", mean(sums[6])),
             ],
+            times,
         })
     }
 }
@@ -158,7 +161,6 @@ struct ReferenceCache {
 pub fn reference_logps(
     model: &CausalLm,
     examples: &[DpoExample],
-    pad_id: u32,
     micro_batch: usize,
     cache: &std::path::Path,
     key: &str,
@@ -181,7 +183,7 @@ pub fn reference_logps(
             .map(|e| &e.chosen)
             .chain(chunk.iter().map(|e| &e.rejected))
             .collect();
-        let (logps, _) = logps_of(model, &rows, pad_id, device)?;
+        let (logps, _) = logps_of(model, &rows, device)?;
         let values = logps.detach().to_vec1::<f32>()?;
         result.extend((0..m).map(|i| (values[i], values[m + i])));
         bar.inc(m as u64);
@@ -209,7 +211,7 @@ pub fn dpo(options: &DpoOptions, device: &Device) -> Result<RunSummary> {
         data.examples.len(),
         data.skipped.len()
     );
-    let model = CausalLm::load(&options.model, device)?;
+    let model = trainer::load_model(&options.model, &options.train, device)?;
     let model_hash = fingerprint::model_folder(&options.model)?;
     std::fs::create_dir_all(&options.out).map_err(io(&options.out))?;
     let reference_key = fingerprint::json(&serde_json::json!({
@@ -219,7 +221,6 @@ pub fn dpo(options: &DpoOptions, device: &Device) -> Result<RunSummary> {
     let reference = reference_logps(
         &model,
         &data.examples,
-        chat.pad_id(),
         options.train.micro_batch,
         &options.out.join("reference_logps.json"),
         &reference_key,
@@ -230,18 +231,15 @@ pub fn dpo(options: &DpoOptions, device: &Device) -> Result<RunSummary> {
         "model": model_hash,
         "data": data.sha256,
         "max_len": options.max_len,
-        "loss": options.loss,
-        "beta": options.beta,
-        "label_smoothing": options.label_smoothing,
+        "loss": options.preference.loss(),
+        "beta": options.preference.beta(),
+        "label_smoothing": options.preference.label_smoothing(),
         "train": options.train,
     });
     let objective = DpoObjective {
         examples: data.examples,
         reference,
-        loss: options.loss,
-        beta: options.beta,
-        label_smoothing: options.label_smoothing,
-        pad_id: chat.pad_id(),
+        preference: options.preference,
         device: device.clone(),
     };
     let inputs = RunInputs {

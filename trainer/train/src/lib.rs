@@ -17,6 +17,7 @@ pub mod dpo;
 pub mod error;
 pub mod fingerprint;
 pub mod loss;
+pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod optim;

@@ -22,7 +22,7 @@ pub fn token_logps(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 /// log p(target) of each learned position of `batch`: (n,). The model projects
 /// only those positions onto the vocabulary.
 pub fn learned_logps(model: &CausalLm, batch: &Batch) -> Result<Tensor> {
-    let logits = model.forward_rows(&batch.inputs, &batch.learned_positions)?;
+    let logits = model.forward_packed(&batch.inputs, &batch.lens, &batch.learned_positions)?;
     token_logps(&logits, &batch.learned_targets)
 }
 
@@ -69,6 +69,54 @@ impl std::str::FromStr for PreferenceLoss {
     }
 }
 
+/// A preference objective whose settings have been checked once, here, for
+/// every caller (`fusechat dpo`, `fusechat fuse`): beta positive, label
+/// smoothing in [0, 0.5) and only with the losses that have a smoothed form.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Preference {
+    loss: PreferenceLoss,
+    beta: f64,
+    label_smoothing: f64,
+}
+
+impl Preference {
+    pub fn new(loss: PreferenceLoss, beta: f64, label_smoothing: f64) -> Result<Self> {
+        let bad = |m: String| Err(crate::error::TrainError::Config(m));
+        if !(beta.is_finite() && beta > 0.0) {
+            return bad(format!("DPO beta must be a positive number, got {beta}"));
+        }
+        if !(0.0..0.5).contains(&label_smoothing) {
+            return bad(format!(
+                "DPO label smoothing must lie in [0, 0.5), got {label_smoothing}"
+            ));
+        }
+        if loss == PreferenceLoss::Ipo && label_smoothing > 0.0 {
+            return bad(
+                "DPO label smoothing applies to the sigmoid and ln losses, not to ipo: \
+                 set it to 0 or choose another loss"
+                    .into(),
+            );
+        }
+        Ok(Self {
+            loss,
+            beta,
+            label_smoothing,
+        })
+    }
+
+    pub fn loss(&self) -> PreferenceLoss {
+        self.loss
+    }
+
+    pub fn beta(&self) -> f64 {
+        self.beta
+    }
+
+    pub fn label_smoothing(&self) -> f64 {
+        self.label_smoothing
+    }
+}
+
 /// One batch of pairs: the policy's and the reference's summed log-probs of
 /// chosen and rejected (all (pairs,) f32) and the response lengths in tokens.
 pub struct PairLogps<'a> {
@@ -88,12 +136,12 @@ pub struct PreferenceOutput {
     pub rejected_rewards: Tensor,
 }
 
-pub fn preference_loss(
-    logps: &PairLogps,
-    loss: PreferenceLoss,
-    beta: f64,
-    label_smoothing: f64,
-) -> Result<PreferenceOutput> {
+pub fn preference_loss(logps: &PairLogps, preference: &Preference) -> Result<PreferenceOutput> {
+    let Preference {
+        loss,
+        beta,
+        label_smoothing,
+    } = *preference;
     let mut chosen = (logps.policy_chosen - logps.reference_chosen)?;
     let mut rejected = (logps.policy_rejected - logps.reference_rejected)?;
     if matches!(loss, PreferenceLoss::Ln | PreferenceLoss::Ipo) {
@@ -179,7 +227,8 @@ mod tests {
             (PreferenceLoss::Ln, 0.0),
             (PreferenceLoss::Ipo, 0.0),
         ] {
-            let out = preference_loss(&logps, kind, beta, smoothing).unwrap();
+            let out =
+                preference_loss(&logps, &Preference::new(kind, beta, smoothing).unwrap()).unwrap();
             let got = out.losses.to_vec1::<f32>().unwrap();
             for i in 0..2 {
                 let (mut c, mut r) = ((pc[i] - rc[i]) as f64, (pr[i] - rr[i]) as f64);
@@ -204,8 +253,29 @@ mod tests {
             }
         }
         // Pair 0 by hand (sigmoid): log-ratios +1 and -1, beta 0.5: -ln sigmoid(1) = 0.31326.
-        let out = preference_loss(&logps, PreferenceLoss::Sigmoid, beta, 0.0).unwrap();
+        let out = preference_loss(
+            &logps,
+            &Preference::new(PreferenceLoss::Sigmoid, beta, 0.0).unwrap(),
+        )
+        .unwrap();
         assert!((out.losses.to_vec1::<f32>().unwrap()[0] - 0.313_261_7).abs() < 1e-5);
+    }
+
+    #[test]
+    fn preference_settings_are_checked_once_for_every_caller() {
+        assert!(Preference::new(PreferenceLoss::Ln, 10.0, 0.1).is_ok());
+        for (loss, beta, smoothing) in [
+            (PreferenceLoss::Ipo, 0.1, 0.1),
+            (PreferenceLoss::Sigmoid, 0.0, 0.0),
+            (PreferenceLoss::Sigmoid, f64::NAN, 0.0),
+            (PreferenceLoss::Sigmoid, 0.1, 0.5),
+            (PreferenceLoss::Ln, 0.1, -0.1),
+        ] {
+            let err = Preference::new(loss, beta, smoothing)
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("DPO "), "{err}");
+        }
     }
 
     #[test]
@@ -221,45 +291,95 @@ mod tests {
             rejected_len: &len,
         };
         for kind in [PreferenceLoss::Sigmoid, PreferenceLoss::Ln] {
-            let out = preference_loss(&logps, kind, 10.0, 0.0).unwrap();
+            let out = preference_loss(&logps, &Preference::new(kind, 10.0, 0.0).unwrap()).unwrap();
             for l in out.losses.to_vec1::<f32>().unwrap() {
                 assert!((l as f64 - std::f64::consts::LN_2).abs() < 1e-6);
             }
         }
     }
 
-    /// The vocabulary projection on learned rows only gives the same log-probs
-    /// and per-row sums as the full logits, masked.
+    /// Packed rows, projected on their learned positions only, give each row's
+    /// log-probs and gradients as that row run alone through the full forward
+    /// (tiny Gemma's window of 3 is shorter than the rows, so it is exercised).
     #[test]
-    fn learned_rows_match_the_full_forward() {
+    fn packed_learned_rows_match_each_row_alone() {
         use crate::chat::Encoded;
         use crate::model::{Architecture, ModelConfig};
         for arch in [Architecture::Llama, Architecture::Gemma3] {
             let model = CausalLm::random(ModelConfig::tiny(arch), &Device::Cpu, 3).unwrap();
-            let a = Encoded {
-                ids: vec![1, 5, 9, 12, 7, 3],
-                learn: vec![false, false, false, true, true, true],
-            };
-            let b = Encoded {
-                ids: vec![2, 8, 4, 6],
-                learn: vec![false, true, false, true],
-            };
-            let batch = Batch::new(&[&a, &b], 0, &Device::Cpu).unwrap();
-            let full = token_logps(&model.forward(&batch.inputs).unwrap(), &batch.targets).unwrap();
-            let want = (full * &batch.mask)
-                .unwrap()
-                .sum(1)
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
+            let rows = [
+                Encoded {
+                    ids: vec![1, 5, 9, 12, 7, 3],
+                    learn: vec![false, false, false, true, true, true],
+                },
+                Encoded {
+                    ids: vec![2, 8, 4, 6],
+                    learn: vec![false, true, false, true],
+                },
+                Encoded {
+                    ids: vec![11, 3, 3, 9, 10, 1, 4],
+                    learn: vec![false, false, true, false, true, true, true],
+                },
+            ];
+            let alone: Vec<Tensor> = rows
+                .iter()
+                .map(|r| {
+                    let n = r.ids.len() - 1;
+                    let ids = Tensor::new(&r.ids[..n], &Device::Cpu)
+                        .unwrap()
+                        .unsqueeze(0)
+                        .unwrap();
+                    let targets = Tensor::new(&r.ids[1..], &Device::Cpu)
+                        .unwrap()
+                        .unsqueeze(0)
+                        .unwrap();
+                    let mask: Vec<f32> = r.learn[1..]
+                        .iter()
+                        .map(|&l| f32::from(u8::from(l)))
+                        .collect();
+                    let mask = Tensor::new(mask, &Device::Cpu)
+                        .unwrap()
+                        .unsqueeze(0)
+                        .unwrap();
+                    let full = token_logps(&model.forward(&ids).unwrap(), &targets).unwrap();
+                    (full * mask).unwrap().sum_all().unwrap()
+                })
+                .collect();
+            let want_sum = Tensor::stack(&alone, 0).unwrap();
+            let want = want_sum.to_vec1::<f32>().unwrap();
+            let refs: Vec<&Encoded> = rows.iter().collect();
+            let batch = Batch::new(&refs, &Device::Cpu).unwrap();
             let learned = learned_logps(&model, &batch).unwrap();
-            assert_eq!(learned.dims(), &[5]);
-            let got = row_sums(&batch, &learned)
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
+            assert_eq!(learned.dims(), &[9]);
+            let got_sum = row_sums(&batch, &learned).unwrap();
+            let got = got_sum.to_vec1::<f32>().unwrap();
             for (g, w) in got.iter().zip(&want) {
                 assert!((g - w).abs() < 1e-5, "{arch:?}: {got:?} vs {want:?}");
+            }
+            let grads_got = got_sum.sum_all().unwrap().backward().unwrap();
+            let grads_want = want_sum.sum_all().unwrap().backward().unwrap();
+            for (name, var) in model.parameters() {
+                let g = grads_got.get(var.as_tensor()).unwrap();
+                let w = grads_want.get(var.as_tensor()).unwrap();
+                let diff = (g - w)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                let scale = w
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(
+                    diff <= 1e-4 * scale.max(1.0),
+                    "{arch:?} {name}: {diff} (scale {scale})"
+                );
             }
         }
     }

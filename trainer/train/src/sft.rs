@@ -11,8 +11,11 @@ use crate::data::{self, OnBadInput, SftExample};
 use crate::error::Result;
 use crate::fingerprint;
 use crate::loss::learned_logps;
+use crate::memory::ForwardShape;
 use crate::model::CausalLm;
-use crate::trainer::{self, GradSum, Objective, RunInputs, RunSummary, StepOutput, TrainOptions};
+use crate::trainer::{
+    self, GradSum, Objective, RunInputs, RunSummary, StepOutput, StepTimes, TrainOptions,
+};
 
 pub struct SftOptions {
     pub model: PathBuf,
@@ -25,7 +28,6 @@ pub struct SftOptions {
 
 pub struct SftObjective {
     pub examples: Vec<SftExample>,
-    pub pad_id: u32,
     pub device: Device,
 }
 
@@ -42,6 +44,14 @@ impl Objective for SftObjective {
         &["loss", "learning_rate", "grad_norm"]
     }
 
+    fn largest_forward(&self, micro_batch: usize) -> ForwardShape {
+        let rows = self
+            .examples
+            .iter()
+            .map(|e| (e.tokens.ids.len() - 1, e.tokens.learned_count()));
+        ForwardShape::largest(rows.collect(), micro_batch)
+    }
+
     fn step(&self, model: &CausalLm, examples: &[usize], micro_batch: usize) -> Result<StepOutput> {
         let params = model.parameters();
         let learned: usize = examples
@@ -51,13 +61,16 @@ impl Objective for SftObjective {
         let norm = learned.max(1) as f64;
         let mut grads = GradSum::new(params);
         let (mut loss_sum, mut tokens) = (0f64, 0usize);
+        let mut times = StepTimes::default();
         for chunk in examples.chunks(micro_batch) {
             let rows: Vec<_> = chunk.iter().map(|&i| &self.examples[i].tokens).collect();
-            let batch = Batch::new(&rows, self.pad_id, &self.device)?;
-            let nll = learned_logps(model, &batch)?.sum_all()?.neg()?;
-            let loss = (nll / norm)?;
+            let batch = Batch::new(&rows, &self.device)?;
+            let loss = times.forward(|| -> Result<_> {
+                let nll = learned_logps(model, &batch)?.sum_all()?.neg()?;
+                Ok((nll / norm)?)
+            })?;
             loss_sum += loss.to_scalar::<f32>()? as f64;
-            grads.add(params, &loss.backward()?)?;
+            grads.add(params, &times.backward(|| loss.backward())?)?;
             tokens += batch.tokens;
         }
         Ok(StepOutput {
@@ -65,6 +78,7 @@ impl Objective for SftObjective {
             loss: loss_sum,
             tokens,
             extra: vec![("learned_tokens", learned as f64)],
+            times,
         })
     }
 }
@@ -79,7 +93,7 @@ pub fn sft(options: &SftOptions, device: &Device) -> Result<RunSummary> {
         data.examples.len(),
         data.skipped.len()
     );
-    let model = CausalLm::load(&options.model, device)?;
+    let model = trainer::load_model(&options.model, &options.train, device)?;
     let model_hash = fingerprint::model_folder(&options.model)?;
     let identity = serde_json::json!({
         "objective": "sft",
@@ -90,7 +104,6 @@ pub fn sft(options: &SftOptions, device: &Device) -> Result<RunSummary> {
     });
     let objective = SftObjective {
         examples: data.examples,
-        pad_id: chat.pad_id(),
         device: device.clone(),
     };
     let inputs = RunInputs {

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -19,8 +19,9 @@ use serde::Serialize;
 
 use crate::checkpoint::{self, TrainerState};
 use crate::error::{io, Result, TrainError};
+use crate::memory::{self, ForwardShape, MemoryPlan};
 use crate::metrics::{self, MetricsLog};
-use crate::model::CausalLm;
+use crate::model::{CausalLm, LoraConfig};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::schedule::CosineSchedule;
 
@@ -37,6 +38,9 @@ pub struct TrainOptions {
     pub weight_decay: f64,
     pub max_grad_norm: f64,
     pub seed: u64,
+    /// Train LoRA adapters on the frozen model instead of the model itself.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraConfig>,
     /// Not part of the run's identity:
     #[serde(skip)]
     pub checkpoint_every: usize,
@@ -44,6 +48,10 @@ pub struct TrainOptions {
     pub keep_checkpoints: usize,
     #[serde(skip)]
     pub save_dtype: DType,
+    /// Under LoRA, also write `OUT/final` with the adapters merged into the model (the
+    /// adapters alone are always written to `OUT/adapter`).
+    #[serde(skip)]
+    pub merge: bool,
     /// What to do with checkpoints already in OUT.
     #[serde(skip)]
     pub resume: Resume,
@@ -76,9 +84,11 @@ impl Default for TrainOptions {
             weight_decay: 0.0,
             max_grad_norm: 1.0,
             seed: 42,
+            lora: None,
             checkpoint_every: 50,
             keep_checkpoints: 2,
             save_dtype: DType::F32,
+            merge: false,
             resume: Resume::SameRunOnly,
         }
     }
@@ -93,6 +103,33 @@ pub struct StepOutput {
     pub tokens: usize,
     /// Extra metrics for the log (e.g. `rewards/margins`).
     pub extra: Vec<(&'static str, f64)>,
+    pub times: StepTimes,
+}
+
+/// Seconds a step spent in forward and in backward passes (logged beside the
+/// optimizer's, so that every run says where its time goes).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct StepTimes {
+    pub forward: f64,
+    pub backward: f64,
+}
+
+impl StepTimes {
+    /// Runs `f` as forward work.
+    pub fn forward<T>(&mut self, f: impl FnOnce() -> T) -> T {
+        let start = Instant::now();
+        let out = f();
+        self.forward += start.elapsed().as_secs_f64();
+        out
+    }
+
+    /// Runs `f` as backward work.
+    pub fn backward<T>(&mut self, f: impl FnOnce() -> T) -> T {
+        let start = Instant::now();
+        let out = f();
+        self.backward += start.elapsed().as_secs_f64();
+        out
+    }
 }
 
 /// SFT or DPO: how one optimizer step's examples become gradients.
@@ -101,6 +138,9 @@ pub trait Objective {
     fn name(&self) -> &'static str;
     fn len(&self) -> usize;
     fn step(&self, model: &CausalLm, examples: &[usize], micro_batch: usize) -> Result<StepOutput>;
+    /// The largest forward pass a micro-batch of `micro_batch` examples can make
+    /// (for the memory estimate before the first step).
+    fn largest_forward(&self, micro_batch: usize) -> ForwardShape;
     /// Metrics drawn at the end.
     fn curves(&self) -> &'static [&'static str];
 }
@@ -144,25 +184,53 @@ impl GradSum {
     }
 }
 
-/// Scales `grads` so their global L2 norm is at most `max_norm` (if > 0);
-/// returns the norm before clipping.
-pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
+/// The global L2 norm of `grads`, and the factor that brings it down to
+/// `max_norm` (1 when it is within it, or when `max_norm` is 0). The
+/// optimizer applies the factor as it reads the gradients.
+pub fn clip_grad_norm(grads: &[Tensor], max_norm: f64) -> Result<(f64, f64)> {
     let mut total = 0f64;
-    for g in grads.iter() {
-        total += g
-            .sqr()?
-            .sum_all()?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?;
+    for g in grads {
+        total += sum_of_squares(g)?;
     }
     let norm = total.sqrt();
-    if max_norm > 0.0 && norm > max_norm {
-        let scale = max_norm / (norm + 1e-6);
-        for g in grads.iter_mut() {
-            *g = (&*g * scale)?;
-        }
+    let scale = if max_norm > 0.0 && norm > max_norm {
+        max_norm / (norm + 1e-6)
+    } else {
+        1.0
+    };
+    Ok((norm, scale))
+}
+
+/// `sum(g^2)` in f64; on the CPU read in place, without a squared copy.
+fn sum_of_squares(g: &Tensor) -> Result<f64> {
+    if g.device().is_cpu() && g.dtype() == DType::F32 && g.is_contiguous() {
+        return Ok(g.apply_op1_no_bwd(&SumOfSquares)?.to_scalar::<f64>()?);
     }
-    Ok(norm)
+    Ok(g.sqr()?
+        .sum_all()?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?)
+}
+
+struct SumOfSquares;
+
+impl candle_core::CustomOp1 for SumOfSquares {
+    fn name(&self) -> &'static str {
+        "sum-of-squares"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let values = match (storage, layout.contiguous_offsets()) {
+            (candle_core::CpuStorage::F32(v), Some((a, b))) => &v[a..b],
+            _ => candle_core::bail!("sum-of-squares: a contiguous f32 tensor"),
+        };
+        let sum = values.iter().map(|&x| f64::from(x) * f64::from(x)).sum();
+        Ok((candle_core::CpuStorage::F64(vec![sum]), ().into()))
+    }
 }
 
 /// The examples of the epoch in training order.
@@ -188,9 +256,23 @@ pub struct RunSummary {
     pub tokens_per_s: f64,
 }
 
-/// Paths of a run folder.
+/// Paths of a run folder: the trained model (under LoRA: merged with its adapters).
 pub fn final_dir(out: &Path) -> PathBuf {
     out.join("final")
+}
+
+/// Under LoRA: the adapters in peft's folder format.
+pub fn adapter_dir(out: &Path) -> PathBuf {
+    out.join("adapter")
+}
+
+/// Where a finished run's result lies, and the file that says it is complete.
+fn result(model: &CausalLm, out: &Path, options: &TrainOptions) -> (PathBuf, &'static str) {
+    if model.lora().is_some() && !options.merge {
+        (adapter_dir(out), "adapter_model.safetensors")
+    } else {
+        (final_dir(out), "model.safetensors")
+    }
 }
 
 fn checkpoints(out: &Path) -> PathBuf {
@@ -228,6 +310,40 @@ impl RunInputs<'_> {
     }
 }
 
+/// The model a run trains, loaded from `dir`: under LoRA its weights frozen
+/// and adapters added, drawn from the run's seed.
+pub fn load_model(dir: &Path, options: &TrainOptions, device: &Device) -> Result<CausalLm> {
+    let model = CausalLm::load(dir, device)?;
+    Ok(match &options.lora {
+        Some(lora) => model.with_lora(lora.clone(), options.seed)?,
+        None => model,
+    })
+}
+
+/// Logs what the run will hold in memory and, on the CPU, refuses a run that
+/// cannot fit in what the machine has (the loaded weights count as available:
+/// they are already held).
+fn check_memory(model: &CausalLm, objective: &dyn Objective, options: &TrainOptions) -> Result<()> {
+    let shape = objective.largest_forward(options.micro_batch);
+    let bytes = model.dtype().size_in_bytes() as u64;
+    let keeps_scores = model.attention_keeps_scores();
+    let plan = match model.lora() {
+        Some(lora) => MemoryPlan::lora(model.config(), lora, bytes, &shape, keeps_scores),
+        None => MemoryPlan::full_fine_tune(model.config(), bytes, &shape, keeps_scores),
+    };
+    tracing::info!(
+        "memory estimate (largest micro-batch: {} sequences, {} tokens): {plan}",
+        shape.lens.len(),
+        shape.lens.iter().sum::<usize>()
+    );
+    if model.device().is_cpu() {
+        if let Some(available) = memory::available_host_memory() {
+            plan.check_fits(available + plan.weights, "this machine")?;
+        }
+    }
+    Ok(())
+}
+
 /// Trains `model` with `objective` into `out`.
 pub fn run(
     model: &CausalLm,
@@ -254,9 +370,11 @@ pub fn run(
         },
     )?;
 
+    check_memory(model, objective, options)?;
+
     let ckpt_root = checkpoints(out);
     let discard = |why: &str| -> Result<()> {
-        for stale in [ckpt_root.clone(), final_dir(out)] {
+        for stale in [ckpt_root.clone(), final_dir(out), adapter_dir(out)] {
             if stale.exists() {
                 tracing::info!("removing {} ({why})", stale.display());
                 std::fs::remove_dir_all(&stale).map_err(io(&stale))?;
@@ -285,7 +403,8 @@ pub fn run(
                     .into(),
             });
         }
-        if state.step >= total && final_dir(out).join("model.safetensors").is_file() {
+        let (done_dir, done_file) = result(model, out, options);
+        if state.step >= total && done_dir.join(done_file).is_file() {
             tracing::info!(
                 "{} is already trained ({} steps): nothing to do",
                 out.display(),
@@ -293,7 +412,7 @@ pub fn run(
             );
             return Ok(RunSummary {
                 out: out.into(),
-                final_dir: final_dir(out),
+                final_dir: done_dir,
                 steps: state.step,
                 resumed_from: Some(state.step),
                 last_loss: None,
@@ -334,7 +453,7 @@ pub fn run(
         }
         let examples = &order[in_epoch * per_step..((in_epoch + 1) * per_step).min(n)];
         let step_start = Instant::now();
-        let mut output = objective.step(model, examples, options.micro_batch.max(1))?;
+        let output = objective.step(model, examples, options.micro_batch.max(1))?;
         if !output.loss.is_finite() {
             return Err(TrainError::Config(format!(
                 "the loss became {} at step {}: lower the learning rate",
@@ -342,7 +461,7 @@ pub fn run(
                 step + 1
             )));
         }
-        let grad_norm = clip_grad_norm(&mut output.grads, options.max_grad_norm)?;
+        let (grad_norm, grad_scale) = clip_grad_norm(&output.grads, options.max_grad_norm)?;
         if !grad_norm.is_finite() {
             return Err(TrainError::Config(format!(
                 "the gradient norm became {grad_norm} at step {}: lower the learning rate; the \
@@ -351,7 +470,9 @@ pub fn run(
             )));
         }
         let lr = schedule.lr(step);
-        optimizer.step(params, &output.grads, lr)?;
+        let optimizer_start = Instant::now();
+        optimizer.step(params, &output.grads, lr, grad_scale)?;
+        let optimizer_seconds = optimizer_start.elapsed().as_secs_f64();
         let seconds = step_start.elapsed().as_secs_f64();
         tokens_done += output.tokens;
         let tokens_per_s = output.tokens as f64 / seconds.max(1e-9);
@@ -364,6 +485,9 @@ pub fn run(
             "tokens": output.tokens,
             "tokens_per_s": tokens_per_s,
             "step_seconds": seconds,
+            "forward_seconds": output.times.forward,
+            "backward_seconds": output.times.backward,
+            "optimizer_seconds": optimizer_seconds,
         });
         for (key, value) in &output.extra {
             record[*key] = serde_json::json!(value);
@@ -400,13 +524,19 @@ pub fn run(
         }
     }
     bar.finish();
-    write_final(
-        model,
-        out,
-        inputs.source,
-        options.save_dtype,
-        inputs.provenance(),
-    )?;
+    let provenance = inputs.provenance();
+    if model.lora().is_some() {
+        let base = std::path::absolute(inputs.source).unwrap_or_else(|_| inputs.source.into());
+        write_folder(&adapter_dir(out), inputs.source, &provenance, |dir| {
+            Ok(model.save_adapter(dir, Some(base.display().to_string()))?)
+        })?;
+    }
+    let (result_dir, _) = result(model, out, options);
+    if result_dir == final_dir(out) {
+        write_folder(&result_dir, inputs.source, &provenance, |dir| {
+            Ok(model.save(dir, options.save_dtype)?)
+        })?;
+    }
     metrics::plot(
         &out.join("metrics.jsonl"),
         &out.join("curves.svg"),
@@ -416,7 +546,7 @@ pub fn run(
     let elapsed = started.elapsed().as_secs_f64();
     Ok(RunSummary {
         out: out.into(),
-        final_dir: final_dir(out),
+        final_dir: result_dir,
         steps: total,
         resumed_from,
         last_loss,
@@ -433,22 +563,25 @@ const TOKENIZER_FILES: &[&str] = &[
     "chat_template.jinja",
 ];
 
-/// `OUT/final`: weights, config, tokenizer files and the run's provenance,
-/// written beside and renamed into place.
-fn write_final(
-    model: &CausalLm,
-    out: &Path,
+/// A result folder (`OUT/final`, `OUT/adapter`): what `save` writes, the
+/// tokenizer files and the run's provenance, written beside and renamed into
+/// place.
+fn write_folder(
+    dest: &Path,
     source: &Path,
-    dtype: DType,
-    provenance: serde_json::Value,
+    provenance: &serde_json::Value,
+    save: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<()> {
-    let dest = final_dir(out);
-    let tmp = out.join(".final.tmp");
+    let name = dest
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("result");
+    let tmp = dest.with_file_name(format!(".{name}.tmp"));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
     }
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-    model.save(&tmp, dtype)?;
+    save(&tmp)?;
     for name in TOKENIZER_FILES {
         let from = source.join(name);
         if from.is_file() {
@@ -456,12 +589,12 @@ fn write_final(
         }
     }
     let prov = tmp.join("fusechat_train.json");
-    std::fs::write(&prov, serde_json::to_vec_pretty(&provenance).expect("json"))
+    std::fs::write(&prov, serde_json::to_vec_pretty(provenance).expect("json"))
         .map_err(io(&prov))?;
     if dest.exists() {
-        std::fs::remove_dir_all(&dest).map_err(io(&dest))?;
+        std::fs::remove_dir_all(dest).map_err(io(dest))?;
     }
-    std::fs::rename(&tmp, &dest).map_err(io(&dest))?;
+    std::fs::rename(&tmp, dest).map_err(io(dest))?;
     Ok(())
 }
 
@@ -483,14 +616,14 @@ mod tests {
     #[test]
     fn clipping_scales_to_the_max_norm() {
         let dev = candle_core::Device::Cpu;
-        let mut grads = vec![
+        let grads = vec![
             Tensor::new(&[3.0f32], &dev).unwrap(),
             Tensor::new(&[4.0f32], &dev).unwrap(),
         ];
-        let norm = clip_grad_norm(&mut grads, 1.0).unwrap();
+        let (norm, scale) = clip_grad_norm(&grads, 1.0).unwrap();
         assert!((norm - 5.0).abs() < 1e-6);
-        let a = grads[0].to_vec1::<f32>().unwrap()[0];
-        let b = grads[1].to_vec1::<f32>().unwrap()[0];
-        assert!(((a * a + b * b).sqrt() - 1.0).abs() < 1e-5);
+        assert!((scale * norm - 1.0).abs() < 1e-5);
+        assert_eq!(clip_grad_norm(&grads, 10.0).unwrap().1, 1.0);
+        assert_eq!(clip_grad_norm(&grads, 0.0).unwrap().1, 1.0);
     }
 }

@@ -8,9 +8,9 @@ use std::path::PathBuf;
 use candle_core::{Device, Tensor};
 use fusechat_train::data::OnBadInput;
 use fusechat_train::dpo::{dpo, DpoOptions};
-use fusechat_train::loss::PreferenceLoss;
+use fusechat_train::loss::{Preference, PreferenceLoss};
 use fusechat_train::metrics;
-use fusechat_train::model::CausalLm;
+use fusechat_train::model::{CausalLm, LoraConfig, LoraTarget};
 use fusechat_train::sft::{sft, SftOptions};
 use fusechat_train::trainer::{Resume, TrainOptions};
 
@@ -140,7 +140,11 @@ fn sft_lowers_the_loss_and_the_final_folder_loads_back() {
         ..opts
     };
     let redone = sft(&over, &Device::Cpu).unwrap();
-    assert_eq!((redone.steps, redone.resumed_from), (6, None), "12 conversations, batch 4, 2 epochs");
+    assert_eq!(
+        (redone.steps, redone.resumed_from),
+        (6, None),
+        "12 conversations, batch 4, 2 epochs"
+    );
     assert_eq!(metrics::read(&out.join("metrics.jsonl")).unwrap().len(), 6);
 }
 
@@ -170,13 +174,16 @@ fn dpo_starts_at_ln2_and_raises_the_margin() {
             out: out.clone(),
             max_len: 256,
             on_bad_input: OnBadInput::Fail,
-            loss,
-            beta: if loss == PreferenceLoss::Ln {
-                10.0
-            } else {
-                0.1
-            },
-            label_smoothing: 0.0,
+            preference: Preference::new(
+                loss,
+                if loss == PreferenceLoss::Ln {
+                    10.0
+                } else {
+                    0.1
+                },
+                0.0,
+            )
+            .unwrap(),
             train: TrainOptions {
                 epochs: 3,
                 max_steps: None,
@@ -220,4 +227,121 @@ fn dpo_starts_at_ln2_and_raises_the_margin() {
         }
         assert!(out.join("reference_logps.json").is_file());
     }
+}
+
+/// peft's logits of the base model with `adapter`, for `ids` (f32, eager attention).
+fn peft_logits(base: &std::path::Path, adapter: &std::path::Path, ids: &[u32]) -> Vec<f32> {
+    const SCRIPT: &str = r#"
+import json, sys, torch, transformers, peft
+base, adapter, ids = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+model = transformers.AutoModelForCausalLM.from_pretrained(
+    base, dtype=torch.float32, attn_implementation="eager")
+model = peft.PeftModel.from_pretrained(model, adapter).eval()
+with torch.no_grad():
+    print(json.dumps(model(torch.tensor([ids])).logits.flatten().tolist()))
+"#;
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = std::process::Command::new(&python)
+        .arg("-c")
+        .arg(SCRIPT)
+        .args([base, adapter])
+        .arg(serde_json::to_string(ids).unwrap())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {python}: {e}"));
+    assert!(
+        out.status.success(),
+        "peft failed (install it with `pip install -r tests/python/requirements.txt`):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// LoRA SFT of the real SmolLM2: the loss falls with only the adapters training, the
+/// adapter folder is peft's (peft over the same base gives fusechat's logits), and the
+/// merged folder is the adapted model.
+#[test]
+fn lora_sft_lowers_the_loss_and_peft_loads_its_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("sft.jsonl");
+    let lines: Vec<String> = problems()
+        .iter()
+        .map(|(q, good, _)| {
+            serde_json::json!({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": good}]}).to_string()
+        })
+        .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let out = dir.path().join("run");
+    let lora = LoraConfig::new(8, 16.0, LoraTarget::ALL.to_vec()).unwrap();
+    let opts = SftOptions {
+        model: smollm2(),
+        data,
+        out: out.clone(),
+        max_len: 256,
+        on_bad_input: OnBadInput::Fail,
+        train: TrainOptions {
+            epochs: 2,
+            max_steps: None,
+            lora: Some(lora),
+            merge: true,
+            ..options(0, 1e-3)
+        },
+    };
+    let summary = sft(&opts, &Device::Cpu).unwrap();
+    assert_eq!(summary.final_dir, out.join("final"));
+    let losses: Vec<f64> = metrics::read(&out.join("metrics.jsonl"))
+        .unwrap()
+        .iter()
+        .map(|r| r["loss"].as_f64().unwrap())
+        .collect();
+    eprintln!("lora sft losses: {losses:?}");
+    let first = (losses[0] + losses[1]) / 2.0;
+    let last = (losses[6] + losses[7]) / 2.0;
+    assert!(last < first * 0.8, "loss {first:.4} -> {last:.4}");
+
+    let adapter = out.join("adapter");
+    for f in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer.json",
+    ] {
+        assert!(
+            adapter.join(f).is_file(),
+            "{f} missing from the adapter folder"
+        );
+    }
+    let ids = [1u32, 504, 3458, 314, 2489, 28, 1116, 253];
+    let merged = CausalLm::load(&out.join("final"), &Device::Cpu).unwrap();
+    let ours: Vec<f32> = merged
+        .forward(&Tensor::new(&[ids], &Device::Cpu).unwrap())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let base: Vec<f32> = CausalLm::load(&smollm2(), &Device::Cpu)
+        .unwrap()
+        .forward(&Tensor::new(&[ids], &Device::Cpu).unwrap())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let theirs = peft_logits(&smollm2(), &adapter, &ids);
+    let max_diff = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+    };
+    let (peft, moved) = (max_diff(&ours, &theirs), max_diff(&ours, &base));
+    eprintln!("peft vs fusechat: {peft:.2e}; the adapters moved the logits by {moved:.2}");
+    assert!(
+        moved > 0.1,
+        "the adapters changed the logits by only {moved}"
+    );
+    // f32 through 30 layers, merged weights against base + low-rank update.
+    assert!(
+        peft < 2e-3,
+        "peft's logits differ from fusechat's by {peft}"
+    );
 }

@@ -8,7 +8,7 @@
 use candle_core::{Tensor, D};
 
 use super::config::{ModelConfig, RopeScaling};
-use super::layers::{inv_freq, Linear, Mlp, Result, RmsNorm, RopeTables, SelfAttention};
+use super::layers::{inv_freq, Mlp, Result, RmsNorm, RopeTables, SelfAttention, Sequences};
 use super::Weights;
 
 #[derive(Clone)]
@@ -47,16 +47,7 @@ impl Gemma3 {
             })
         };
         let bias = config.qkv_bias();
-        let linear = |name: &str, bias: bool| -> super::Result<Linear> {
-            Ok(Linear {
-                weight: w.get(&format!("{name}.weight"))?,
-                bias: if bias {
-                    Some(w.get(&format!("{name}.bias"))?)
-                } else {
-                    None
-                },
-            })
-        };
+        let linear = |module: &str, bias: bool| w.linear(module, bias);
         let act = config.activation().map_err(|m| w.config_error(m))?;
         let sliding = config.sliding_layers();
         let mut blocks = Vec::with_capacity(config.num_hidden_layers);
@@ -116,14 +107,23 @@ impl Gemma3 {
         })
     }
 
-    /// `ids: (b, s)` u32 -> logits `(b, s, vocab)`.
-    pub fn forward(&self, ids: &Tensor, fused: bool, rows: Option<&Tensor>) -> Result<Tensor> {
-        let (b, s) = ids.dims2()?;
+    /// `ids` u32, laid out as `seqs` says -> logits `(b, s, vocab)`, or `(rows, vocab)`
+    /// when `rows` picks positions of the flattened `(b * s)`.
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        seqs: Sequences,
+        fused: bool,
+        rows: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (b, s) = seqs.dims();
+        let positions = seqs.positions();
         let (dtype, device) = (self.embed.dtype(), self.embed.device());
-        let global_q = RopeTables::new(&self.inv_freq_global, s, self.scale, dtype, device)?;
-        let global_k = RopeTables::new(&self.inv_freq_global, s, 1.0, dtype, device)?;
-        let local_q = RopeTables::new(&self.inv_freq_local, s, self.scale, dtype, device)?;
-        let local_k = RopeTables::new(&self.inv_freq_local, s, 1.0, dtype, device)?;
+        let global_q =
+            RopeTables::new(&self.inv_freq_global, &positions, self.scale, dtype, device)?;
+        let global_k = RopeTables::new(&self.inv_freq_global, &positions, 1.0, dtype, device)?;
+        let local_q = RopeTables::new(&self.inv_freq_local, &positions, self.scale, dtype, device)?;
+        let local_k = RopeTables::new(&self.inv_freq_local, &positions, 1.0, dtype, device)?;
         let mut x = (self.embed.index_select(&ids.flatten_all()?, 0)? * self.embed_scale)?;
         for block in &self.blocks {
             let (rq, rk, window) = if block.sliding {
@@ -132,7 +132,7 @@ impl Gemma3 {
                 (&global_q, &global_k, None)
             };
             let h = block.input_norm.forward(&x, fused)?;
-            let h = block.attn.forward(&h, (b, s), rq, rk, window, fused)?;
+            let h = block.attn.forward(&h, seqs, rq, rk, window, fused)?;
             let h = block.post_attn_norm.forward(&h, fused)?;
             x = (x + h)?;
             let h = block.pre_ff_norm.forward(&x, fused)?;

@@ -8,22 +8,29 @@
 use candle_core::{DType, Device, Tensor, D};
 
 use super::config::{Activation, RopeScaling};
+use super::lora::Adapter;
 use super::ops::{self, Gate};
+use super::packed_attention::packed_attention;
 
 pub(crate) type Result<T> = candle_core::Result<T>;
 
-/// `y = x W^T (+ b)` on a 2-D input `(n, in)`.
+/// `y = x W^T (+ b)` on a 2-D input `(n, in)`, plus the LoRA update when adapted.
 #[derive(Clone)]
 pub(crate) struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    pub adapter: Option<Adapter>,
 }
 
 impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = x.matmul(&self.weight.t()?)?;
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        match &self.adapter {
+            Some(adapter) => y + adapter.delta(x)?,
             None => Ok(y),
         }
     }
@@ -107,7 +114,35 @@ pub(crate) fn inv_freq(head_dim: usize, theta: f64, scaling: RopeScaling) -> Vec
     }
 }
 
-/// cos/sin tables `(seq, head_dim/2)` for positions `0..seq` (no gradient), in `dtype`.
+/// How the tokens of one forward pass are laid out.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Sequences<'a> {
+    /// `rows` sequences of `len` tokens each (right-padded by the caller).
+    Padded { rows: usize, len: usize },
+    /// Sequences of these lengths end to end, no padding: attention stays within each
+    /// sequence and positions restart at 0 for each.
+    Packed { lens: &'a [usize] },
+}
+
+impl Sequences<'_> {
+    /// `(b, s)` of the activations: `(rows, len)`, or one row of every token when packed.
+    pub fn dims(&self) -> (usize, usize) {
+        match *self {
+            Sequences::Padded { rows, len } => (rows, len),
+            Sequences::Packed { lens } => (1, lens.iter().sum()),
+        }
+    }
+
+    /// The position of each token along the activations' sequence dimension.
+    pub fn positions(&self) -> Vec<usize> {
+        match *self {
+            Sequences::Padded { len, .. } => (0..len).collect(),
+            Sequences::Packed { lens } => lens.iter().flat_map(|&n| 0..n).collect(),
+        }
+    }
+}
+
+/// cos/sin tables `(positions, head_dim/2)` (no gradient), in `dtype`.
 /// `scale` multiplies both tables (used to fold the attention scale into the queries).
 #[derive(Clone)]
 pub(crate) struct RopeTables {
@@ -118,15 +153,15 @@ pub(crate) struct RopeTables {
 impl RopeTables {
     pub fn new(
         inv_freq: &[f32],
-        seq: usize,
+        positions: &[usize],
         scale: f64,
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let half = inv_freq.len();
+        let (seq, half) = (positions.len(), inv_freq.len());
         let mut cos = Vec::with_capacity(seq * half);
         let mut sin = Vec::with_capacity(seq * half);
-        for p in 0..seq {
+        for &p in positions {
             for &f in inv_freq {
                 // In f32 like transformers (which casts the f32 tables to the model dtype).
                 let angle = p as f32 * f;
@@ -137,19 +172,6 @@ impl RopeTables {
         let cos = Tensor::from_vec(cos, (seq, half), device)?.to_dtype(dtype)?;
         let sin = Tensor::from_vec(sin, (seq, half), device)?.to_dtype(dtype)?;
         Ok(Self { cos, sin })
-    }
-
-    /// Rotary embedding (transformers' `rotate_half` convention) of `x: (b, h, seq, d)`
-    /// (any strides); returns a contiguous `(b, h, seq, d)`.
-    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        let d = x.dim(D::Minus1)?;
-        let half = d / 2;
-        let x1 = x.narrow(D::Minus1, 0, half)?;
-        let x2 = x.narrow(D::Minus1, half, half)?;
-        // [x1, x2] * cos + [-x2, x1] * sin
-        let lo = (x1.broadcast_mul(&self.cos)? - x2.broadcast_mul(&self.sin)?)?;
-        let hi = (x2.broadcast_mul(&self.cos)? + x1.broadcast_mul(&self.sin)?)?;
-        Tensor::cat(&[&lo, &hi], D::Minus1)
     }
 }
 
@@ -236,30 +258,43 @@ pub(crate) struct SelfAttention {
 }
 
 impl SelfAttention {
-    /// `x: (b * s, hidden)`; `rope_q` carries the attention scale, `rope_k` does not.
+    /// `x: (b * s, hidden)` laid out as `seqs` says; `rope_q` carries the attention
+    /// scale, `rope_k` does not.
     pub fn forward(
         &self,
         x: &Tensor,
-        (b, s): (usize, usize),
+        seqs: Sequences,
         rope_q: &RopeTables,
         rope_k: &RopeTables,
         window: Option<usize>,
         fused: bool,
     ) -> Result<Tensor> {
         let d = self.head_dim;
-        let heads = |t: Tensor, n: usize, norm: &Option<RmsNorm>| -> Result<Tensor> {
+        let (b, s) = seqs.dims();
+        // (b * s, n * d) projections -> (b, n, s, d) heads, rotated for q and k.
+        let rotated = |t: Tensor, n: usize, norm: &Option<RmsNorm>, rope: &RopeTables| {
             let t = match norm {
-                Some(norm) => norm.forward(&t.reshape((b * s * n, d))?, fused)?,
+                Some(norm) => norm
+                    .forward(&t.reshape((b * s * n, d))?, fused)?
+                    .reshape((b * s, n * d))?,
                 None => t,
             };
-            t.reshape((b, s, n, d))?.transpose(1, 2)
+            ops::rotary_heads(&t, (b, s, n), &rope.cos, &rope.sin, fused)
         };
-        let q = heads(self.q.forward(x)?, self.heads, &self.q_norm)?;
-        let k = heads(self.k.forward(x)?, self.kv_heads, &self.k_norm)?;
-        let v = heads(self.v.forward(x)?, self.kv_heads, &None)?.contiguous()?;
-        let q = rope_q.apply(&q)?;
-        let k = rope_k.apply(&k)?;
-        let out = attention(&q, &k, &v, window, self.softcap, fused)?;
+        let q = rotated(self.q.forward(x)?, self.heads, &self.q_norm, rope_q)?;
+        let k = rotated(self.k.forward(x)?, self.kv_heads, &self.k_norm, rope_k)?;
+        let v = self
+            .v
+            .forward(x)?
+            .reshape((b, s, self.kv_heads, d))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let out = match seqs {
+            Sequences::Padded { .. } => attention(&q, &k, &v, window, self.softcap, fused)?,
+            Sequences::Packed { lens } => {
+                packed_attention(&q, &k, &v, lens, window, self.softcap, fused)?
+            }
+        };
         self.o.forward(&out)
     }
 }

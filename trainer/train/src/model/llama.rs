@@ -5,7 +5,7 @@
 use candle_core::{Tensor, D};
 
 use super::config::ModelConfig;
-use super::layers::{inv_freq, Linear, Mlp, Result, RmsNorm, RopeTables, SelfAttention};
+use super::layers::{inv_freq, Mlp, Result, RmsNorm, RopeTables, SelfAttention, Sequences};
 use super::Weights;
 
 #[derive(Clone)]
@@ -37,16 +37,7 @@ impl Llama {
                 plus_one: false,
             })
         };
-        let linear = |name: &str, bias: bool| -> super::Result<Linear> {
-            Ok(Linear {
-                weight: w.get(&format!("{name}.weight"))?,
-                bias: if bias {
-                    Some(w.get(&format!("{name}.bias"))?)
-                } else {
-                    None
-                },
-            })
-        };
+        let linear = |module: &str, bias: bool| w.linear(module, bias);
         let act = config.activation().map_err(|m| w.config_error(m))?;
         let (qkv_bias, o_bias, mlp_bias) = (config.qkv_bias(), config.o_bias(), config.mlp_bias());
         let mut blocks = Vec::with_capacity(config.num_hidden_layers);
@@ -92,18 +83,26 @@ impl Llama {
         })
     }
 
-    /// `ids: (b, s)` u32 -> logits `(b, s, vocab)`.
-    pub fn forward(&self, ids: &Tensor, fused: bool, rows: Option<&Tensor>) -> Result<Tensor> {
-        let (b, s) = ids.dims2()?;
+    /// `ids` u32, laid out as `seqs` says -> logits `(b, s, vocab)`, or `(rows, vocab)`
+    /// when `rows` picks positions of the flattened `(b * s)`.
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        seqs: Sequences,
+        fused: bool,
+        rows: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (b, s) = seqs.dims();
+        let positions = seqs.positions();
         let (dtype, device) = (self.embed.dtype(), self.embed.device());
-        let rope_q = RopeTables::new(&self.inv_freq, s, self.scale, dtype, device)?;
-        let rope_k = RopeTables::new(&self.inv_freq, s, 1.0, dtype, device)?;
+        let rope_q = RopeTables::new(&self.inv_freq, &positions, self.scale, dtype, device)?;
+        let rope_k = RopeTables::new(&self.inv_freq, &positions, 1.0, dtype, device)?;
         let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?; // (b*s, hidden)
         for block in &self.blocks {
             let h = block.input_norm.forward(&x, fused)?;
             let h = block
                 .attn
-                .forward(&h, (b, s), &rope_q, &rope_k, None, fused)?;
+                .forward(&h, seqs, &rope_q, &rope_k, None, fused)?;
             x = (x + h)?;
             let h = block.post_attn_norm.forward(&x, fused)?;
             x = (&x + block.mlp.forward(&h, fused)?)?;

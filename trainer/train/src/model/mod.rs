@@ -21,7 +21,9 @@ mod config;
 mod gemma3;
 mod layers;
 mod llama;
+mod lora;
 mod ops;
+mod packed_attention;
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
@@ -32,7 +34,11 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 
 pub use config::{Activation, Architecture, ModelConfig, RopeScaling};
+pub use lora::{adapter_name, LoraConfig, LoraTarget, PeftAdapterConfig};
 pub use ops::token_logprobs;
+
+use layers::{Linear, Sequences};
+use lora::Adapter;
 
 /// What can go wrong loading, running or saving a model.
 #[derive(Debug, thiserror::Error)]
@@ -196,12 +202,36 @@ fn param_specs(config: &ModelConfig) -> Vec<ParamSpec> {
 pub(crate) struct Weights {
     map: HashMap<String, Tensor>,
     source: PathBuf,
+    /// The LoRA scale when the map holds adapters (under their peft names).
+    lora_scale: Option<f64>,
 }
 
 impl Weights {
     fn get(&self, name: &str) -> Result<Tensor> {
         self.map.get(name).cloned().ok_or_else(|| {
             ModelError::InvalidConfig(format!("internal: parameter `{name}` was not created"))
+        })
+    }
+
+    /// The linear layer `module` (`model.layers.0.self_attn.q_proj`), with its bias when
+    /// `bias`, and its LoRA adapter when it has one.
+    fn linear(&self, module: &str, bias: bool) -> Result<Linear> {
+        let adapter = match self.lora_scale {
+            Some(scale) if self.map.contains_key(&adapter_name(module, 'A')) => Some(Adapter {
+                a: self.get(&adapter_name(module, 'A'))?,
+                b: self.get(&adapter_name(module, 'B'))?,
+                scale,
+            }),
+            _ => None,
+        };
+        Ok(Linear {
+            weight: self.get(&format!("{module}.weight"))?,
+            bias: if bias {
+                Some(self.get(&format!("{module}.bias"))?)
+            } else {
+                None
+            },
+            adapter,
         })
     }
 
@@ -219,13 +249,33 @@ enum Body {
     Gemma3(gemma3::Gemma3),
 }
 
+impl Body {
+    fn new(config: &ModelConfig, weights: &Weights) -> Result<Self> {
+        Ok(match config.architecture() {
+            Architecture::Llama | Architecture::Qwen2 => {
+                Body::Llama(llama::Llama::new(config, weights)?)
+            }
+            Architecture::Gemma3 => Body::Gemma3(gemma3::Gemma3::new(config, weights)?),
+        })
+    }
+}
+
+/// The adapters of a LoRA model, under their peft names.
+struct Lora {
+    config: LoraConfig,
+    adapters: Vec<(String, Var)>,
+}
+
 /// A trainable causal LM: the parameters are `Var`s (f32 when loaded), the forward pass is
-/// fully differentiable.
+/// fully differentiable. With LoRA ([`CausalLm::with_lora`]) the model's own weights are
+/// frozen and only the adapters train.
 pub struct CausalLm {
     config: ModelConfig,
     /// config.json as read (or as serialized for a random model), rewritten on save.
     raw_config: serde_json::Value,
+    /// The model's own weights, under their Hugging Face names.
     params: Vec<(String, Var)>,
+    lora: Option<Lora>,
     body: Body,
     dtype: DType,
     device: Device,
@@ -313,6 +363,60 @@ impl CausalLm {
         Self::assemble(config, raw_config, params, dir, dtype, device)
     }
 
+    /// Freezes the model's weights and adds LoRA adapters to the `lora` targets of every
+    /// layer: `A` drawn from `seed` as peft draws it, `B` zero, so the model computes what
+    /// it computed before. [`CausalLm::parameters`] are then the adapters.
+    pub fn with_lora(mut self, lora: LoraConfig, seed: u64) -> Result<Self> {
+        if self.lora.is_some() {
+            return Err(ModelError::InvalidConfig(
+                "the model already has LoRA adapters".into(),
+            ));
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut adapters = Vec::new();
+        for (module, target) in lora.modules(&self.config) {
+            let (fan_in, fan_out) = target.features(&self.config);
+            // peft: kaiming_uniform_(a=sqrt(5)), i.e. U(-1/sqrt(in), 1/sqrt(in)).
+            let bound = 1.0 / (fan_in as f64).sqrt();
+            let a: Vec<f64> = (0..lora.rank() * fan_in)
+                .map(|_| rng.random_range(-bound..bound))
+                .collect();
+            let a =
+                Tensor::from_vec(a, (lora.rank(), fan_in), &self.device)?.to_dtype(self.dtype)?;
+            let b = Tensor::zeros((fan_out, lora.rank()), self.dtype, &self.device)?;
+            adapters.push((adapter_name(&module, 'A'), Var::from_tensor(&a)?));
+            adapters.push((adapter_name(&module, 'B'), Var::from_tensor(&b)?));
+        }
+        // The body reads the weights through detached tensors (same storage): no gradient
+        // is recorded for them.
+        let map = self
+            .params
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
+            .chain(
+                adapters
+                    .iter()
+                    .map(|(n, v)| (n.clone(), v.as_tensor().clone())),
+            )
+            .collect();
+        let weights = Weights {
+            map,
+            source: PathBuf::from("<lora>"),
+            lora_scale: Some(lora.scale()),
+        };
+        self.body = Body::new(&self.config, &weights)?;
+        self.lora = Some(Lora {
+            config: lora,
+            adapters,
+        });
+        Ok(self)
+    }
+
+    /// The LoRA settings, when the model trains adapters.
+    pub fn lora(&self) -> Option<&LoraConfig> {
+        self.lora.as_ref().map(|l| &l.config)
+    }
+
     /// Random init (for unit tests; tiny configs), f32.
     pub fn random(config: ModelConfig, device: &Device, seed: u64) -> Result<Self> {
         Self::random_with_dtype(config, device, seed, DType::F32)
@@ -374,17 +478,14 @@ impl CausalLm {
                 .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
                 .collect(),
             source: source.to_path_buf(),
+            lora_scale: None,
         };
-        let body = match config.architecture() {
-            Architecture::Llama | Architecture::Qwen2 => {
-                Body::Llama(llama::Llama::new(&config, &weights)?)
-            }
-            Architecture::Gemma3 => Body::Gemma3(gemma3::Gemma3::new(&config, &weights)?),
-        };
+        let body = Body::new(&config, &weights)?;
         Ok(Self {
             config,
             raw_config,
             params,
+            lora: None,
             body,
             dtype,
             device: device.clone(),
@@ -396,28 +497,46 @@ impl CausalLm {
     /// parameter dtype (f32). Causal attention; rows are right-padded by the caller, so no
     /// padding mask is applied.
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
-        self.run(input_ids, None)
-    }
-
-    /// Logits of selected positions only: `rows` (u32) indexes the flattened
-    /// `(batch * seq)` positions; returns `(rows, vocab)`. Training needs the
-    /// vocabulary projection only where a token is learned, which saves its
-    /// matmul (and memory) on prompt and padding positions.
-    pub fn forward_rows(&self, input_ids: &Tensor, rows: &Tensor) -> Result<Tensor> {
-        let rows = rows.to_device(&self.device)?;
-        self.run(input_ids, Some(&rows))
-    }
-
-    fn run(&self, input_ids: &Tensor, rows: Option<&Tensor>) -> Result<Tensor> {
-        let (b, s) = input_ids.dims2().map_err(|_| {
+        let (rows, len) = input_ids.dims2().map_err(|_| {
             ModelError::Input(format!(
                 "input_ids must be (batch, seq), got shape {:?}",
                 input_ids.dims()
             ))
         })?;
+        self.run(input_ids, Sequences::Padded { rows, len }, None)
+    }
+
+    /// Sequences packed end to end with no padding: `input_ids: (sum of lens,)` holds
+    /// sequence after sequence, `lens` their lengths. Each sequence attends only to itself
+    /// and its positions start at 0, so its logits are those of the sequence alone.
+    /// `rows` (u32) picks the positions whose logits are wanted; returns `(rows, vocab)`.
+    /// Training needs the vocabulary projection only where a token is learned, which saves
+    /// its matmul (and memory) on prompt positions, and packing saves every padded
+    /// position's work in every layer.
+    pub fn forward_packed(
+        &self,
+        input_ids: &Tensor,
+        lens: &[usize],
+        rows: &Tensor,
+    ) -> Result<Tensor> {
+        let total: usize = lens.iter().sum();
+        if input_ids.dims() != [total] || lens.contains(&0) {
+            return Err(ModelError::Input(format!(
+                "packed input_ids must be (sum of lens,) = ({total},) with no empty sequence, \
+                 got shape {:?} for lens {lens:?}",
+                input_ids.dims()
+            )));
+        }
+        let rows = rows.to_device(&self.device)?;
+        self.run(input_ids, Sequences::Packed { lens }, Some(&rows))
+    }
+
+    fn run(&self, input_ids: &Tensor, seqs: Sequences, rows: Option<&Tensor>) -> Result<Tensor> {
+        let (b, s) = seqs.dims();
         if b == 0 || s == 0 {
             return Err(ModelError::Input(format!(
-                "input_ids is empty: shape ({b}, {s})"
+                "input_ids is empty: shape {:?}",
+                input_ids.dims()
             )));
         }
         let ids = match input_ids.dtype() {
@@ -431,8 +550,8 @@ impl CausalLm {
         };
         let ids = ids.to_device(&self.device)?;
         let logits = match &self.body {
-            Body::Llama(m) => m.forward(&ids, self.fused, rows)?,
-            Body::Gemma3(m) => m.forward(&ids, self.fused, rows)?,
+            Body::Llama(m) => m.forward(&ids, seqs, self.fused, rows)?,
+            Body::Gemma3(m) => m.forward(&ids, seqs, self.fused, rows)?,
         };
         Ok(logits)
     }
@@ -440,9 +559,13 @@ impl CausalLm {
     /// Trainable parameters with their Hugging Face names, in transformers'
     /// `named_parameters()` order. A tied embedding appears once (as
     /// `model.embed_tokens.weight`) and is used for both embedding and lm_head, so its
-    /// gradient has both contributions.
+    /// gradient has both contributions. With LoRA: the adapters, under the names peft
+    /// saves them with, layer by layer.
     pub fn parameters(&self) -> &[(String, Var)] {
-        &self.params
+        match &self.lora {
+            Some(lora) => &lora.adapters,
+            None => &self.params,
+        }
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -455,6 +578,13 @@ impl CausalLm {
         self.fused = fused;
     }
 
+    /// Whether a packed forward pass keeps the attention scores for the backward pass:
+    /// the composed attention does; the fused CPU kernel recomputes them.
+    pub fn attention_keeps_scores(&self) -> bool {
+        let fusable = self.device.is_cpu() && matches!(self.dtype, DType::F32 | DType::F64);
+        !(self.fused && fusable && self.config.attn_logit_softcapping.is_none())
+    }
+
     /// Dtype of the parameters and logits.
     pub fn dtype(&self) -> DType {
         self.dtype
@@ -464,15 +594,91 @@ impl CausalLm {
         &self.device
     }
 
-    /// Number of scalar parameters.
+    /// Number of scalar parameters of the model itself (adapters not counted).
     pub fn num_parameters(&self) -> usize {
         self.params.iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    /// Number of scalar parameters that train: the model's, or its adapters' under LoRA.
+    pub fn num_trainable_parameters(&self) -> usize {
+        self.parameters().iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    /// The file of a folder written by [`CausalLm::save_trainable`].
+    pub fn trainable_file(&self) -> &'static str {
+        match self.lora {
+            Some(_) => ADAPTER_WEIGHTS,
+            None => MODEL_WEIGHTS,
+        }
+    }
+
+    /// What a checkpoint needs to restore the trainable parameters, in f32: the whole
+    /// model ([`CausalLm::save`]) or, under LoRA, the adapter folder
+    /// ([`CausalLm::save_adapter`]).
+    pub fn save_trainable(&self, dir: &Path) -> Result<()> {
+        match self.lora {
+            Some(_) => self.save_adapter(dir, None),
+            None => self.save(dir, DType::F32),
+        }
+    }
+
+    /// Writes the LoRA adapters as peft saves them: `dir/adapter_model.safetensors` (f32)
+    /// and `dir/adapter_config.json`, with `base` as `base_model_name_or_path`.
+    pub fn save_adapter(&self, dir: &Path, base: Option<String>) -> Result<()> {
+        let lora = self.lora.as_ref().ok_or_else(|| {
+            ModelError::InvalidConfig("the model has no LoRA adapters to save".into())
+        })?;
+        let tensors = lora
+            .adapters
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect();
+        write_safetensors(dir, ADAPTER_WEIGHTS, tensors, DType::F32)?;
+        let config = PeftAdapterConfig::new(&lora.config, base);
+        let text = serde_json::to_string_pretty(&config)
+            .map_err(|e| ModelError::InvalidConfig(format!("adapter config: {e}")))?;
+        write_atomically(dir, "adapter_config.json", text.as_bytes())
+    }
+
+    /// The model's weights as they compute: under LoRA, each adapted weight merged with its
+    /// adapter (`W + scale B A`).
+    fn weights_as_computed(&self) -> Result<Vec<(String, Tensor)>> {
+        let Some(lora) = &self.lora else {
+            return Ok(self
+                .params
+                .iter()
+                .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+                .collect());
+        };
+        let adapters: HashMap<&str, &Var> =
+            lora.adapters.iter().map(|(n, v)| (n.as_str(), v)).collect();
+        let mut out = Vec::with_capacity(self.params.len());
+        for (name, var) in &self.params {
+            let module = name.strip_suffix(".weight");
+            let pair = module.and_then(|m| {
+                let a = adapters.get(adapter_name(m, 'A').as_str())?;
+                let b = adapters.get(adapter_name(m, 'B').as_str())?;
+                Some((a.as_tensor().clone(), b.as_tensor().clone()))
+            });
+            let weight = match pair {
+                Some((a, b)) => Adapter {
+                    a,
+                    b,
+                    scale: lora.config.scale(),
+                }
+                .merged(var.as_tensor())?,
+                None => var.as_tensor().clone(),
+            };
+            out.push((name.clone(), weight));
+        }
+        Ok(out)
     }
 
     /// Writes `dir/model.safetensors` with the Hugging Face names in `dtype` (F32, BF16 or
     /// F16), atomically (temporary file in `dir`, fsync, rename), and `dir/config.json` (the
     /// original config with `torch_dtype` set) the same way. `dir` is created if needed.
-    /// Tokenizer files are the caller's.
+    /// Under LoRA the adapters are merged into the weights they adapt: the folder is a plain
+    /// model that computes what this one computes. Tokenizer files are the caller's.
     pub fn save(&self, dir: &Path, dtype: DType) -> Result<()> {
         let dtype_name = match dtype {
             DType::F32 => "float32",
@@ -480,42 +686,7 @@ impl CausalLm {
             DType::F16 => "float16",
             other => return Err(ModelError::SaveDtype { dtype: other }),
         };
-        let io = |what: &str, path: &Path| {
-            let what = what.to_string();
-            let path = path.to_path_buf();
-            move |source| ModelError::Io { what, path, source }
-        };
-        std::fs::create_dir_all(dir).map_err(io("create the folder", dir))?;
-
-        let mut views = Vec::with_capacity(self.params.len());
-        for (name, var) in &self.params {
-            let t = var
-                .as_tensor()
-                .to_dtype(dtype)?
-                .to_device(&Device::Cpu)?
-                .contiguous()?;
-            views.push((name.clone(), TensorBytes::new(&t)?));
-        }
-        let target = dir.join("model.safetensors");
-        let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
-        let tmp = tempfile::Builder::new()
-            .prefix(".model.safetensors.")
-            .suffix(".tmp")
-            .tempfile_in(dir)
-            .map_err(io("create a temporary file in", dir))?;
-        safetensors::serialize_to_file(views, metadata, tmp.path()).map_err(|e| {
-            ModelError::Weights {
-                path: tmp.path().to_path_buf(),
-                message: format!("writing failed: {e}"),
-            }
-        })?;
-        tmp.as_file().sync_all().map_err(io("fsync", tmp.path()))?;
-        tmp.persist(&target).map_err(|e| ModelError::Io {
-            what: "rename the temporary weights to".into(),
-            path: target.clone(),
-            source: e.error,
-        })?;
-
+        write_safetensors(dir, MODEL_WEIGHTS, self.weights_as_computed()?, dtype)?;
         let mut config = self.raw_config.clone();
         if let Some(obj) = config.as_object_mut() {
             obj.insert("torch_dtype".into(), dtype_name.into());
@@ -525,26 +696,78 @@ impl CausalLm {
         }
         let text = serde_json::to_string_pretty(&config)
             .map_err(|e| ModelError::InvalidConfig(format!("config does not serialize: {e}")))?;
-        let target = dir.join("config.json");
-        let mut tmp = tempfile::Builder::new()
-            .prefix(".config.json.")
-            .suffix(".tmp")
-            .tempfile_in(dir)
-            .map_err(io("create a temporary file in", dir))?;
-        tmp.write_all(text.as_bytes())
-            .map_err(io("write", tmp.path()))?;
-        tmp.as_file().sync_all().map_err(io("fsync", tmp.path()))?;
-        tmp.persist(&target).map_err(|e| ModelError::Io {
-            what: "rename the temporary config to".into(),
-            path: target.clone(),
-            source: e.error,
-        })?;
-        // Make the renames durable.
+        write_atomically(dir, "config.json", text.as_bytes())
+    }
+}
+
+const MODEL_WEIGHTS: &str = "model.safetensors";
+const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
+
+fn io_error(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> ModelError {
+    let what = what.to_string();
+    let path = path.to_path_buf();
+    move |source| ModelError::Io { what, path, source }
+}
+
+/// Writes `tensors` in `dtype` to `dir/name` as safetensors (a temporary file in `dir`,
+/// fsynced, renamed into place); `dir` is created if needed.
+fn write_safetensors(
+    dir: &Path,
+    name: &str,
+    tensors: Vec<(String, Tensor)>,
+    dtype: DType,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(io_error("create the folder", dir))?;
+    let mut views = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let t = t.to_dtype(dtype)?.to_device(&Device::Cpu)?.contiguous()?;
+        views.push((name, TensorBytes::new(&t)?));
+    }
+    let target = dir.join(name);
+    let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .map_err(io_error("create a temporary file in", dir))?;
+    safetensors::serialize_to_file(views, metadata, tmp.path()).map_err(|e| {
+        ModelError::Weights {
+            path: tmp.path().to_path_buf(),
+            message: format!("writing failed: {e}"),
+        }
+    })?;
+    persist(tmp, &target)
+}
+
+/// Writes `bytes` to `dir/name` the same way; `dir` is created if needed.
+fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(io_error("create the folder", dir))?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .map_err(io_error("create a temporary file in", dir))?;
+    tmp.write_all(bytes)
+        .map_err(io_error("write", tmp.path()))?;
+    persist(tmp, &dir.join(name))
+}
+
+/// fsync, rename into place, and make the rename durable.
+fn persist(tmp: tempfile::NamedTempFile, target: &Path) -> Result<()> {
+    tmp.as_file()
+        .sync_all()
+        .map_err(io_error("fsync", tmp.path()))?;
+    tmp.persist(target).map_err(|e| ModelError::Io {
+        what: "rename a temporary file to".into(),
+        path: target.to_path_buf(),
+        source: e.error,
+    })?;
+    if let Some(dir) = target.parent() {
         if let Ok(d) = std::fs::File::open(dir) {
             let _ = d.sync_all();
         }
-        Ok(())
     }
+    Ok(())
 }
 
 impl std::fmt::Debug for CausalLm {

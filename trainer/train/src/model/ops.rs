@@ -18,7 +18,7 @@ use candle_core::{
 };
 
 /// Float types the kernels run on.
-trait Real:
+pub(super) trait Real:
     Copy
     + Send
     + Sync
@@ -78,11 +78,11 @@ real!(f32, F32);
 real!(f64, F64);
 
 /// Whether `t` can take the fused CPU path.
-fn fusable(t: &Tensor) -> bool {
+pub(super) fn fusable(t: &Tensor) -> bool {
     t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
 }
 
-fn input<'a, T: Real>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [T]> {
+pub(super) fn input<'a, T: Real>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [T]> {
     let v =
         T::slice(s).ok_or_else(|| candle_core::Error::Msg(format!("{what}: unexpected dtype")))?;
     match l.contiguous_offsets() {
@@ -93,7 +93,7 @@ fn input<'a, T: Real>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [
     }
 }
 
-fn threads() -> usize {
+pub(super) fn threads() -> usize {
     candle_core::utils::get_num_threads().max(1)
 }
 
@@ -140,7 +140,7 @@ pub(crate) fn causal_softmax(
 }
 
 /// The visible key range `lo..=i` of query row `i`.
-fn visible(i: usize, window: Option<usize>) -> usize {
+pub(super) fn visible(i: usize, window: Option<usize>) -> usize {
     window.map_or(0, |w| (i + 1).saturating_sub(w))
 }
 
@@ -674,6 +674,210 @@ impl CustomOp2 for RmsNormGradW {
             _ => candle_core::bail!("{n}: f32/f64 only"),
         };
         Ok((out, Shape::from(self.d)))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Rotary embedding
+
+/// Splits the projection `x: (b * s, n * d)` into `n` heads and rotates each (transformers'
+/// `rotate_half` convention) with the tables `cos, sin: (s, d / 2)`, scale folded in:
+/// returns a contiguous `(b, n, s, d)`. Composed, this is a transpose, two halves, four
+/// products, a sum, a difference and a concatenation, each a pass over the tensor with a
+/// backward of its own; fused it is one pass each way.
+pub(crate) fn rotary_heads(
+    x: &Tensor,
+    (b, s, n): (usize, usize, usize),
+    cos: &Tensor,
+    sin: &Tensor,
+    fused: bool,
+) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)? / n.max(1);
+    let tables_fit = cos.dims() == [s, d / 2] && sin.dims() == [s, d / 2];
+    if fused
+        && fusable(x)
+        && tables_fit
+        && d % 2 == 0
+        && x.dims() == [b * s, n * d]
+        && cos.dtype() == x.dtype()
+    {
+        return x.contiguous()?.apply_op3(
+            &cos.contiguous()?,
+            &sin.contiguous()?,
+            Rotary { heads: n },
+        );
+    }
+    let x = x.reshape((b, s, n, d))?.transpose(1, 2)?;
+    let half = d / 2;
+    let (x1, x2) = (
+        x.narrow(D::Minus1, 0, half)?,
+        x.narrow(D::Minus1, half, half)?,
+    );
+    // [x1, x2] * cos + [-x2, x1] * sin
+    let lo = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
+    let hi = (x2.broadcast_mul(cos)? + x1.broadcast_mul(sin)?)?;
+    Tensor::cat(&[&lo, &hi], D::Minus1)
+}
+
+/// Both directions of the rotation of one head's row: forward `[x1 c - x2 s, x2 c + x1 s]`,
+/// and its transpose for the gradient `[g1 c + g2 s, g2 c - g1 s]`.
+#[inline]
+fn rotate<T: Real>(src: &[T], dst: &mut [T], cos: &[T], sin: &[T], inverse: bool) {
+    let half = cos.len();
+    let (s1, s2) = src.split_at(half);
+    let (d1, d2) = dst.split_at_mut(half);
+    for j in 0..half {
+        let (c, s) = (cos[j], if inverse { T::ZERO - sin[j] } else { sin[j] });
+        d1[j] = s1[j] * c - s2[j] * s;
+        d2[j] = s2[j] * c + s1[j] * s;
+    }
+}
+
+struct Rotary {
+    heads: usize,
+}
+
+impl Rotary {
+    /// `x: (b * s, n * d)` -> `(b, n, s, d)`.
+    fn fwd<T: Real>(&self, x: &[T], cos: &[T], sin: &[T], s: usize) -> Vec<T> {
+        let (n, half) = (self.heads, cos.len() / s);
+        let d = 2 * half;
+        let mut out = vec![T::ZERO; x.len()];
+        // One output row per (sequence, head, position).
+        par_rows(&mut out, d, |row0, chunk| {
+            for (r, o) in chunk.chunks_mut(d).enumerate() {
+                let row = row0 + r;
+                let (pos, head, seq) = (row % s, (row / s) % n, row / (s * n));
+                let src = &x[(seq * s + pos) * n * d + head * d..][..d];
+                let t = pos * half..(pos + 1) * half;
+                rotate(src, o, &cos[t.clone()], &sin[t], false);
+            }
+        });
+        out
+    }
+
+    /// `g: (b, n, s, d)` -> `dx: (b * s, n * d)`.
+    fn bwd<T: Real>(&self, g: &[T], cos: &[T], sin: &[T], s: usize) -> Vec<T> {
+        let (n, half) = (self.heads, cos.len() / s);
+        let d = 2 * half;
+        let mut out = vec![T::ZERO; g.len()];
+        // One dx row per token: its n heads.
+        par_rows(&mut out, n * d, |row0, chunk| {
+            for (r, o) in chunk.chunks_mut(n * d).enumerate() {
+                let tok = row0 + r;
+                let (pos, seq) = (tok % s, tok / s);
+                let t = pos * half..(pos + 1) * half;
+                for (head, o) in o.chunks_mut(d).enumerate() {
+                    let src = &g[((seq * n + head) * s + pos) * d..][..d];
+                    rotate(src, o, &cos[t.clone()], &sin[t.clone()], true);
+                }
+            }
+        });
+        out
+    }
+}
+
+/// The storage of `f(x, cos, sin, s)` for f32/f64 inputs.
+fn rotary_call(
+    name: &str,
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+    (s3, l3): (&CpuStorage, &Layout),
+    f32_fn: impl Fn(&[f32], &[f32], &[f32], usize) -> Vec<f32>,
+    f64_fn: impl Fn(&[f64], &[f64], &[f64], usize) -> Vec<f64>,
+) -> Result<CpuStorage> {
+    let s = l2.dims()[0];
+    Ok(match s1 {
+        CpuStorage::F32(_) => f32::storage(f32_fn(
+            input(s1, l1, name)?,
+            input(s2, l2, name)?,
+            input(s3, l3, name)?,
+            s,
+        )),
+        CpuStorage::F64(_) => f64::storage(f64_fn(
+            input(s1, l1, name)?,
+            input(s2, l2, name)?,
+            input(s3, l3, name)?,
+            s,
+        )),
+        _ => candle_core::bail!("{name}: f32/f64 only"),
+    })
+}
+
+impl CustomOp3 for Rotary {
+    fn name(&self) -> &'static str {
+        "fused-rotary-heads"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = rotary_call(
+            self.name(),
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+            |x, c, s, n| self.fwd(x, c, s, n),
+            |x, c, s, n| self.fwd(x, c, s, n),
+        )?;
+        let (tokens, width) = l1.shape().dims2()?;
+        let s = l2.dims()[0];
+        let d = width / self.heads;
+        Ok((out, Shape::from((tokens / s, self.heads, s, d))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dx =
+            grad.contiguous()?
+                .apply_op3_no_bwd(cos, sin, &RotaryGrad { heads: self.heads })?;
+        debug_assert_eq!(dx.dims(), x.dims());
+        Ok((Some(dx), None, None))
+    }
+}
+
+/// The gradient of `Rotary` with respect to `x`; its first input is the output's gradient.
+struct RotaryGrad {
+    heads: usize,
+}
+
+impl CustomOp3 for RotaryGrad {
+    fn name(&self) -> &'static str {
+        "fused-rotary-heads-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let r = Rotary { heads: self.heads };
+        let out = rotary_call(
+            self.name(),
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+            |g, c, s, n| r.bwd(g, c, s, n),
+            |g, c, s, n| r.bwd(g, c, s, n),
+        )?;
+        let (b, n, s, d) = l1.shape().dims4()?;
+        Ok((out, Shape::from((b * s, n * d))))
     }
 }
 

@@ -1,0 +1,335 @@
+//! What a training run will hold in memory, estimated before the first step
+//! from the model's config and the largest forward pass the data asks for, so
+//! that a run which cannot fit stops at once with the numbers instead of
+//! after an hour.
+//!
+//! The terms follow how this trainer computes (every weight a `Var` in the
+//! parameter dtype, AdamW's two moments, candle's autograd keeping every
+//! intermediate tensor of the forward pass alive until the backward pass):
+//!
+//! - weights, gradients: one value per parameter each;
+//! - optimizer: AdamW's first and second moments, two values per parameter;
+//! - activations, per layer and token: the tensors the layer creates (norms,
+//!   projections, rotary halves, the attention's per-sequence scores and
+//!   probabilities, the gated feed-forward), counted from the layer code;
+//! - logits: the learned positions' vocabulary rows, their gradient and the
+//!   log-softmax backward's copy;
+//! - backward: what the backward pass holds on top, at its peak: about two
+//!   layers' activation gradients and the vocabulary-wide gradients of the
+//!   embedding and output layer before they are summed.
+//!
+//! On SmolLM2-135M (f32, 4 rows of 447-511 tokens, packed, fused attention)
+//! this comes to 5.96 GB against a measured peak RSS of 4.85 GB for the whole
+//! process (bench/results/training.md): the estimate errs on the safe side,
+//! mostly in the backward term (candle frees each node's gradient as soon as
+//! its inputs have theirs).
+
+use std::fmt;
+
+use crate::error::{Result, TrainError};
+use crate::model::{LoraConfig, ModelConfig};
+
+/// The largest forward pass of a run: the lengths of the sequences it packs
+/// and how many of its positions are learned (reach the vocabulary).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardShape {
+    pub lens: Vec<usize>,
+    pub learned: usize,
+}
+
+impl ForwardShape {
+    /// The `rows` longest sequences of `lens_and_learned` (length, learned tokens):
+    /// no micro-batch of `rows` sequences is larger.
+    pub fn largest(mut lens_and_learned: Vec<(usize, usize)>, rows: usize) -> Self {
+        lens_and_learned.sort_unstable_by(|a, b| b.cmp(a));
+        lens_and_learned.truncate(rows.max(1));
+        Self {
+            lens: lens_and_learned.iter().map(|&(n, _)| n).collect(),
+            learned: lens_and_learned.iter().map(|&(_, l)| l).sum(),
+        }
+    }
+}
+
+/// Bytes a run holds, by kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryPlan {
+    pub weights: u64,
+    pub gradients: u64,
+    pub optimizer: u64,
+    pub activations: u64,
+    pub logits: u64,
+    pub backward: u64,
+}
+
+impl MemoryPlan {
+    /// Full fine-tuning of a model with `config` whose parameters have
+    /// `dtype_bytes` bytes each, for one forward pass of `shape`;
+    /// `keeps_scores` when the attention keeps its scores and probabilities
+    /// for the backward pass (the composed attention; the fused CPU kernel
+    /// recomputes them).
+    pub fn full_fine_tune(
+        config: &ModelConfig,
+        dtype_bytes: u64,
+        shape: &ForwardShape,
+        keeps_scores: bool,
+    ) -> Self {
+        let params = parameter_count(config);
+        let tokens: u64 = shape.lens.iter().map(|&n| n as u64).sum();
+        let square: u64 = shape.lens.iter().map(|&n| (n as u64) * (n as u64)).sum();
+        let (h, i) = (config.hidden_size as u64, config.intermediate_size as u64);
+        let (nh, nkv, d) = (
+            config.num_attention_heads as u64,
+            config.num_kv_heads() as u64,
+            config.head_dim() as u64,
+        );
+        // Per token: 6 hidden-wide tensors (input, norms, output projection,
+        // residual sums, down projection), q/k/v (nh + 2 nkv heads), the
+        // rotated q and k and the transposed v (nh + 2 nkv), the attention
+        // output (nh), and gate, up and their product.
+        let per_token = 6 * h + 2 * (nh + 2 * nkv) * d + nh * d + 3 * i;
+        // Kept scores and probabilities: nh x len x len per sequence
+        // (Gemma's soft-capping adds two more copies of the scores).
+        let score_copies = match (keeps_scores, config.attn_logit_softcapping.is_some()) {
+            (false, _) => 0,
+            (true, false) => 2,
+            (true, true) => 4,
+        };
+        let per_layer = per_token * tokens + score_copies * nh * square;
+        let layers = config.num_hidden_layers as u64;
+        let vocab = config.vocab_size as u64;
+        Self {
+            weights: params * dtype_bytes,
+            gradients: params * dtype_bytes,
+            optimizer: 2 * params * dtype_bytes,
+            activations: (per_layer * layers + 2 * h * tokens) * dtype_bytes,
+            logits: 3 * vocab * shape.learned as u64 * dtype_bytes,
+            backward: (2 * per_layer + 2 * vocab * h) * dtype_bytes,
+        }
+    }
+
+    /// LoRA on a model with `config`: the model's weights frozen (no gradient, no
+    /// optimizer state, and no vocabulary-wide embedding gradient in the backward pass),
+    /// the adapters trained, and each adapted layer's low-rank activations on top of
+    /// what full fine-tuning keeps.
+    pub fn lora(
+        config: &ModelConfig,
+        lora: &LoraConfig,
+        dtype_bytes: u64,
+        shape: &ForwardShape,
+        keeps_scores: bool,
+    ) -> Self {
+        let full = Self::full_fine_tune(config, dtype_bytes, shape, keeps_scores);
+        let adapters = lora.parameter_count(config);
+        let tokens: u64 = shape.lens.iter().map(|&n| n as u64).sum();
+        // Per token and adapted layer: x A^T (rank), its product with B^T (out) and the
+        // sum with the frozen layer's output (out).
+        let per_token: u64 = lora
+            .targets()
+            .iter()
+            .map(|t| (lora.rank() + 2 * t.features(config).1) as u64)
+            .sum();
+        let layers = config.num_hidden_layers as u64;
+        let vocab_grads = 2 * config.vocab_size as u64 * config.hidden_size as u64;
+        Self {
+            weights: full.weights + adapters * dtype_bytes,
+            gradients: adapters * dtype_bytes,
+            optimizer: 2 * adapters * dtype_bytes,
+            activations: full.activations + per_token * tokens * layers * dtype_bytes,
+            logits: full.logits,
+            backward: full.backward - vocab_grads * dtype_bytes,
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.weights
+            + self.gradients
+            + self.optimizer
+            + self.activations
+            + self.logits
+            + self.backward
+    }
+
+    /// Refuses a plan larger than `available` bytes.
+    pub fn check_fits(&self, available: u64, where_: &str) -> Result<()> {
+        if self.total() <= available {
+            return Ok(());
+        }
+        Err(TrainError::Config(format!(
+            "this run needs about {} and {where_} has {} available ({self}): lower --batch or \
+             --max-len, or train on a machine with more memory",
+            gb(self.total()),
+            gb(available)
+        )))
+    }
+}
+
+impl fmt::Display for MemoryPlan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "weights {}, gradients {}, AdamW moments {}, activations {}, logits {}, backward {}; \
+             total {}",
+            gb(self.weights),
+            gb(self.gradients),
+            gb(self.optimizer),
+            gb(self.activations),
+            gb(self.logits),
+            gb(self.backward),
+            gb(self.total())
+        )
+    }
+}
+
+fn gb(bytes: u64) -> String {
+    format!("{:.2} GB", bytes as f64 / 1e9)
+}
+
+/// Parameters of a llama / qwen2 / gemma3 model with this config (a tied
+/// output layer counted once), as transformers counts them.
+pub fn parameter_count(config: &ModelConfig) -> u64 {
+    let (h, i, v) = (
+        config.hidden_size as u64,
+        config.intermediate_size as u64,
+        config.vocab_size as u64,
+    );
+    let (nh, nkv, d) = (
+        config.num_attention_heads as u64,
+        config.num_kv_heads() as u64,
+        config.head_dim() as u64,
+    );
+    let gemma = config.architecture() == crate::model::Architecture::Gemma3;
+    let mut layer = h * (nh + 2 * nkv) * d + nh * d * h + 3 * h * i + 2 * h;
+    if config.qkv_bias() {
+        layer += (nh + 2 * nkv) * d;
+    }
+    if config.o_bias() {
+        layer += h;
+    }
+    if config.mlp_bias() {
+        layer += 2 * i + h;
+    }
+    if gemma {
+        layer += 2 * d + 2 * h;
+    }
+    let head = if config.tied_embeddings() { 0 } else { v * h };
+    v * h + config.num_hidden_layers as u64 * layer + h + head
+}
+
+/// Memory the operating system can give this process now: `MemAvailable`,
+/// or the cgroup's limit minus its usage when that is lower (a container).
+pub fn available_host_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let available = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })?
+        * 1024;
+    let read = |p: &str| std::fs::read_to_string(p).ok()?.trim().parse::<u64>().ok();
+    let cgroup = read("/sys/fs/cgroup/memory.max")
+        .zip(read("/sys/fs/cgroup/memory.current"))
+        .map(|(max, used)| max.saturating_sub(used));
+    Some(cgroup.map_or(available, |c| c.min(available)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Architecture, CausalLm};
+
+    #[test]
+    fn parameter_count_matches_the_model() {
+        for arch in [
+            Architecture::Llama,
+            Architecture::Qwen2,
+            Architecture::Gemma3,
+        ] {
+            let config = ModelConfig::tiny(arch);
+            let model = CausalLm::random(config.clone(), &candle_core::Device::Cpu, 1).unwrap();
+            assert_eq!(
+                parameter_count(&config),
+                model.num_parameters() as u64,
+                "{arch:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn lora_trains_a_fraction_of_the_memory() {
+        let config = ModelConfig::tiny(Architecture::Llama);
+        let shape = ForwardShape {
+            lens: vec![64; 4],
+            learned: 100,
+        };
+        let lora = LoraConfig::default();
+        let full = MemoryPlan::full_fine_tune(&config, 4, &shape, false);
+        let plan = MemoryPlan::lora(&config, &lora, 4, &shape, false);
+        let adapters = lora.parameter_count(&config);
+        let model = CausalLm::random(config.clone(), &candle_core::Device::Cpu, 1)
+            .unwrap()
+            .with_lora(lora, 1)
+            .unwrap();
+        assert_eq!(adapters, model.num_trainable_parameters() as u64);
+        assert_eq!(plan.gradients, 4 * adapters);
+        assert_eq!(plan.optimizer, 8 * adapters);
+        assert_eq!(plan.weights, full.weights + 4 * adapters);
+        assert!(plan.activations > full.activations);
+        // On SmolLM2-135M's shapes the frozen weights save far more than the
+        // adapters' activations cost (on the tiny config they need not).
+        let mut smollm2 = config;
+        (
+            smollm2.vocab_size,
+            smollm2.hidden_size,
+            smollm2.intermediate_size,
+        ) = (49152, 576, 1536);
+        (smollm2.num_hidden_layers, smollm2.num_attention_heads) = (30, 9);
+        (smollm2.num_key_value_heads, smollm2.head_dim) = (Some(3), Some(64));
+        let full = MemoryPlan::full_fine_tune(&smollm2, 4, &shape, false);
+        let plan = MemoryPlan::lora(&smollm2, &LoraConfig::default(), 4, &shape, false);
+        assert!(2 * plan.total() < full.total(), "{plan} vs {full}");
+    }
+
+    #[test]
+    fn largest_forward_takes_the_longest_rows() {
+        let shape = ForwardShape::largest(vec![(10, 2), (30, 5), (20, 1), (30, 4)], 2);
+        assert_eq!(shape.lens, vec![30, 30]);
+        assert_eq!(shape.learned, 9);
+    }
+
+    #[test]
+    fn a_plan_larger_than_the_memory_is_refused_with_its_numbers() {
+        let config = ModelConfig::tiny(Architecture::Llama);
+        let shape = ForwardShape {
+            lens: vec![64; 4],
+            learned: 100,
+        };
+        let plan = MemoryPlan::full_fine_tune(&config, 4, &shape, true);
+        assert_eq!(plan.optimizer, 2 * plan.weights);
+        plan.check_fits(plan.total(), "this machine").unwrap();
+        let err = plan
+            .check_fits(plan.total() - 1, "this machine")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("lower --batch or --max-len") && err.contains("activations"),
+            "{err}"
+        );
+        // Twice the sequence length: kept attention scores grow with its
+        // square; recomputed, the activations only double.
+        let longer_shape = ForwardShape {
+            lens: vec![128; 4],
+            learned: 100,
+        };
+        let longer = MemoryPlan::full_fine_tune(&config, 4, &longer_shape, true);
+        assert!(longer.activations > 2 * plan.activations);
+        let fused = MemoryPlan::full_fine_tune(&config, 4, &shape, false);
+        let fused_longer = MemoryPlan::full_fine_tune(&config, 4, &longer_shape, false);
+        assert!(fused.activations < plan.activations);
+        assert!(fused_longer.activations <= 2 * fused.activations);
+    }
+}
