@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use fusechat_train::data::OnBadInput;
 use fusechat_train::dpo::{self, DpoOptions};
 use fusechat_train::loss::{Preference, PreferenceLoss};
-use fusechat_train::memory::{parameter_count, ForwardShape, MemoryPlan};
+use fusechat_train::memory::{parameter_count, ForwardShape, Kept, MemoryPlan};
 use fusechat_train::model::LoraConfig;
 use fusechat_train::sft::{self, SftOptions};
 use fusechat_train::trainer::{Resume, RunSummary, TrainOptions};
@@ -246,8 +246,9 @@ pub struct MemoryArgs {
     /// f32 (what the trainer runs in) or bf16 (half; on paper for now).
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
     dtype: String,
-    /// The CPU's fused attention (recomputes the attention scores in the
-    /// backward pass) instead of the composed attention other devices run.
+    /// The CPU's fused kernels (attention scores recomputed in the backward
+    /// pass, LoRA updates accumulated in place) instead of the composed ops
+    /// other devices run.
     #[arg(long)]
     cpu: bool,
     #[command(flatten)]
@@ -270,7 +271,11 @@ pub fn memory(args: MemoryArgs) -> Result<()> {
         learned: args.batch * args.max_len,
     };
     let bytes = if args.dtype == "bf16" { 2 } else { 4 };
-    let keeps_scores = !args.cpu;
+    let kept = if args.cpu {
+        Kept::FUSED
+    } else {
+        Kept::COMPOSED
+    };
     let (what, plan) = match args.lora.config()? {
         Some(lora) => (
             format!(
@@ -283,11 +288,11 @@ pub fn memory(args: MemoryArgs) -> Result<()> {
                     .join(","),
                 lora.parameter_count(&config)
             ),
-            MemoryPlan::lora(&config, &lora, bytes, &shape, keeps_scores),
+            MemoryPlan::lora(&config, &lora, bytes, &shape, kept),
         ),
         None => (
             "full fine-tuning".to_string(),
-            MemoryPlan::full_fine_tune(&config, bytes, &shape, keeps_scores),
+            MemoryPlan::full_fine_tune(&config, bytes, &shape, kept),
         ),
     };
     println!(

@@ -50,6 +50,30 @@ impl ForwardShape {
     }
 }
 
+/// What a forward pass keeps for the backward pass beyond the layers' inputs
+/// and outputs, which depends on the kernels it runs: composed candle ops keep
+/// the attention's scores and probabilities and, under LoRA, each adapted
+/// layer's frozen product and low-rank update; the CPU's fused kernels
+/// recompute the first and accumulate the second in place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Kept {
+    pub attention_scores: bool,
+    pub lora_updates: bool,
+}
+
+impl Kept {
+    /// Every device but the CPU in f32/f64.
+    pub const COMPOSED: Kept = Kept {
+        attention_scores: true,
+        lora_updates: true,
+    };
+    /// The CPU's fused kernels.
+    pub const FUSED: Kept = Kept {
+        attention_scores: false,
+        lora_updates: false,
+    };
+}
+
 /// Bytes a run holds, by kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryPlan {
@@ -63,15 +87,13 @@ pub struct MemoryPlan {
 
 impl MemoryPlan {
     /// Full fine-tuning of a model with `config` whose parameters have
-    /// `dtype_bytes` bytes each, for one forward pass of `shape`;
-    /// `keeps_scores` when the attention keeps its scores and probabilities
-    /// for the backward pass (the composed attention; the fused CPU kernel
-    /// recomputes them).
+    /// `dtype_bytes` bytes each, for one forward pass of `shape` keeping
+    /// what `kept` says.
     pub fn full_fine_tune(
         config: &ModelConfig,
         dtype_bytes: u64,
         shape: &ForwardShape,
-        keeps_scores: bool,
+        kept: Kept,
     ) -> Self {
         let params = parameter_count(config);
         let tokens: u64 = shape.lens.iter().map(|&n| n as u64).sum();
@@ -89,7 +111,10 @@ impl MemoryPlan {
         let per_token = 6 * h + 2 * (nh + 2 * nkv) * d + nh * d + 3 * i;
         // Kept scores and probabilities: nh x len x len per sequence
         // (Gemma's soft-capping adds two more copies of the scores).
-        let score_copies = match (keeps_scores, config.attn_logit_softcapping.is_some()) {
+        let score_copies = match (
+            kept.attention_scores,
+            config.attn_logit_softcapping.is_some(),
+        ) {
             (false, _) => 0,
             (true, false) => 2,
             (true, true) => 4,
@@ -109,25 +134,28 @@ impl MemoryPlan {
 
     /// LoRA on a model with `config`: the model's weights frozen (no gradient, no
     /// optimizer state, and no vocabulary-wide embedding gradient in the backward pass),
-    /// the adapters trained, and each adapted layer's low-rank activations on top of
-    /// what full fine-tuning keeps.
+    /// the adapters trained, and (when `kept` says so) each adapted layer's
+    /// frozen product and update on top of what full fine-tuning keeps.
     pub fn lora(
         config: &ModelConfig,
         lora: &LoraConfig,
         dtype_bytes: u64,
         shape: &ForwardShape,
-        keeps_scores: bool,
+        kept: Kept,
     ) -> Self {
-        let full = Self::full_fine_tune(config, dtype_bytes, shape, keeps_scores);
+        let full = Self::full_fine_tune(config, dtype_bytes, shape, kept);
         let adapters = lora.parameter_count(config);
         let tokens: u64 = shape.lens.iter().map(|&n| n as u64).sum();
-        // Per token and adapted layer: x A^T (rank), its product with B^T (out) and the
-        // sum with the frozen layer's output (out).
-        let per_token: u64 = lora
-            .targets()
-            .iter()
-            .map(|t| (lora.rank() + 2 * t.features(config).1) as u64)
-            .sum();
+        // Per token and adapted layer, composed: x A^T (rank), its product with B^T
+        // (out) and the frozen layer's output (out) beside their sum.
+        let per_token: u64 = match kept.lora_updates {
+            true => lora
+                .targets()
+                .iter()
+                .map(|t| (lora.rank() + 2 * t.features(config).1) as u64)
+                .sum(),
+            false => 0,
+        };
         let layers = config.num_hidden_layers as u64;
         let vocab_grads = 2 * config.vocab_size as u64 * config.hidden_size as u64;
         Self {
@@ -267,18 +295,21 @@ mod tests {
             learned: 100,
         };
         let lora = LoraConfig::default();
-        let full = MemoryPlan::full_fine_tune(&config, 4, &shape, false);
-        let plan = MemoryPlan::lora(&config, &lora, 4, &shape, false);
+        let full = MemoryPlan::full_fine_tune(&config, 4, &shape, Kept::COMPOSED);
+        let plan = MemoryPlan::lora(&config, &lora, 4, &shape, Kept::COMPOSED);
         let adapters = lora.parameter_count(&config);
         let model = CausalLm::random(config.clone(), &candle_core::Device::Cpu, 1)
             .unwrap()
-            .with_lora(lora, 1)
+            .with_lora(lora.clone(), 1)
             .unwrap();
         assert_eq!(adapters, model.num_trainable_parameters() as u64);
         assert_eq!(plan.gradients, 4 * adapters);
         assert_eq!(plan.optimizer, 8 * adapters);
         assert_eq!(plan.weights, full.weights + 4 * adapters);
         assert!(plan.activations > full.activations);
+        let fused = MemoryPlan::lora(&config, &lora, 4, &shape, Kept::FUSED);
+        let full_fused = MemoryPlan::full_fine_tune(&config, 4, &shape, Kept::FUSED);
+        assert_eq!(fused.activations, full_fused.activations);
         // On SmolLM2-135M's shapes the frozen weights save far more than the
         // adapters' activations cost (on the tiny config they need not).
         let mut smollm2 = config;
@@ -289,8 +320,8 @@ mod tests {
         ) = (49152, 576, 1536);
         (smollm2.num_hidden_layers, smollm2.num_attention_heads) = (30, 9);
         (smollm2.num_key_value_heads, smollm2.head_dim) = (Some(3), Some(64));
-        let full = MemoryPlan::full_fine_tune(&smollm2, 4, &shape, false);
-        let plan = MemoryPlan::lora(&smollm2, &LoraConfig::default(), 4, &shape, false);
+        let full = MemoryPlan::full_fine_tune(&smollm2, 4, &shape, Kept::COMPOSED);
+        let plan = MemoryPlan::lora(&smollm2, &LoraConfig::default(), 4, &shape, Kept::COMPOSED);
         assert!(2 * plan.total() < full.total(), "{plan} vs {full}");
     }
 
@@ -308,7 +339,7 @@ mod tests {
             lens: vec![64; 4],
             learned: 100,
         };
-        let plan = MemoryPlan::full_fine_tune(&config, 4, &shape, true);
+        let plan = MemoryPlan::full_fine_tune(&config, 4, &shape, Kept::COMPOSED);
         assert_eq!(plan.optimizer, 2 * plan.weights);
         plan.check_fits(plan.total(), "this machine").unwrap();
         let err = plan
@@ -325,10 +356,10 @@ mod tests {
             lens: vec![128; 4],
             learned: 100,
         };
-        let longer = MemoryPlan::full_fine_tune(&config, 4, &longer_shape, true);
+        let longer = MemoryPlan::full_fine_tune(&config, 4, &longer_shape, Kept::COMPOSED);
         assert!(longer.activations > 2 * plan.activations);
-        let fused = MemoryPlan::full_fine_tune(&config, 4, &shape, false);
-        let fused_longer = MemoryPlan::full_fine_tune(&config, 4, &longer_shape, false);
+        let fused = MemoryPlan::full_fine_tune(&config, 4, &shape, Kept::FUSED);
+        let fused_longer = MemoryPlan::full_fine_tune(&config, 4, &longer_shape, Kept::FUSED);
         assert!(fused.activations < plan.activations);
         assert!(fused_longer.activations <= 2 * fused.activations);
     }

@@ -326,10 +326,10 @@ pub fn load_model(dir: &Path, options: &TrainOptions, device: &Device) -> Result
 fn check_memory(model: &CausalLm, objective: &dyn Objective, options: &TrainOptions) -> Result<()> {
     let shape = objective.largest_forward(options.micro_batch);
     let bytes = model.dtype().size_in_bytes() as u64;
-    let keeps_scores = model.attention_keeps_scores();
+    let kept = model.kept();
     let plan = match model.lora() {
-        Some(lora) => MemoryPlan::lora(model.config(), lora, bytes, &shape, keeps_scores),
-        None => MemoryPlan::full_fine_tune(model.config(), bytes, &shape, keeps_scores),
+        Some(lora) => MemoryPlan::lora(model.config(), lora, bytes, &shape, kept),
+        None => MemoryPlan::full_fine_tune(model.config(), bytes, &shape, kept),
     };
     tracing::info!(
         "memory estimate (largest micro-batch: {} sequences, {} tokens): {plan}",

@@ -23,14 +23,13 @@ pub(crate) struct Linear {
 }
 
 impl Linear {
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, fused: bool) -> Result<Tensor> {
+        if let Some(adapter) = &self.adapter {
+            return adapter.forward(x, &self.weight, self.bias.as_ref(), fused);
+        }
         let y = x.matmul(&self.weight.t()?)?;
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
-        match &self.adapter {
-            Some(adapter) => y + adapter.delta(x)?,
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
             None => Ok(y),
         }
     }
@@ -66,14 +65,14 @@ pub(crate) struct Mlp {
 
 impl Mlp {
     pub fn forward(&self, x: &Tensor, fused: bool) -> Result<Tensor> {
-        let g = self.gate.forward(x)?;
-        let u = self.up.forward(x)?;
+        let g = self.gate.forward(x, fused)?;
+        let u = self.up.forward(x, fused)?;
         let h = match self.act {
             Activation::Silu => ops::gated(&g, &u, Gate::Silu, fused)?,
             Activation::GeluTanh => ops::gated(&g, &u, Gate::GeluTanh, fused)?,
             Activation::GeluErf => (g.gelu_erf()? * u)?,
         };
-        self.down.forward(&h)
+        self.down.forward(&h, fused)
     }
 }
 
@@ -281,11 +280,16 @@ impl SelfAttention {
             };
             ops::rotary_heads(&t, (b, s, n), &rope.cos, &rope.sin, fused)
         };
-        let q = rotated(self.q.forward(x)?, self.heads, &self.q_norm, rope_q)?;
-        let k = rotated(self.k.forward(x)?, self.kv_heads, &self.k_norm, rope_k)?;
+        let q = rotated(self.q.forward(x, fused)?, self.heads, &self.q_norm, rope_q)?;
+        let k = rotated(
+            self.k.forward(x, fused)?,
+            self.kv_heads,
+            &self.k_norm,
+            rope_k,
+        )?;
         let v = self
             .v
-            .forward(x)?
+            .forward(x, fused)?
             .reshape((b, s, self.kv_heads, d))?
             .transpose(1, 2)?
             .contiguous()?;
@@ -295,6 +299,6 @@ impl SelfAttention {
                 packed_attention(&q, &k, &v, lens, window, self.softcap, fused)?
             }
         };
-        self.o.forward(&out)
+        self.o.forward(&out, fused)
     }
 }

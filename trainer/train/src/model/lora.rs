@@ -11,10 +11,13 @@
 use std::fmt;
 use std::str::FromStr;
 
-use candle_core::Tensor;
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
+
+type Result<T> = candle_core::Result<T>;
 use serde::{Deserialize, Serialize};
 
 use super::config::ModelConfig;
+use super::ops::{fusable, input, threads, Real};
 
 /// A linear layer of a decoder block that LoRA can adapt, by its Hugging Face name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -89,7 +92,7 @@ impl fmt::Display for LoraTarget {
 impl FromStr for LoraTarget {
     type Err = String;
 
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
         LoraTarget::ALL
             .into_iter()
             .find(|t| t.name() == s)
@@ -126,7 +129,11 @@ impl Default for LoraConfig {
 
 impl LoraConfig {
     /// `targets` in any order (duplicates are dropped); rank at least 1, alpha positive.
-    pub fn new(rank: usize, alpha: f64, mut targets: Vec<LoraTarget>) -> Result<Self, String> {
+    pub fn new(
+        rank: usize,
+        alpha: f64,
+        mut targets: Vec<LoraTarget>,
+    ) -> std::result::Result<Self, String> {
         if rank == 0 {
             return Err("the LoRA rank must be at least 1".into());
         }
@@ -148,7 +155,7 @@ impl LoraConfig {
     /// A comma-separated list of layer names (`q_proj,v_proj`), or `all-linear` for
     /// every linear layer of the decoder blocks (peft's shorthand; the output layer is
     /// never adapted).
-    pub fn parse_targets(list: &str) -> Result<Vec<LoraTarget>, String> {
+    pub fn parse_targets(list: &str) -> std::result::Result<Vec<LoraTarget>, String> {
         if list.trim() == "all-linear" {
             return Ok(LoraTarget::ALL.to_vec());
         }
@@ -213,15 +220,200 @@ pub(crate) struct Adapter {
 }
 
 impl Adapter {
-    /// `scale (x A^T) B^T` for `x: (n, in)`; the scale is applied to the rank-wide
-    /// product, not to the output-wide one.
-    pub fn delta(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        (x.matmul(&self.a.t()?)? * self.scale)?.matmul(&self.b.t()?)
+    /// `x W^T (+ bias) + scale (x A^T) B^T` for `x: (n, in)`, with `weight` and `bias`
+    /// frozen (they get no gradient).
+    ///
+    /// Composed from candle ops, the frozen product, the update and their sum are three
+    /// output-wide tensors that the graph keeps until the backward pass, and the sum is
+    /// one more pass over them. On the CPU ([`AdaptedLinear`]) the update is accumulated
+    /// into the frozen product's buffer by the matmul itself, so an adapted layer keeps
+    /// what a plain one keeps; the backward pass recomputes the rank-wide `x A^T`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        fused: bool,
+    ) -> Result<Tensor> {
+        let same = |t: &Tensor| t.dtype() == x.dtype() && t.is_contiguous();
+        if fused
+            && fusable(x)
+            && [weight, &self.a, &self.b].into_iter().all(same)
+            && bias.is_none_or(same)
+        {
+            let op = AdaptedLinear {
+                weight: weight.detach(),
+                bias: bias.map(Tensor::detach),
+                scale: self.scale,
+            };
+            return x.contiguous()?.apply_op3(&self.a, &self.b, op);
+        }
+        let y = x.matmul(&weight.t()?)?;
+        let y = match bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        // The scale on the rank-wide product, not on the output-wide one.
+        y + (x.matmul(&self.a.t()?)? * self.scale)?.matmul(&self.b.t()?)?
     }
 
     /// `W + scale B A`: the weight that computes what `W` and the adapter compute together.
-    pub fn merged(&self, weight: &Tensor) -> candle_core::Result<Tensor> {
+    pub fn merged(&self, weight: &Tensor) -> Result<Tensor> {
         weight + (self.b.matmul(&self.a)? * self.scale)?
+    }
+}
+
+/// [`Adapter::forward`] on the CPU: inputs `x: (n, in)`, `A: (r, in)`, `B: (out, r)`,
+/// contiguous f32/f64; the frozen weight and bias ride along in the op.
+struct AdaptedLinear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    scale: f64,
+}
+
+impl AdaptedLinear {
+    fn forward<T: Real>(&self, x: &[T], a: &[T], b: &[T], n: usize) -> Result<Vec<T>> {
+        let (out, input_len) = self.weight.dims2()?;
+        let rank = a.len() / input_len;
+        let (w_storage, w_layout) = self.weight.storage_and_layout();
+        let Storage::Cpu(w_cpu) = &*w_storage else {
+            candle_core::bail!("adapted linear: the weight is not on the CPU")
+        };
+        let w = input::<T>(w_cpu, w_layout, "adapted linear weight")?;
+        let mut y = vec![T::ZERO; n * out];
+        let mut u = vec![T::ZERO; n * rank];
+        // SAFETY: every matrix below lies inside its buffer with the strides given.
+        unsafe {
+            // y = x W^T; u = x A^T; y += scale u B^T.
+            gemm_into(
+                (n, out, input_len),
+                &mut y,
+                false,
+                T::ONE,
+                (x, input_len, 1),
+                (w, 1, input_len),
+            );
+            gemm_into(
+                (n, rank, input_len),
+                &mut u,
+                false,
+                T::ONE,
+                (x, input_len, 1),
+                (a, 1, input_len),
+            );
+            gemm_into(
+                (n, out, rank),
+                &mut y,
+                true,
+                T::from_f64(self.scale),
+                (&u, rank, 1),
+                (b, 1, rank),
+            );
+        }
+        if let Some(bias) = &self.bias {
+            let (b_storage, b_layout) = bias.storage_and_layout();
+            let Storage::Cpu(b_cpu) = &*b_storage else {
+                candle_core::bail!("adapted linear: the bias is not on the CPU")
+            };
+            let bias = input::<T>(b_cpu, b_layout, "adapted linear bias")?;
+            for row in y.chunks_mut(out) {
+                row.iter_mut().zip(bias).for_each(|(y, &b)| *y = *y + b);
+            }
+        }
+        Ok(y)
+    }
+}
+
+/// `dst (m x n) = [dst +] beta a (m x k) b (k x n)` on the machine's threads; `dst` is
+/// contiguous, `a` and `b` are given with their row and column strides.
+///
+/// SAFETY: the caller guarantees every addressed element of `a` and `b` is inside its slice.
+unsafe fn gemm_into<T: Real>(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [T],
+    accumulate: bool,
+    beta: T,
+    (a, a_rs, a_cs): (&[T], usize, usize),
+    (b, b_rs, b_cs): (&[T], usize, usize),
+) {
+    debug_assert_eq!(dst.len(), m * n);
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst.as_mut_ptr(),
+        1,
+        n as isize,
+        accumulate,
+        a.as_ptr(),
+        a_cs as isize,
+        a_rs as isize,
+        b.as_ptr(),
+        b_cs as isize,
+        b_rs as isize,
+        T::ONE,
+        beta,
+        false,
+        false,
+        false,
+        gemm::Parallelism::Rayon(threads()),
+    )
+}
+
+impl CustomOp3 for AdaptedLinear {
+    fn name(&self) -> &'static str {
+        "adapted-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, out) = (l1.dims()[0], self.weight.dim(0)?);
+        let storage = match s1 {
+            CpuStorage::F32(_) => {
+                let (x, a, b) = (
+                    input(s1, l1, "x")?,
+                    input(s2, l2, "A")?,
+                    input(s3, l3, "B")?,
+                );
+                f32::storage(self.forward::<f32>(x, a, b, n)?)
+            }
+            CpuStorage::F64(_) => {
+                let (x, a, b) = (
+                    input(s1, l1, "x")?,
+                    input(s2, l2, "A")?,
+                    input(s3, l3, "B")?,
+                );
+                f64::storage(self.forward::<f64>(x, a, b, n)?)
+            }
+            _ => candle_core::bail!("adapted linear: f32 or f64 only"),
+        };
+        Ok((storage, Shape::from((n, out))))
+    }
+
+    /// With `v = dy B`: `dx = dy W + scale v A`, `dA = scale v^T x`,
+    /// `dB = scale dy^T (x A^T)`.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (x, a, b) = (x.detach(), a.detach(), b.detach());
+        let v = (dy.matmul(&b)? * self.scale)?;
+        let dx = (dy.matmul(&self.weight)? + v.matmul(&a)?)?;
+        let da = v.t()?.matmul(&x)?;
+        let u = (x.matmul(&a.t()?)? * self.scale)?;
+        let db = dy.t()?.matmul(&u)?;
+        Ok((Some(dx), Some(da), Some(db)))
     }
 }
 

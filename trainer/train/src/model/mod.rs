@@ -578,11 +578,16 @@ impl CausalLm {
         self.fused = fused;
     }
 
-    /// Whether a packed forward pass keeps the attention scores for the backward pass:
-    /// the composed attention does; the fused CPU kernel recomputes them.
-    pub fn attention_keeps_scores(&self) -> bool {
-        let fusable = self.device.is_cpu() && matches!(self.dtype, DType::F32 | DType::F64);
-        !(self.fused && fusable && self.config.attn_logit_softcapping.is_none())
+    /// What a packed forward pass keeps for the backward pass, by the kernels it runs:
+    /// the fused CPU kernels recompute the attention scores (not with Gemma's
+    /// soft-capping, which runs composed) and accumulate LoRA updates in place.
+    pub fn kept(&self) -> crate::memory::Kept {
+        let fused =
+            self.fused && self.device.is_cpu() && matches!(self.dtype, DType::F32 | DType::F64);
+        crate::memory::Kept {
+            attention_scores: !(fused && self.config.attn_logit_softcapping.is_none()),
+            lora_updates: !fused,
+        }
     }
 
     /// Dtype of the parameters and logits.

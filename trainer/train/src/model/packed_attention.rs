@@ -17,7 +17,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 
 use super::layers::attention;
-use super::ops::{fusable, input, threads, visible, Real};
+use super::ops::{exp_in_place, fusable, input, max_of, threads, visible, Real};
 
 /// Attention of `q: (1, h, T, d)` (already scaled) over `k, v: (1, kv, T, d)`, where the
 /// `T` positions are sequences of `lens` end to end, each causal within itself (keys at
@@ -154,14 +154,8 @@ unsafe fn matmul<T: Real>(
 fn softmax_in_place<T: Real>(s: &mut [T], n: usize, window: Option<usize>) {
     for (i, row) in s.chunks_mut(n).enumerate() {
         let lo = visible(i, window);
-        let max = row[lo..=i]
-            .iter()
-            .fold(T::NEG_INF, |m, &v| if v > m { v } else { m });
-        let mut sum = T::ZERO;
-        for x in &mut row[lo..=i] {
-            *x = (*x - max).exp();
-            sum = sum + *x;
-        }
+        let max = max_of(&row[lo..=i]);
+        let sum = exp_in_place(&mut row[lo..=i], max);
         let inv = T::ONE / sum;
         row[..lo].iter_mut().for_each(|x| *x = T::ZERO);
         row[lo..=i].iter_mut().for_each(|x| *x = *x * inv);
