@@ -202,8 +202,15 @@ impl CommonArgs {
         if !(self.max_grad_norm >= 0.0) || self.weight_decay < 0.0 {
             bail!("--max-grad-norm and --weight-decay must not be negative");
         }
-        if self.lora.config()?.is_none() && self.merge {
+        let lora = self.lora.config()?.is_some();
+        if !lora && self.merge {
             bail!("--merge merges LoRA adapters: add --lora (or --lora-rank R)");
+        }
+        if lora && !self.merge && self.save_dtype != "f32" {
+            bail!(
+                "--save-dtype is the dtype of OUT/final, which a LoRA run writes only with \
+                 --merge (the adapter is saved in f32, as peft saves it): add --merge"
+            );
         }
         Ok(())
     }

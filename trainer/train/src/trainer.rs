@@ -370,64 +370,24 @@ pub fn run(
         },
     )?;
 
-    check_memory(model, objective, options)?;
-
-    let ckpt_root = checkpoints(out);
-    let discard = |why: &str| -> Result<()> {
-        for stale in [ckpt_root.clone(), final_dir(out), adapter_dir(out)] {
-            if stale.exists() {
-                tracing::info!("removing {} ({why})", stale.display());
-                std::fs::remove_dir_all(&stale).map_err(io(&stale))?;
-            }
+    let (start, resumed_from) = match start_point(model, options, out, run_key, total)? {
+        Start::Finished(summary) => return Ok(summary),
+        Start::Scratch => {
+            check_memory(model, objective, options)?;
+            (0, None)
         }
-        Ok(())
-    };
-    if options.resume == Resume::Fresh {
-        discard("starting fresh")?;
-    }
-    if options.resume == Resume::SameRunOrStartOver {
-        if let Some((_, state)) = checkpoint::latest(&ckpt_root)? {
-            if state.run_key != run_key {
-                discard("it belongs to a run with another model, data or settings")?;
-            }
-        }
-    }
-    let mut start = 0;
-    let mut resumed_from = None;
-    if let Some((dir, state)) = checkpoint::latest(&ckpt_root)? {
-        if state.run_key != run_key {
-            return Err(TrainError::Checkpoint {
-                path: dir,
-                message: "belongs to a run with another model, data or settings; pass --fresh to \
-                          discard it, or choose another --out"
-                    .into(),
-            });
-        }
-        let (done_dir, done_file) = result(model, out, options);
-        if state.step >= total && done_dir.join(done_file).is_file() {
+        Start::Checkpoint(dir, state) => {
+            check_memory(model, objective, options)?;
+            checkpoint::restore(&dir, model, &mut optimizer, &state)?;
             tracing::info!(
-                "{} is already trained ({} steps): nothing to do",
-                out.display(),
+                "resuming from {} (step {} of {total})",
+                dir.display(),
                 state.step
             );
-            return Ok(RunSummary {
-                out: out.into(),
-                final_dir: done_dir,
-                steps: state.step,
-                resumed_from: Some(state.step),
-                last_loss: None,
-                tokens_per_s: 0.0,
-            });
+            (state.step, Some(state.step))
         }
-        checkpoint::restore(&dir, model, &mut optimizer, &state)?;
-        tracing::info!(
-            "resuming from {} (step {} of {total})",
-            dir.display(),
-            state.step
-        );
-        start = state.step;
-        resumed_from = Some(state.step);
-    }
+    };
+    let ckpt_root = checkpoints(out);
     let mut log = MetricsLog::open(&out.join("metrics.jsonl"), start)?;
 
     let bar = ProgressBar::new(total as u64).with_position(start as u64);
@@ -524,19 +484,7 @@ pub fn run(
         }
     }
     bar.finish();
-    let provenance = inputs.provenance();
-    if model.lora().is_some() {
-        let base = std::path::absolute(inputs.source).unwrap_or_else(|_| inputs.source.into());
-        write_folder(&adapter_dir(out), inputs.source, &provenance, |dir| {
-            Ok(model.save_adapter(dir, Some(base.display().to_string()))?)
-        })?;
-    }
-    let (result_dir, _) = result(model, out, options);
-    if result_dir == final_dir(out) {
-        write_folder(&result_dir, inputs.source, &provenance, |dir| {
-            Ok(model.save(dir, options.save_dtype)?)
-        })?;
-    }
+    let result_dir = write_results(model, out, &inputs, options)?;
     metrics::plot(
         &out.join("metrics.jsonl"),
         &out.join("curves.svg"),
@@ -552,6 +500,104 @@ pub fn run(
         last_loss,
         tokens_per_s: tokens_done as f64 / elapsed.max(1e-9),
     })
+}
+
+/// Where a run starts.
+enum Start {
+    Scratch,
+    /// The newest checkpoint of the same run.
+    Checkpoint(PathBuf, TrainerState),
+    /// Nothing to do: the run is trained and its result written.
+    Finished(RunSummary),
+}
+
+/// Applies `options.resume` to what `out` holds and says where the run starts;
+/// a checkpoint of another run is refused unless the options discard it.
+fn start_point(
+    model: &CausalLm,
+    options: &TrainOptions,
+    out: &Path,
+    run_key: &str,
+    total: usize,
+) -> Result<Start> {
+    let ckpt_root = checkpoints(out);
+    let discard = |why: &str| -> Result<()> {
+        for stale in [ckpt_root.clone(), final_dir(out), adapter_dir(out)] {
+            if stale.exists() {
+                tracing::info!("removing {} ({why})", stale.display());
+                std::fs::remove_dir_all(&stale).map_err(io(&stale))?;
+            }
+        }
+        Ok(())
+    };
+    if options.resume == Resume::Fresh {
+        discard("starting fresh")?;
+    }
+    if options.resume == Resume::SameRunOrStartOver {
+        if let Some((_, state)) = checkpoint::latest(&ckpt_root)? {
+            if state.run_key != run_key {
+                discard("it belongs to a run with another model, data or settings")?;
+            }
+        }
+    }
+    let Some((dir, state)) = checkpoint::latest(&ckpt_root)? else {
+        return Ok(Start::Scratch);
+    };
+    if state.run_key != run_key {
+        return Err(TrainError::Checkpoint {
+            path: dir,
+            message: "belongs to a run with another model, data or settings; pass --fresh to \
+                      discard it, or choose another --out"
+                .into(),
+        });
+    }
+    let (done_dir, done_file) = result(model, out, options);
+    if state.step >= total && done_dir.join(done_file).is_file() {
+        tracing::info!(
+            "{} is already trained ({} steps): nothing to do",
+            out.display(),
+            state.step
+        );
+        return Ok(Start::Finished(RunSummary {
+            out: out.into(),
+            final_dir: done_dir,
+            steps: state.step,
+            resumed_from: Some(state.step),
+            last_loss: None,
+            tokens_per_s: 0.0,
+        }));
+    }
+    Ok(Start::Checkpoint(dir, state))
+}
+
+/// Writes what a finished run leaves: `OUT/final` (the model, under LoRA the
+/// merged model when asked for) and, under LoRA, `OUT/adapter`. Returns the
+/// result's folder. A no-merge LoRA run removes an `OUT/final` left by an
+/// earlier run, which would not be this run's model.
+fn write_results(
+    model: &CausalLm,
+    out: &Path,
+    inputs: &RunInputs,
+    options: &TrainOptions,
+) -> Result<PathBuf> {
+    let provenance = inputs.provenance();
+    if model.lora().is_some() {
+        let base = std::path::absolute(inputs.source).unwrap_or_else(|_| inputs.source.into());
+        write_folder(&adapter_dir(out), inputs.source, &provenance, |dir| {
+            Ok(model.save_adapter(dir, Some(base.display().to_string()))?)
+        })?;
+    }
+    let (result_dir, _) = result(model, out, options);
+    if result_dir == final_dir(out) {
+        write_folder(&result_dir, inputs.source, &provenance, |dir| {
+            Ok(model.save(dir, options.save_dtype)?)
+        })?;
+    } else if final_dir(out).exists() {
+        let stale = final_dir(out);
+        tracing::info!("removing {} (not this run's model)", stale.display());
+        std::fs::remove_dir_all(&stale).map_err(io(&stale))?;
+    }
+    Ok(result_dir)
 }
 
 /// Files next to the weights that a Hugging Face folder needs.

@@ -159,6 +159,9 @@ impl LoraConfig {
         if list.trim() == "all-linear" {
             return Ok(LoraTarget::ALL.to_vec());
         }
+        if list.split(',').any(|s| s.trim() == "all-linear") {
+            return Err("all-linear names every layer: give it alone, not in a list".into());
+        }
         list.split(',')
             .map(str::trim)
             .filter(|s| !s.is_empty())
@@ -470,6 +473,9 @@ mod tests {
             vec![LoraTarget::VProj, LoraTarget::QProj]
         );
         assert_eq!(LoraConfig::parse_targets("all-linear").unwrap().len(), 7);
+        assert!(LoraConfig::parse_targets("all-linear,q_proj")
+            .unwrap_err()
+            .contains("alone"));
         let err = LoraConfig::parse_targets("q_proj,lm_head").unwrap_err();
         assert!(
             err.contains("lm_head") && err.contains("down_proj"),
