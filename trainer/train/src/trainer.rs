@@ -432,38 +432,18 @@ pub fn run(
         let lr = schedule.lr(step);
         let optimizer_start = Instant::now();
         optimizer.step(params, &output.grads, lr, grad_scale)?;
-        let optimizer_seconds = optimizer_start.elapsed().as_secs_f64();
-        let seconds = step_start.elapsed().as_secs_f64();
+        let report = StepReport {
+            step: step + 1,
+            epoch: (step + 1) as f64 / steps_per_epoch as f64,
+            lr,
+            grad_norm,
+            seconds: step_start.elapsed().as_secs_f64(),
+            optimizer_seconds: optimizer_start.elapsed().as_secs_f64(),
+        };
+        log.write(&report.record(&output))?;
+        report.show(&bar, objective.name(), total, &output);
         tokens_done += output.tokens;
-        let tokens_per_s = output.tokens as f64 / seconds.max(1e-9);
-        let mut record = serde_json::json!({
-            "step": step + 1,
-            "epoch": (step + 1) as f64 / steps_per_epoch as f64,
-            "loss": output.loss,
-            "learning_rate": lr,
-            "grad_norm": grad_norm,
-            "tokens": output.tokens,
-            "tokens_per_s": tokens_per_s,
-            "step_seconds": seconds,
-            "forward_seconds": output.times.forward,
-            "backward_seconds": output.times.backward,
-            "optimizer_seconds": optimizer_seconds,
-        });
-        for (key, value) in &output.extra {
-            record[*key] = serde_json::json!(value);
-        }
-        log.write(&record)?;
         last_loss = Some(output.loss);
-        bar.set_message(format!("loss {:.4} | {tokens_per_s:.0} tok/s", output.loss));
-        bar.inc(1);
-        if bar.is_hidden() {
-            eprintln!(
-                "{} step {}/{total} loss {:.4} lr {lr:.3e} grad_norm {grad_norm:.3} {tokens_per_s:.0} tok/s",
-                objective.name(),
-                step + 1,
-                output.loss
-            );
-        }
         let done = step + 1;
         if done == total || (options.checkpoint_every > 0 && done % options.checkpoint_every == 0) {
             let state = TrainerState {
@@ -500,6 +480,56 @@ pub fn run(
         last_loss,
         tokens_per_s: tokens_done as f64 / elapsed.max(1e-9),
     })
+}
+
+/// One optimizer step as the metrics log and the progress display show it.
+struct StepReport {
+    step: usize,
+    epoch: f64,
+    lr: f64,
+    grad_norm: f64,
+    seconds: f64,
+    optimizer_seconds: f64,
+}
+
+impl StepReport {
+    /// The step's line of `metrics.jsonl`: the loop's numbers and the objective's.
+    fn record(&self, output: &StepOutput) -> serde_json::Value {
+        let mut record = serde_json::json!({
+            "step": self.step,
+            "epoch": self.epoch,
+            "loss": output.loss,
+            "learning_rate": self.lr,
+            "grad_norm": self.grad_norm,
+            "tokens": output.tokens,
+            "tokens_per_s": self.tokens_per_s(output),
+            "step_seconds": self.seconds,
+            "forward_seconds": output.times.forward,
+            "backward_seconds": output.times.backward,
+            "optimizer_seconds": self.optimizer_seconds,
+        });
+        for (key, value) in &output.extra {
+            record[*key] = serde_json::json!(value);
+        }
+        record
+    }
+
+    fn tokens_per_s(&self, output: &StepOutput) -> f64 {
+        output.tokens as f64 / self.seconds.max(1e-9)
+    }
+
+    /// Advances the progress bar, or prints a line where there is no terminal.
+    fn show(&self, bar: &ProgressBar, name: &str, total: usize, output: &StepOutput) {
+        let (loss, tokens_per_s) = (output.loss, self.tokens_per_s(output));
+        bar.set_message(format!("loss {loss:.4} | {tokens_per_s:.0} tok/s"));
+        bar.inc(1);
+        if bar.is_hidden() {
+            eprintln!(
+                "{name} step {}/{total} loss {loss:.4} lr {:.3e} grad_norm {:.3} {tokens_per_s:.0} tok/s",
+                self.step, self.lr, self.grad_norm
+            );
+        }
+    }
 }
 
 /// Where a run starts.
