@@ -150,13 +150,8 @@ BASE_SMOLLM2 = IMPORTED / "smollm2-135m-instruct"
 PROMPT = "What is 12 plus 30? Answer with the number."
 
 
-@pytest.fixture(scope="session")
-def trained_smollm2(tmp_path_factory):
-    """`fusechat sft` on the real SmolLM2 folder (one step on 8 small
-    conversations): the OUT/final folder it writes."""
-    if not (BASE_SMOLLM2 / "model.safetensors").is_file():
-        pytest.fail(f"{BASE_SMOLLM2} is missing: the Rust import test writes it (scripts/test.sh)")
-    work = tmp_path_factory.mktemp("sft")
+def _sft_data(work: Path) -> Path:
+    """8 small addition conversations in `fusechat sft`'s format."""
     data = work / "sft.jsonl"
     with open(data, "w") as f:
         for a in range(8):
@@ -164,6 +159,17 @@ def trained_smollm2(tmp_path_factory):
                 {"role": "user", "content": f"What is {a} plus {a + 30}? Answer with the number."},
                 {"role": "assistant", "content": f"{a} + {a + 30} = {2 * a + 30}. The answer is {2 * a + 30}."},
             ]}) + "\n")
+    return data
+
+
+@pytest.fixture(scope="session")
+def trained_smollm2(tmp_path_factory):
+    """`fusechat sft` on the real SmolLM2 folder (one step on 8 small
+    conversations): the OUT/final folder it writes."""
+    if not (BASE_SMOLLM2 / "model.safetensors").is_file():
+        pytest.fail(f"{BASE_SMOLLM2} is missing: the Rust import test writes it (scripts/test.sh)")
+    work = tmp_path_factory.mktemp("sft")
+    data = _sft_data(work)
     out = work / "run"
     subprocess.run(
         [str(BIN), "sft", "--model", str(BASE_SMOLLM2), "--data", str(data), "--out", str(out),
@@ -181,13 +187,7 @@ def lora_trained_smollm2(tmp_path_factory):
     if not (BASE_SMOLLM2 / "model.safetensors").is_file():
         pytest.fail(f"{BASE_SMOLLM2} is missing: the Rust import test writes it (scripts/test.sh)")
     work = tmp_path_factory.mktemp("lora")
-    data = work / "sft.jsonl"
-    with open(data, "w") as f:
-        for a in range(8):
-            f.write(json.dumps({"messages": [
-                {"role": "user", "content": f"What is {a} plus {a + 30}? Answer with the number."},
-                {"role": "assistant", "content": f"{a} + {a + 30} = {2 * a + 30}. The answer is {2 * a + 30}."},
-            ]}) + "\n")
+    data = _sft_data(work)
     out = work / "run"
     subprocess.run(
         [str(BIN), "sft", "--model", str(BASE_SMOLLM2), "--data", str(data), "--out", str(out),

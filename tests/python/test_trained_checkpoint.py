@@ -9,6 +9,27 @@ import json
 from conftest import BASE_SMOLLM2 as BASE, PROMPT, Server
 
 
+def _prompt_ids(tok):
+    """PROMPT as a user turn, rendered with the chat template and tokenized."""
+    text = tok.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True)
+    return tok(text, return_tensors="pt", add_special_tokens=False).input_ids
+
+
+def _served_answer(folder, name: str) -> str:
+    """`fusechat serve` on the folder: its greedy 12-token answer to PROMPT."""
+    import openai
+
+    server = Server(f'[[models]]\nid = "{name}"\npath = "{folder}"\nmax_seqs = 2\n', name)
+    try:
+        client = openai.OpenAI(base_url=server.base + "/v1", api_key="unused")
+        reply = client.chat.completions.create(
+            model=name, messages=[{"role": "user", "content": PROMPT}], max_tokens=12, temperature=0,
+        )
+        return reply.choices[0].message.content
+    finally:
+        server.stop()
+
+
 def test_transformers_loads_the_trained_folder(trained_smollm2):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -16,8 +37,7 @@ def test_transformers_loads_the_trained_folder(trained_smollm2):
     tok = AutoTokenizer.from_pretrained(trained_smollm2)
     model = AutoModelForCausalLM.from_pretrained(trained_smollm2, dtype=torch.float32)
     base = AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.float32)
-    text = tok.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True)
-    ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
+    ids = _prompt_ids(tok)
     with torch.no_grad():
         diff = (model(ids).logits - base(ids).logits).abs().max().item()
     assert diff > 1e-3, f"the trained folder has the base weights (max logit difference {diff})"
@@ -26,27 +46,17 @@ def test_transformers_loads_the_trained_folder(trained_smollm2):
 
 
 def test_server_serves_it_like_transformers(trained_smollm2):
-    import openai
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(trained_smollm2)
     model = AutoModelForCausalLM.from_pretrained(trained_smollm2, dtype=torch.float32)
-    text = tok.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True)
-    ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
+    ids = _prompt_ids(tok)
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=12, do_sample=False)
     expected = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
-    server = Server(f'[[models]]\nid = "fused"\npath = "{trained_smollm2}"\nmax_seqs = 2\n', "trained")
-    try:
-        client = openai.OpenAI(base_url=server.base + "/v1", api_key="unused")
-        reply = client.chat.completions.create(
-            model="fused", messages=[{"role": "user", "content": PROMPT}], max_tokens=12, temperature=0,
-        )
-        got = reply.choices[0].message.content
-    finally:
-        server.stop()
+    got = _served_answer(trained_smollm2, "trained")
     # Same weights, same template, greedy: the first words agree.
     assert got.split()[:4] == expected.split()[:4], (got, expected)
 
@@ -55,7 +65,6 @@ def test_lora_adapter_loads_in_peft_and_the_merged_folder_serves_as_it(lora_trai
     """`fusechat sft --lora --merge`: peft loads OUT/adapter over the base
     folder and computes what transformers computes on the merged OUT/final;
     `fusechat serve` serves OUT/final and answers as peft does."""
-    import openai
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -67,8 +76,7 @@ def test_lora_adapter_loads_in_peft_and_the_merged_folder_serves_as_it(lora_trai
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.float32), adapter)
     merged_model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
     base = AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.float32)
-    text = tok.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True)
-    ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
+    ids = _prompt_ids(tok)
     with torch.no_grad():
         adapted = peft_model(ids).logits
         diff = (adapted - merged_model(ids).logits).abs().max().item()
@@ -79,13 +87,5 @@ def test_lora_adapter_loads_in_peft_and_the_merged_folder_serves_as_it(lora_trai
     assert diff < 2e-3, f"peft and the merged folder differ by {diff}"
     expected = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
-    server = Server(f'[[models]]\nid = "lora"\npath = "{merged}"\nmax_seqs = 2\n', "lora")
-    try:
-        client = openai.OpenAI(base_url=server.base + "/v1", api_key="unused")
-        reply = client.chat.completions.create(
-            model="lora", messages=[{"role": "user", "content": PROMPT}], max_tokens=12, temperature=0,
-        )
-        got = reply.choices[0].message.content
-    finally:
-        server.stop()
+    got = _served_answer(merged, "lora")
     assert got.split()[:4] == expected.split()[:4], (got, expected)

@@ -45,6 +45,16 @@ fn problems() -> Vec<(String, String, String)> {
         .collect()
 }
 
+/// The problems as SFT conversations, one JSON line each.
+fn sft_lines() -> Vec<String> {
+    problems()
+        .iter()
+        .map(|(q, good, _)| {
+            serde_json::json!({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": good}]}).to_string()
+        })
+        .collect()
+}
+
 fn options(steps: usize, lr: f64) -> TrainOptions {
     TrainOptions {
         epochs: 1,
@@ -63,12 +73,7 @@ fn options(steps: usize, lr: f64) -> TrainOptions {
 fn sft_lowers_the_loss_and_the_final_folder_loads_back() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("sft.jsonl");
-    let lines: Vec<String> = problems()
-        .iter()
-        .map(|(q, good, _)| {
-            serde_json::json!({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": good}]}).to_string()
-        })
-        .collect();
+    let lines = sft_lines();
     std::fs::write(&data, lines.join("\n")).unwrap();
     let out = dir.path().join("run");
     let opts = SftOptions {
@@ -263,12 +268,7 @@ with torch.no_grad():
 fn lora_sft_lowers_the_loss_and_peft_loads_its_adapter() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("sft.jsonl");
-    let lines: Vec<String> = problems()
-        .iter()
-        .map(|(q, good, _)| {
-            serde_json::json!({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": good}]}).to_string()
-        })
-        .collect();
+    let lines = sft_lines();
     std::fs::write(&data, lines.join("\n")).unwrap();
     let out = dir.path().join("run");
     let lora = LoraConfig::new(8, 16.0, LoraTarget::ALL.to_vec()).unwrap();

@@ -5,10 +5,12 @@
 //! RoPE base (`rope_local_base_freq`) and global layers with `rope_theta` (+ `rope_scaling`),
 //! GeLU-tanh gated MLP, optional attention / final logit soft-capping.
 
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 
 use super::config::{ModelConfig, RopeScaling};
-use super::layers::{inv_freq, Mlp, Result, RmsNorm, RopeTables, SelfAttention, Sequences};
+use super::layers::{
+    inv_freq, output_logits, Mlp, Result, RmsNorm, RopeTables, SelfAttention, Sequences,
+};
 use super::Weights;
 
 #[derive(Clone)]
@@ -140,19 +142,7 @@ impl Gemma3 {
             let h = block.post_ff_norm.forward(&h, fused)?;
             x = (x + h)?;
         }
-        // Only the requested rows of (b * s) reach the vocabulary projection.
-        let x = match rows {
-            Some(rows) => x.index_select(rows, 0)?,
-            None => x,
-        };
-        let x = self.norm.forward(&x, fused)?;
-        let mut logits = x.matmul(&self.lm_head.t()?)?;
-        if let Some(cap) = self.final_softcap {
-            logits = ((logits / cap)?.tanh()? * cap)?;
-        }
-        match rows {
-            Some(_) => Ok(logits),
-            None => logits.reshape((b, s, logits.dim(D::Minus1)?)),
-        }
+        let (norm, head, cap) = (&self.norm, &self.lm_head, self.final_softcap);
+        output_logits(x, rows, (b, s), norm, head, cap, fused)
     }
 }

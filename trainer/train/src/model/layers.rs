@@ -302,3 +302,31 @@ impl SelfAttention {
         self.o.forward(&out, fused)
     }
 }
+
+/// The vocabulary projection after the last block: the final norm and `lm_head` (then
+/// Gemma's soft-cap) on the rows of `x: (b * s, hidden)` that `rows` picks, or on all of
+/// them, returned as `(b, s, vocab)`. Training needs logits only where a token is learned,
+/// so picking rows first saves the largest matmul of the model on the others.
+pub(crate) fn output_logits(
+    x: Tensor,
+    rows: Option<&Tensor>,
+    (b, s): (usize, usize),
+    norm: &RmsNorm,
+    lm_head: &Tensor,
+    softcap: Option<f64>,
+    fused: bool,
+) -> Result<Tensor> {
+    let x = match rows {
+        Some(rows) => x.index_select(rows, 0)?,
+        None => x,
+    };
+    let x = norm.forward(&x, fused)?;
+    let mut logits = x.matmul(&lm_head.t()?)?;
+    if let Some(cap) = softcap {
+        logits = ((logits / cap)?.tanh()? * cap)?;
+    }
+    match rows {
+        Some(_) => Ok(logits),
+        None => logits.reshape((b, s, logits.dim(D::Minus1)?)),
+    }
+}

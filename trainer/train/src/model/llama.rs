@@ -2,10 +2,12 @@
 //! RMSNorm pre-norm blocks, grouped-query attention with rotate-half RoPE, SiLU-gated MLP.
 //! Qwen2 is llama with biases on q/k/v (and its own RoPE base, read from the config).
 
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 
 use super::config::ModelConfig;
-use super::layers::{inv_freq, Mlp, Result, RmsNorm, RopeTables, SelfAttention, Sequences};
+use super::layers::{
+    inv_freq, output_logits, Mlp, Result, RmsNorm, RopeTables, SelfAttention, Sequences,
+};
 use super::Weights;
 
 #[derive(Clone)]
@@ -107,16 +109,6 @@ impl Llama {
             let h = block.post_attn_norm.forward(&x, fused)?;
             x = (&x + block.mlp.forward(&h, fused)?)?;
         }
-        // Only the requested rows of (b * s) reach the vocabulary projection.
-        let x = match rows {
-            Some(rows) => x.index_select(rows, 0)?,
-            None => x,
-        };
-        let x = self.norm.forward(&x, fused)?;
-        let logits = x.matmul(&self.lm_head.t()?)?;
-        match rows {
-            Some(_) => Ok(logits),
-            None => logits.reshape((b, s, logits.dim(D::Minus1)?)),
-        }
+        output_logits(x, rows, (b, s), &self.norm, &self.lm_head, None, fused)
     }
 }

@@ -17,7 +17,7 @@ type Result<T> = candle_core::Result<T>;
 use serde::{Deserialize, Serialize};
 
 use super::config::ModelConfig;
-use super::ops::{fusable, input, threads, Real};
+use super::ops::{fusable, gemm, input, Real};
 
 /// A linear layer of a decoder block that LoRA can adapt, by its Hugging Face name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -285,32 +285,38 @@ impl AdaptedLinear {
         let w = input::<T>(w_cpu, w_layout, "adapted linear weight")?;
         let mut y = vec![T::ZERO; n * out];
         let mut u = vec![T::ZERO; n * rank];
+        let (x, w, a, b) = (x.as_ptr(), w.as_ptr(), a.as_ptr(), b.as_ptr());
         // SAFETY: every matrix below lies inside its buffer with the strides given.
         unsafe {
             // y = x W^T; u = x A^T; y += scale u B^T.
-            gemm_into(
+            let (yp, up) = ((y.as_mut_ptr(), out), (u.as_mut_ptr(), rank));
+            gemm(
                 (n, out, input_len),
-                &mut y,
+                yp,
                 false,
                 T::ONE,
                 (x, input_len, 1),
                 (w, 1, input_len),
+                true,
             );
-            gemm_into(
+            gemm(
                 (n, rank, input_len),
-                &mut u,
+                up,
                 false,
                 T::ONE,
                 (x, input_len, 1),
                 (a, 1, input_len),
-            );
-            gemm_into(
-                (n, out, rank),
-                &mut y,
                 true,
-                T::from_f64(self.scale),
-                (&u, rank, 1),
+            );
+            let scale = T::from_f64(self.scale);
+            gemm(
+                (n, out, rank),
+                yp,
+                true,
+                scale,
+                (u.as_ptr(), rank, 1),
                 (b, 1, rank),
+                true,
             );
         }
         if let Some(bias) = &self.bias {
@@ -325,42 +331,6 @@ impl AdaptedLinear {
         }
         Ok(y)
     }
-}
-
-/// `dst (m x n) = [dst +] beta a (m x k) b (k x n)` on the machine's threads; `dst` is
-/// contiguous, `a` and `b` are given with their row and column strides.
-///
-/// SAFETY: the caller guarantees every addressed element of `a` and `b` is inside its slice.
-unsafe fn gemm_into<T: Real>(
-    (m, n, k): (usize, usize, usize),
-    dst: &mut [T],
-    accumulate: bool,
-    beta: T,
-    (a, a_rs, a_cs): (&[T], usize, usize),
-    (b, b_rs, b_cs): (&[T], usize, usize),
-) {
-    debug_assert_eq!(dst.len(), m * n);
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst.as_mut_ptr(),
-        1,
-        n as isize,
-        accumulate,
-        a.as_ptr(),
-        a_cs as isize,
-        a_rs as isize,
-        b.as_ptr(),
-        b_cs as isize,
-        b_rs as isize,
-        T::ONE,
-        beta,
-        false,
-        false,
-        false,
-        gemm::Parallelism::Rayon(threads()),
-    )
 }
 
 impl CustomOp3 for AdaptedLinear {

@@ -80,25 +80,42 @@ macro_rules! real {
 real!(f32, F32, fusechat_kernels::attention::exp);
 real!(f64, F64, f64::exp);
 
-/// The largest of `x` (NEG_INF when empty), with eight independent lanes so that the
-/// compiler vectorises it.
-#[inline]
-pub(super) fn max_of<T: Real>(x: &[T]) -> T {
-    let mut lanes = [T::NEG_INF; 8];
+/// `combine` over `map` of every element of `x`, starting from `init`, in eight
+/// independent lanes so that the compiler vectorises the loop (a single accumulator
+/// is a chain of dependent float operations it must keep in order).
+#[inline(always)]
+fn fold_lanes<T: Real>(x: &[T], init: T, map: impl Fn(T) -> T, combine: impl Fn(T, T) -> T) -> T {
+    let mut lanes = [init; 8];
     let chunks = x.chunks_exact(8);
     let rest = chunks.remainder();
     for c in chunks {
         for (l, &v) in lanes.iter_mut().zip(c) {
-            *l = if v > *l { v } else { *l };
+            *l = combine(*l, map(v));
         }
     }
-    lanes
-        .into_iter()
-        .chain(rest.iter().copied())
-        .fold(T::NEG_INF, |m, v| if v > m { v } else { m })
+    let tail = rest.iter().fold(init, |a, &v| combine(a, map(v)));
+    lanes.into_iter().fold(tail, &combine)
 }
 
-/// `dst[i] = exp(src[i] - shift)`, and their sum (eight lanes, vectorised).
+/// The largest of `x` (NEG_INF when empty).
+#[inline]
+pub(super) fn max_of<T: Real>(x: &[T]) -> T {
+    fold_lanes(x, T::NEG_INF, |v| v, |m, v| if v > m { v } else { m })
+}
+
+/// The sum of `x`.
+#[inline]
+fn sum_of<T: Real>(x: &[T]) -> T {
+    fold_lanes(x, T::ZERO, |v| v, |a, b| a + b)
+}
+
+/// `sum(exp(x[i] - shift))` without storing the terms.
+#[inline]
+fn exp_sum<T: Real>(x: &[T], shift: T) -> T {
+    fold_lanes(x, T::ZERO, |v| (v - shift).exp(), |a, b| a + b)
+}
+
+/// `dst[i] = exp(src[i] - shift)`, and their sum.
 #[inline]
 pub(super) fn exp_into<T: Real>(dst: &mut [T], src: &[T], shift: T) -> T {
     for (d, &s) in dst.iter_mut().zip(src) {
@@ -107,7 +124,7 @@ pub(super) fn exp_into<T: Real>(dst: &mut [T], src: &[T], shift: T) -> T {
     sum_of(dst)
 }
 
-/// `x[i] = exp(x[i] - shift)` in place, and their sum (vectorised).
+/// `x[i] = exp(x[i] - shift)` in place, and their sum.
 #[inline]
 pub(super) fn exp_in_place<T: Real>(x: &mut [T], shift: T) -> T {
     for v in x.iter_mut() {
@@ -116,36 +133,47 @@ pub(super) fn exp_in_place<T: Real>(x: &mut [T], shift: T) -> T {
     sum_of(x)
 }
 
-/// `sum(exp(x[i] - shift))` without storing the terms (eight lanes, vectorised).
-#[inline]
-fn exp_sum<T: Real>(x: &[T], shift: T) -> T {
-    let mut lanes = [T::ZERO; 8];
-    let chunks = x.chunks_exact(8);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for (l, &v) in lanes.iter_mut().zip(c) {
-            *l = *l + (v - shift).exp();
-        }
-    }
-    let tail = rest.iter().fold(T::ZERO, |s, &v| s + (v - shift).exp());
-    sum_of(&lanes) + tail
-}
-
-/// The sum of `x` (eight lanes, vectorised).
-#[inline]
-fn sum_of<T: Real>(x: &[T]) -> T {
-    let mut lanes = [T::ZERO; 8];
-    let chunks = x.chunks_exact(8);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for (l, &v) in lanes.iter_mut().zip(c) {
-            *l = *l + v;
-        }
-    }
-    lanes
-        .into_iter()
-        .chain(rest.iter().copied())
-        .fold(T::ZERO, |s, v| s + v)
+/// `dst (m x n) = [dst +] beta a (m x k) b (k x n)`: `dst` with row stride `dst_rs`
+/// (columns contiguous), `a` and `b` each a pointer with its row and column strides in
+/// elements; on this thread or, with `parallel`, on the machine's threads.
+///
+/// SAFETY: the caller guarantees every addressed element is inside its buffer and that no
+/// other thread touches `dst`'s elements meanwhile.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn gemm<T: Real>(
+    (m, n, k): (usize, usize, usize),
+    (dst, dst_rs): (*mut T, usize),
+    accumulate: bool,
+    beta: T,
+    (a, a_rs, a_cs): (*const T, usize, usize),
+    (b, b_rs, b_cs): (*const T, usize, usize),
+    parallel: bool,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        a,
+        a_cs as isize,
+        a_rs as isize,
+        b,
+        b_cs as isize,
+        b_rs as isize,
+        T::ONE,
+        beta,
+        false,
+        false,
+        false,
+        if parallel {
+            gemm::Parallelism::Rayon(threads())
+        } else {
+            gemm::Parallelism::None
+        },
+    )
 }
 
 /// Whether `t` can take the fused CPU path.

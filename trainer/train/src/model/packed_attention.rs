@@ -17,7 +17,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 
 use super::layers::attention;
-use super::ops::{exp_in_place, fusable, input, max_of, threads, visible, Real};
+use super::ops::{self, exp_in_place, fusable, input, max_of, threads, visible, Real};
 
 /// Attention of `q: (1, h, T, d)` (already scaled) over `k, v: (1, kv, T, d)`, where the
 /// `T` positions are sequences of `lens` end to end, each causal within itself (keys at
@@ -113,41 +113,19 @@ impl<T> Shared<T> {
     }
 }
 
-/// `dst (m x n) = [dst +] a (m x k) b (k x n)` on this thread; each matrix is a pointer
-/// with its row and column strides in elements.
+/// `dst (m x n) = [dst +] a (m x k) b (k x n)` on this thread (the op spreads its
+/// (sequence, head) tasks over the threads itself).
 ///
-/// SAFETY: the caller guarantees every addressed element is inside its buffer and that no
-/// other thread touches `dst`'s elements meanwhile.
-#[allow(clippy::too_many_arguments)]
+/// SAFETY: as [`ops::gemm`].
 unsafe fn matmul<T: Real>(
-    (m, n, k): (usize, usize, usize),
+    dims: (usize, usize, usize),
     dst: *mut T,
     dst_rs: usize,
     accumulate: bool,
-    (a, a_rs, a_cs): (*const T, usize, usize),
-    (b, b_rs, b_cs): (*const T, usize, usize),
+    a: (*const T, usize, usize),
+    b: (*const T, usize, usize),
 ) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        dst_rs as isize,
-        accumulate,
-        a,
-        a_cs as isize,
-        a_rs as isize,
-        b,
-        b_cs as isize,
-        b_rs as isize,
-        T::ONE,
-        T::ONE,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    )
+    ops::gemm(dims, (dst, dst_rs), accumulate, T::ONE, a, b, false)
 }
 
 /// Causal softmax of the `n x n` scores in place; hidden entries become 0.
