@@ -179,6 +179,26 @@ def peak_rss_gb(time_file):
     return float("nan")
 
 
+def cpu_seconds(time_file):
+    """(user, system) CPU seconds of the whole process, from /usr/bin/time -v."""
+    found = {}
+    for line in Path(time_file).read_text().splitlines():
+        for key in ("User time (seconds)", "System time (seconds)"):
+            if key in line:
+                found[key] = float(line.split(":")[1])
+    return found.get("User time (seconds)", float("nan")), found.get("System time (seconds)", float("nan"))
+
+
+# The fusechat runs of a stage, by the suffix of their folder: the default
+# build (candle's gemm crate for the matrix products), the same with Intel MKL's
+# sgemm loaded at run time, and the default with gradient checkpointing.
+FUSECHAT_VARIANTS = [
+    ("", "fusechat (candle 0.10, gemm crate)"),
+    ("-mkl", "fusechat + MKL sgemm"),
+    ("-gc", "fusechat, gradient checkpointing"),
+]
+
+
 def report(args):
     """bench/results/training.md and .json from one run's files."""
     d = Path(args.dir)
@@ -196,18 +216,25 @@ def report(args):
             "seconds_per_step": mean(steps, "seconds"),
             "phases": [mean(steps, k) for k in ("forward", "backward", "optimizer")],
             "peak_rss_gb": peak_rss_gb(d / f"torch-{stage}.time"),
+            "cpu_user_sys": cpu_seconds(d / f"torch-{stage}.time"),
             "losses": [s["loss"] for s in t["steps"]],
         })
-        m = [json.loads(l) for l in (d / f"fusechat-{stage}" / "metrics.jsonl").read_text().splitlines()]
-        steps = m[1:] or m
-        rows.append({
-            "stage": stage, "trainer": "fusechat (candle 0.10, CPU)",
-            "steps": len(m), "tokens_per_step": mean(steps, "tokens"),
-            "seconds_per_step": mean(steps, "step_seconds"),
-            "phases": [mean(steps, f"{k}_seconds") for k in ("forward", "backward", "optimizer")],
-            "peak_rss_gb": peak_rss_gb(d / f"fusechat-{stage}.time"),
-            "losses": [s["loss"] for s in m],
-        })
+        torch_row = len(rows) - 1
+        for suffix, trainer in FUSECHAT_VARIANTS:
+            run = d / f"fusechat-{stage}{suffix}"
+            if not (run / "metrics.jsonl").is_file():
+                continue
+            m = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+            steps = m[1:] or m
+            rows.append({
+                "stage": stage, "trainer": trainer, "versus": torch_row,
+                "steps": len(m), "tokens_per_step": mean(steps, "tokens"),
+                "seconds_per_step": mean(steps, "step_seconds"),
+                "phases": [mean(steps, f"{k}_seconds") for k in ("forward", "backward", "optimizer")],
+                "peak_rss_gb": peak_rss_gb(d / f"fusechat-{stage}{suffix}.time"),
+                "cpu_user_sys": cpu_seconds(d / f"fusechat-{stage}{suffix}.time"),
+                "losses": [s["loss"] for s in m],
+            })
     for r in rows:
         r["tokens_per_s"] = r["tokens_per_step"] / r["seconds_per_step"]
     out = Path(args.results)
@@ -217,21 +244,22 @@ def report(args):
         "",
         f"{args.setup}",
         "",
-        "| stage | trainer | steps | tokens/step | s/step | tokens/s | peak RSS (GB) | fusechat / PyTorch |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| stage | trainer | steps | tokens/step | s/step | tokens/s | peak RSS (GB) | CPU s user / system | fusechat / PyTorch |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for i, r in enumerate(rows):
-        ratio = f"{r['tokens_per_s'] / rows[i - 1]['tokens_per_s']:.2f}" if i % 2 else ""
+    for r in rows:
+        ratio = f"{r['tokens_per_s'] / rows[r['versus']]['tokens_per_s']:.2f}" if "versus" in r else ""
         lines.append(f"| {r['stage']} | {r['trainer']} | {r['steps']} | {r['tokens_per_step']:.0f} | "
-                     f"{r['seconds_per_step']:.2f} | {r['tokens_per_s']:.0f} | {r['peak_rss_gb']:.2f} | {ratio} |")
+                     f"{r['seconds_per_step']:.2f} | {r['tokens_per_s']:.0f} | {r['peak_rss_gb']:.2f} | "
+                     f"{r['cpu_user_sys'][0]:.0f} / {r['cpu_user_sys'][1]:.0f} | {ratio} |")
     lines += ["", "Where a step's time goes (mean seconds per step, first step excluded; the rest of a step is batching and summing the micro-batches' gradients):", "",
               "| stage | trainer | forward | backward | optimizer (clip + AdamW) |", "| --- | --- | ---: | ---: | ---: |"]
     for r in rows:
         f, b, o = r["phases"]
-        lines.append(f"| {r['stage']} | {r['trainer'].split(' (')[0]} | {f:.2f} | {b:.2f} | {o:.2f} |")
+        lines.append(f"| {r['stage']} | {r['trainer']} | {f:.2f} | {b:.2f} | {o:.2f} |")
     lines += ["", "Losses per step (same rows and initial weights; fusechat shuffles the rows with its seed while the PyTorch side takes them in file order, and PyTorch also learns the newline after the end-of-turn token, so the losses are not comparable step by step):", ""]
     for r in rows:
-        lines.append(f"- {r['stage']} {r['trainer'].split(' (')[0]}: " + ", ".join(f"{x:.4f}" for x in r["losses"]))
+        lines.append(f"- {r['stage']} {r['trainer']}: " + ", ".join(f"{x:.4f}" for x in r["losses"]))
     (out / "training.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

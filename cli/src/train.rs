@@ -7,24 +7,9 @@ use fusechat_train::data::OnBadInput;
 use fusechat_train::dpo::{self, DpoOptions};
 use fusechat_train::loss::{Preference, PreferenceLoss};
 use fusechat_train::memory::{parameter_count, ForwardShape, Kept, MemoryPlan};
-use fusechat_train::model::LoraConfig;
+use fusechat_train::settings::{Stage, StageOptions, StageSettings};
 use fusechat_train::sft::{self, SftOptions};
-use fusechat_train::trainer::{Resume, RunSummary, TrainOptions};
-
-/// What a stage trains with when its flags do not say.
-struct StageDefaults {
-    epochs: usize,
-    lr: f64,
-}
-
-const SFT_DEFAULTS: StageDefaults = StageDefaults {
-    epochs: 3,
-    lr: 5e-6,
-};
-const DPO_DEFAULTS: StageDefaults = StageDefaults {
-    epochs: 1,
-    lr: 1e-6,
-};
+use fusechat_train::trainer::{Resume, RunSummary};
 
 /// Flags both stages share.
 #[derive(clap::Args)]
@@ -44,28 +29,31 @@ pub struct CommonArgs {
     /// Stop after this many optimizer steps (the schedule spans them).
     #[arg(long)]
     max_steps: Option<usize>,
-    /// Sequences (SFT) or pairs (DPO) per forward pass.
-    #[arg(long, default_value_t = 4)]
-    batch: usize,
-    /// Micro-batches per optimizer step.
-    #[arg(long, default_value_t = 2)]
-    grad_accum: usize,
-    /// Longest sequence in tokens (prompt + response); longer lines are bad input.
-    #[arg(long, default_value_t = 1024)]
-    max_len: usize,
-    /// Peak learning rate (default: 5e-6 for SFT, 1e-6 for DPO).
+    /// Sequences (SFT) or pairs (DPO) per forward pass [default: 4 for SFT, 2 for DPO].
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Micro-batches per optimizer step [default: 2].
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    /// Longest sequence in tokens (prompt + response); longer lines are bad input
+    /// [default: 1024].
+    #[arg(long)]
+    max_len: Option<usize>,
+    /// Peak learning rate [default: 5e-6 for SFT, 1e-6 for DPO].
     #[arg(long)]
     lr: Option<f64>,
-    /// Share of the steps spent warming up linearly before the cosine decay.
-    #[arg(long, default_value_t = 0.1)]
-    warmup_ratio: f64,
-    #[arg(long, default_value_t = 0.0)]
-    weight_decay: f64,
-    /// Clip the global gradient norm to this (0: no clipping).
-    #[arg(long, default_value_t = 1.0)]
-    max_grad_norm: f64,
-    #[arg(long, default_value_t = 42)]
-    seed: u64,
+    /// Share of the steps spent warming up linearly before the cosine decay [default: 0.1].
+    #[arg(long)]
+    warmup_ratio: Option<f64>,
+    /// [default: 0]
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    /// Clip the global gradient norm to this (0: no clipping) [default: 1].
+    #[arg(long)]
+    max_grad_norm: Option<f64>,
+    /// [default: 42]
+    #[arg(long)]
+    seed: Option<u64>,
     /// Write a checkpoint every N optimizer steps (and at the end).
     #[arg(long, default_value_t = 50)]
     checkpoint_every: usize,
@@ -86,6 +74,10 @@ pub struct CommonArgs {
     cpu: bool,
     #[command(flatten)]
     lora: LoraArgs,
+    /// Keep only each block's input for the backward pass and run the block again
+    /// there: about a third more arithmetic, a fraction of the activation memory.
+    #[arg(long)]
+    gradient_checkpointing: bool,
     /// Under LoRA, also write OUT/final: the model with the adapters merged in, which
     /// `fusechat serve` and transformers load like any model folder.
     #[arg(long)]
@@ -111,59 +103,62 @@ struct LoraArgs {
     lora_targets: Option<String>,
 }
 
-impl LoraArgs {
-    /// The LoRA settings, when any LoRA flag is given.
-    fn config(&self) -> Result<Option<LoraConfig>> {
-        let wanted = self.lora
-            || self.lora_rank.is_some()
-            || self.lora_alpha.is_some()
-            || self.lora_targets.is_some();
-        if !wanted {
-            return Ok(None);
-        }
-        let peft = LoraConfig::default();
-        let targets = match &self.lora_targets {
-            Some(list) => LoraConfig::parse_targets(list)
-                .map_err(|e| anyhow::anyhow!("--lora-targets: {e}"))?,
-            None => peft.targets().to_vec(),
-        };
-        let config = LoraConfig::new(
-            self.lora_rank.unwrap_or(peft.rank()),
-            self.lora_alpha.unwrap_or(peft.alpha()),
-            targets,
-        )
-        .map_err(|e| anyhow::anyhow!("--lora-rank, --lora-alpha, --lora-targets: {e}"))?;
-        Ok(Some(config))
-    }
-}
-
 impl CommonArgs {
-    fn train_options(&self, defaults: StageDefaults) -> Result<TrainOptions> {
-        Ok(TrainOptions {
-            epochs: self.epochs.unwrap_or(defaults.epochs),
+    /// The stage's settings as the flags give them.
+    fn settings(&self) -> StageSettings {
+        let l = &self.lora;
+        StageSettings {
+            epochs: self.epochs,
             max_steps: self.max_steps,
-            micro_batch: self.batch,
+            batch: self.batch,
             grad_accum: self.grad_accum,
-            lr: self.lr.unwrap_or(defaults.lr),
+            max_len: self.max_len,
+            lr: self.lr,
             warmup_ratio: self.warmup_ratio,
             weight_decay: self.weight_decay,
             max_grad_norm: self.max_grad_norm,
             seed: self.seed,
-            lora: self.lora.config()?,
-            merge: self.merge,
-            checkpoint_every: self.checkpoint_every,
-            keep_checkpoints: self.keep_checkpoints,
-            save_dtype: if self.save_dtype == "bf16" {
-                candle_core::DType::BF16
-            } else {
-                candle_core::DType::F32
-            },
-            resume: if self.fresh {
-                Resume::Fresh
-            } else {
-                Resume::SameRunOnly
-            },
-        })
+            lora: l.lora,
+            lora_rank: l.lora_rank,
+            lora_alpha: l.lora_alpha,
+            lora_targets: l.lora_targets.clone(),
+            gradient_checkpointing: self.gradient_checkpointing,
+        }
+    }
+
+    /// The stage's options: the flags over its defaults, checked, with the
+    /// CLI's own choices for checkpoints, saving and resuming.
+    fn options(&self, stage: Stage) -> Result<StageOptions> {
+        self.check()?;
+        let mut options = self
+            .settings()
+            .resolve(stage)
+            .map_err(|e| anyhow::anyhow!(e.flag()))?;
+        let lora = options.train.lora.is_some();
+        if !lora && self.merge {
+            bail!("--merge merges LoRA adapters: add --lora (or --lora-rank R)");
+        }
+        if lora && !self.merge && self.save_dtype != "f32" {
+            bail!(
+                "--save-dtype is the dtype of OUT/final, which a LoRA run writes only with \
+                 --merge (the adapter is saved in f32, as peft saves it): add --merge"
+            );
+        }
+        let t = &mut options.train;
+        t.merge = self.merge;
+        t.checkpoint_every = self.checkpoint_every;
+        t.keep_checkpoints = self.keep_checkpoints;
+        t.save_dtype = if self.save_dtype == "bf16" {
+            candle_core::DType::BF16
+        } else {
+            candle_core::DType::F32
+        };
+        t.resume = if self.fresh {
+            Resume::Fresh
+        } else {
+            Resume::SameRunOnly
+        };
+        Ok(options)
     }
 
     fn on_bad_input(&self) -> OnBadInput {
@@ -180,36 +175,6 @@ impl CommonArgs {
                 "{} is not a Hugging Face model folder (no config.json); make one from a GGUF file \
                  with `fusechat import FILE.gguf DIR`",
                 self.model.display()
-            );
-        }
-        if self.batch == 0 || self.grad_accum == 0 {
-            bail!("--batch and --grad-accum must be at least 1");
-        }
-        if self.epochs == Some(0) || self.max_steps == Some(0) {
-            bail!("--epochs and --max-steps must be at least 1");
-        }
-        if !(0.0..=1.0).contains(&self.warmup_ratio) {
-            bail!(
-                "--warmup-ratio must lie in [0, 1], got {}",
-                self.warmup_ratio
-            );
-        }
-        if let Some(lr) = self.lr {
-            if !(lr.is_finite() && lr > 0.0) {
-                bail!("--lr must be a positive number, got {lr}");
-            }
-        }
-        if !(self.max_grad_norm >= 0.0) || self.weight_decay < 0.0 {
-            bail!("--max-grad-norm and --weight-decay must not be negative");
-        }
-        let lora = self.lora.config()?.is_some();
-        if !lora && self.merge {
-            bail!("--merge merges LoRA adapters: add --lora (or --lora-rank R)");
-        }
-        if lora && !self.merge && self.save_dtype != "f32" {
-            bail!(
-                "--save-dtype is the dtype of OUT/final, which a LoRA run writes only with \
-                 --merge (the adapter is saved in f32, as peft saves it): add --merge"
             );
         }
         Ok(())
@@ -258,6 +223,9 @@ pub struct MemoryArgs {
     /// other devices run.
     #[arg(long)]
     cpu: bool,
+    /// Gradient checkpointing (`--gradient-checkpointing` of sft and dpo).
+    #[arg(long)]
+    gradient_checkpointing: bool,
     #[command(flatten)]
     lora: LoraArgs,
 }
@@ -278,12 +246,24 @@ pub fn memory(args: MemoryArgs) -> Result<()> {
         learned: args.batch * args.max_len,
     };
     let bytes = if args.dtype == "bf16" { 2 } else { 4 };
-    let kept = if args.cpu {
-        Kept::FUSED
-    } else {
-        Kept::COMPOSED
+    let kept = match (args.cpu, args.gradient_checkpointing) {
+        (true, false) => Kept::FUSED,
+        (true, true) => Kept::FUSED.recomputing(),
+        (false, false) => Kept::COMPOSED,
+        (false, true) => Kept::COMPOSED.recomputing(),
     };
-    let (what, plan) = match args.lora.config()? {
+    let lora = StageSettings {
+        lora: args.lora.lora,
+        lora_rank: args.lora.lora_rank,
+        lora_alpha: args.lora.lora_alpha,
+        lora_targets: args.lora.lora_targets.clone(),
+        ..Default::default()
+    }
+    .resolve(Stage::Sft)
+    .map_err(|e| anyhow::anyhow!(e.flag()))?
+    .train
+    .lora;
+    let (what, plan) = match lora {
         Some(lora) => (
             format!(
                 "LoRA rank {} on {} ({} adapter parameters)",
@@ -303,9 +283,14 @@ pub fn memory(args: MemoryArgs) -> Result<()> {
         ),
     };
     println!(
-        "{} ({} parameters), {what}, {}, {} x {} tokens: {plan}",
+        "{} ({} parameters), {what}{}, {}, {} x {} tokens: {plan}",
         args.model.display(),
         parameter_count(&config),
+        if args.gradient_checkpointing {
+            ", gradient checkpointing"
+        } else {
+            ""
+        },
         args.dtype,
         args.batch,
         args.max_len
@@ -325,7 +310,7 @@ fn report(summary: &RunSummary) {
 
 pub fn sft(args: SftArgs) -> Result<()> {
     let c = &args.common;
-    c.check()?;
+    let stage = c.options(Stage::Sft)?;
     fusechat_train::device::tune_allocator();
     let device = fusechat_train::device::select(c.cpu)?;
     eprintln!(
@@ -336,9 +321,9 @@ pub fn sft(args: SftArgs) -> Result<()> {
         model: c.model.clone(),
         data: c.data.clone(),
         out: c.out.clone(),
-        max_len: c.max_len,
+        max_len: stage.max_len,
         on_bad_input: c.on_bad_input(),
-        train: c.train_options(SFT_DEFAULTS)?,
+        train: stage.train,
     };
     let summary =
         sft::sft(&options, &device).with_context(|| format!("SFT into {}", c.out.display()))?;
@@ -348,7 +333,7 @@ pub fn sft(args: SftArgs) -> Result<()> {
 
 pub fn dpo(args: DpoArgs) -> Result<()> {
     let c = &args.common;
-    c.check()?;
+    let stage = c.options(Stage::Dpo)?;
     let preference = Preference::new(args.loss, args.beta, args.label_smoothing)
         .context("--loss, --beta and --label-smoothing")?;
     fusechat_train::device::tune_allocator();
@@ -361,10 +346,10 @@ pub fn dpo(args: DpoArgs) -> Result<()> {
         model: c.model.clone(),
         data: c.data.clone(),
         out: c.out.clone(),
-        max_len: c.max_len,
+        max_len: stage.max_len,
         on_bad_input: c.on_bad_input(),
         preference,
-        train: c.train_options(DPO_DEFAULTS)?,
+        train: stage.train,
     };
     let summary =
         dpo::dpo(&options, &device).with_context(|| format!("DPO into {}", c.out.display()))?;

@@ -8,7 +8,9 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
+
+use fusechat_train::settings::{Stage, StageOptions, StageSettings};
 
 use crate::error::{FuseError, Result};
 
@@ -28,8 +30,9 @@ pub struct FuseConfig {
     #[serde(default)]
     pub server: ServerSection,
     pub target: TargetSection,
+    /// The settings of `fusechat sft`, under the same names and defaults.
     #[serde(default)]
-    pub sft: SftSection,
+    pub sft: StageSettings,
     #[serde(default)]
     pub dpo: DpoSection,
     /// A data config (`fusechat sample --config`), without `[run]`: the run
@@ -113,71 +116,67 @@ pub struct TargetSection {
     pub max_seqs: Option<usize>,
 }
 
-/// Settings of `fusechat sft` (the same names and defaults as its flags).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SftSection {
-    #[serde(default = "three")]
-    pub epochs: usize,
-    pub max_steps: Option<usize>,
-    #[serde(default = "four")]
-    pub batch: usize,
-    #[serde(default = "two")]
-    pub grad_accum: usize,
-    #[serde(default = "default_max_len")]
-    pub max_len: usize,
-    #[serde(default = "default_sft_lr")]
-    pub lr: f64,
-    #[serde(default = "default_warmup")]
-    pub warmup_ratio: f64,
-    #[serde(default)]
-    pub weight_decay: f64,
-    #[serde(default = "one")]
-    pub max_grad_norm: f64,
-    #[serde(default = "default_seed")]
-    pub seed: u64,
-}
-
-impl Default for SftSection {
-    fn default() -> Self {
-        toml::from_str("").expect("every SFT field has a default")
-    }
-}
-
-/// Settings of `fusechat dpo`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// `[dpo]`: whether DPO runs and its objective, beside the settings every
+/// training stage shares (the flags of `fusechat dpo`, with the same names
+/// and defaults). Read from one table: the objective's keys are taken out and
+/// the rest must be a [`StageSettings`], so a misspelt key is still refused.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(try_from = "toml::Table")]
 pub struct DpoSection {
     /// Run DPO after SFT (the fused model is the SFT model when off, or
     /// when pairing found no pairs).
-    #[serde(default = "yes")]
     pub enabled: bool,
     /// sigmoid, ln (length-normalised, FuseChat-3.0) or ipo.
-    #[serde(default = "default_loss")]
     pub loss: String,
-    #[serde(default = "default_beta")]
     pub beta: f64,
-    #[serde(default)]
     pub label_smoothing: f64,
-    #[serde(default = "one_usize")]
-    pub epochs: usize,
-    pub max_steps: Option<usize>,
-    #[serde(default = "two")]
-    pub batch: usize,
-    #[serde(default = "two")]
-    pub grad_accum: usize,
-    #[serde(default = "default_max_len")]
-    pub max_len: usize,
-    #[serde(default = "default_dpo_lr")]
-    pub lr: f64,
-    #[serde(default = "default_warmup")]
-    pub warmup_ratio: f64,
+    pub train: StageSettings,
+}
+
+/// The keys of `[dpo]` that are its own, not the shared stage settings.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DpoObjective {
+    #[serde(default = "yes")]
+    enabled: bool,
+    #[serde(default = "default_loss")]
+    loss: String,
+    #[serde(default = "default_beta")]
+    beta: f64,
     #[serde(default)]
-    pub weight_decay: f64,
-    #[serde(default = "one")]
-    pub max_grad_norm: f64,
-    #[serde(default = "default_seed")]
-    pub seed: u64,
+    label_smoothing: f64,
+}
+
+impl TryFrom<toml::Table> for DpoSection {
+    type Error = String;
+
+    fn try_from(mut table: toml::Table) -> std::result::Result<Self, String> {
+        let mut own = toml::Table::new();
+        for key in ["enabled", "loss", "beta", "label_smoothing"] {
+            if let Some(value) = table.remove(key) {
+                own.insert(key.into(), value);
+            }
+        }
+        let objective: DpoObjective = toml::Value::Table(own)
+            .try_into()
+            .map_err(|e: toml::de::Error| e.message().trim_end().to_string())?;
+        let train: StageSettings =
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|e: toml::de::Error| {
+                    format!(
+                        "{} (or enabled, loss, beta, label_smoothing)",
+                        e.message().trim_end()
+                    )
+                })?;
+        Ok(Self {
+            enabled: objective.enabled,
+            loss: objective.loss,
+            beta: objective.beta,
+            label_smoothing: objective.label_smoothing,
+            train,
+        })
+    }
 }
 
 impl DpoSection {
@@ -194,8 +193,16 @@ impl DpoSection {
 
 impl Default for DpoSection {
     fn default() -> Self {
-        toml::from_str("").expect("every DPO field has a default")
+        toml::Table::new()
+            .try_into()
+            .expect("every DPO field has a default")
     }
+}
+
+fn stage_options(settings: &StageSettings, stage: Stage, table: &str) -> Result<StageOptions> {
+    settings
+        .resolve(stage)
+        .map_err(|e| FuseError::Config(format!("[{table}] {e}")))
 }
 
 fn yes() -> bool {
@@ -212,36 +219,6 @@ fn default_ready_timeout() -> u64 {
 }
 fn default_alias() -> String {
     "target".into()
-}
-fn one_usize() -> usize {
-    1
-}
-fn two() -> usize {
-    2
-}
-fn three() -> usize {
-    3
-}
-fn four() -> usize {
-    4
-}
-fn one() -> f64 {
-    1.0
-}
-fn default_max_len() -> usize {
-    1024
-}
-fn default_sft_lr() -> f64 {
-    5e-6
-}
-fn default_dpo_lr() -> f64 {
-    1e-6
-}
-fn default_warmup() -> f64 {
-    0.1
-}
-fn default_seed() -> u64 {
-    42
 }
 fn default_loss() -> String {
     "ln".into()
@@ -344,40 +321,20 @@ impl FuseConfig {
                 }
             }
         }
-        for (stage, epochs, batch, accum, lr, warmup) in [
-            (
-                "sft",
-                self.sft.epochs,
-                self.sft.batch,
-                self.sft.grad_accum,
-                self.sft.lr,
-                self.sft.warmup_ratio,
-            ),
-            (
-                "dpo",
-                self.dpo.epochs,
-                self.dpo.batch,
-                self.dpo.grad_accum,
-                self.dpo.lr,
-                self.dpo.warmup_ratio,
-            ),
-        ] {
-            if epochs == 0 || batch == 0 || accum == 0 {
-                return bad(format!(
-                    "[{stage}] epochs, batch and grad_accum must be at least 1"
-                ));
-            }
-            if !(lr.is_finite() && lr > 0.0) {
-                return bad(format!("[{stage}] lr must be a positive number, got {lr}"));
-            }
-            if !(0.0..=1.0).contains(&warmup) {
-                return bad(format!(
-                    "[{stage}] warmup_ratio must lie in [0, 1], got {warmup}"
-                ));
-            }
-        }
+        self.sft_options()?;
+        self.dpo_options()?;
         self.dpo.preference()?;
         Ok(())
+    }
+
+    /// What `[sft]` trains with, checked as `fusechat sft` checks its flags.
+    pub fn sft_options(&self) -> Result<StageOptions> {
+        stage_options(&self.sft, Stage::Sft, "sft")
+    }
+
+    /// What `[dpo]` trains with, checked as `fusechat dpo` checks its flags.
+    pub fn dpo_options(&self) -> Result<StageOptions> {
+        stage_options(&self.dpo.train, Stage::Dpo, "dpo")
     }
 
     pub fn resolve(&self, p: &Path) -> PathBuf {
@@ -444,6 +401,49 @@ mod tests {
         }
     }
 
+    /// `[sft]` and `[dpo]` are one settings type (the flags of `fusechat sft|dpo`), with
+    /// the stage's defaults for what they leave out; `[dpo]` adds its objective.
+    #[test]
+    fn both_stages_take_the_shared_settings() {
+        let text = r#"
+[run]
+output = "out"
+[target]
+model = "m"
+fetched = "m"
+[sft]
+lora_rank = 16
+lora_targets = "all-linear"
+gradient_checkpointing = true
+[dpo]
+loss = "sigmoid"
+beta = 0.1
+batch = 3
+[data]
+[eval]
+"#;
+        let c = FuseConfig::parse(text, Path::new("."), "t").unwrap();
+        let sft = c.sft_options().unwrap();
+        assert_eq!(
+            (sft.train.epochs, sft.train.micro_batch, sft.max_len),
+            (3, 4, 1024)
+        );
+        assert_eq!(sft.train.lora.as_ref().map(|l| l.rank()), Some(16));
+        assert!(sft.train.gradient_checkpointing);
+        let dpo = c.dpo_options().unwrap();
+        assert_eq!(
+            (dpo.train.epochs, dpo.train.micro_batch, dpo.train.lr),
+            (1, 3, 1e-6)
+        );
+        assert!(dpo.train.lora.is_none() && c.dpo.enabled);
+        assert_eq!((c.dpo.loss.as_str(), c.dpo.beta), ("sigmoid", 0.1));
+        let run = crate::run_options(sft);
+        assert!(
+            run.train.merge,
+            "a LoRA stage of the run writes a merged model"
+        );
+    }
+
     #[test]
     fn refuses_what_the_run_sets_and_bad_values() {
         let ok = r#"
@@ -486,6 +486,14 @@ fetched = "m"
                 "without /v1",
             ),
             (ok.replace("[data]", "[target2]\n[data]"), "unknown field"),
+            (
+                ok.replace("[data]", "[dpo]\nbacth = 2\n[data]"),
+                "unknown field `bacth`",
+            ),
+            (
+                ok.replace("[data]", "[sft]\nlora_targets = \"qkv\"\n[data]"),
+                "[sft] lora_targets is invalid",
+            ),
             (
                 ok.replace(
                     "fetched = \"m\"",

@@ -29,7 +29,8 @@ use sha2::{Digest, Sha256};
 pub use config::FuseConfig;
 use error::{io, stage};
 pub use error::{FuseError, Result};
-use fusechat_train::trainer::{Resume, RunSummary, TrainOptions};
+use fusechat_train::settings::StageOptions;
+use fusechat_train::trainer::{Resume, RunSummary};
 use server::Server;
 
 /// What a finished run produced.
@@ -199,14 +200,15 @@ pub fn run(config: &FuseConfig, bin: &Path) -> Result<Outcome> {
             fusechat_train::device::describe(&device)
         ),
     );
+    let options = run_options(config.sft_options()?);
     let sft = fusechat_train::sft::sft(
         &fusechat_train::sft::SftOptions {
             model: base_dir.clone(),
             data: data_dir.join("sft.jsonl"),
             out: run_dir.join("sft"),
-            max_len: config.sft.max_len,
+            max_len: options.max_len,
             on_bad_input: fusechat_train::data::OnBadInput::Skip,
-            train: sft_options(config),
+            train: options.train,
         },
         &device,
     )
@@ -222,15 +224,16 @@ pub fn run(config: &FuseConfig, bin: &Path) -> Result<Outcome> {
             ),
         );
         let preference = config.dpo.preference()?;
+        let options = run_options(config.dpo_options()?);
         let dpo = fusechat_train::dpo::dpo(
             &fusechat_train::dpo::DpoOptions {
                 model: sft.final_dir.clone(),
                 data: data_dir.join("dpo.jsonl"),
                 out: run_dir.join("dpo"),
-                max_len: config.dpo.max_len,
+                max_len: options.max_len,
                 on_bad_input: fusechat_train::data::OnBadInput::Skip,
                 preference,
-                train: dpo_options(config),
+                train: options.train,
             },
             &device,
         )
@@ -340,65 +343,17 @@ fn train_note(s: &RunSummary) -> String {
     }
 }
 
-fn train_options(
-    epochs: usize,
-    max_steps: Option<usize>,
-    batch: usize,
-    grad_accum: usize,
-    lr: f64,
-    warmup_ratio: f64,
-    weight_decay: f64,
-    max_grad_norm: f64,
-    seed: u64,
-) -> TrainOptions {
-    TrainOptions {
-        epochs,
-        max_steps,
-        micro_batch: batch,
-        grad_accum,
-        lr,
-        warmup_ratio,
-        weight_decay,
-        max_grad_norm,
-        seed,
-        lora: None,
-        checkpoint_every: 10,
-        keep_checkpoints: 1,
-        save_dtype: candle_core::DType::F32,
-        merge: false,
-        // The data grows when sampling is extended: the run then starts over.
-        resume: Resume::SameRunOrStartOver,
-    }
-}
-
-fn sft_options(c: &FuseConfig) -> TrainOptions {
-    let s = &c.sft;
-    train_options(
-        s.epochs,
-        s.max_steps,
-        s.batch,
-        s.grad_accum,
-        s.lr,
-        s.warmup_ratio,
-        s.weight_decay,
-        s.max_grad_norm,
-        s.seed,
-    )
-}
-
-fn dpo_options(c: &FuseConfig) -> TrainOptions {
-    let d = &c.dpo;
-    train_options(
-        d.epochs,
-        d.max_steps,
-        d.batch,
-        d.grad_accum,
-        d.lr,
-        d.warmup_ratio,
-        d.weight_decay,
-        d.max_grad_norm,
-        d.seed,
-    )
+/// A stage's options as the run trains it: resumed when its inputs are the
+/// same and started over when the data grew, and under LoRA always merged
+/// (the next stage, the export and the server read a whole model folder).
+fn run_options(mut stage: StageOptions) -> StageOptions {
+    let t = &mut stage.train;
+    t.checkpoint_every = 10;
+    t.keep_checkpoints = 1;
+    t.save_dtype = candle_core::DType::F32;
+    t.merge = t.lora.is_some();
+    t.resume = Resume::SameRunOrStartOver;
+    stage
 }
 
 /// `RUN/config/data.toml`, written out so each data stage can be rerun

@@ -7,7 +7,9 @@ use std::path::Path;
 
 use fusechat_data::pair::Report as PairReport;
 use fusechat_eval::report::{Cell, Report as EvalReport};
+use fusechat_train::settings::StageOptions;
 use fusechat_train::trainer::RunSummary;
+use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::config::FuseConfig;
@@ -109,6 +111,40 @@ fn comparison_line(c: &Comparison) -> String {
     )
 }
 
+/// The settings the stages train with: `[sft]` and `[dpo]` over their
+/// defaults, and DPO's objective.
+#[derive(Serialize)]
+struct Settings<'a> {
+    sft: Option<StageOptions>,
+    dpo: DpoSettings<'a>,
+}
+
+#[derive(Serialize)]
+struct DpoSettings<'a> {
+    enabled: bool,
+    loss: &'a str,
+    beta: f64,
+    label_smoothing: f64,
+    #[serde(flatten)]
+    options: Option<StageOptions>,
+}
+
+impl<'a> Settings<'a> {
+    fn of(config: &'a FuseConfig) -> Self {
+        let d = &config.dpo;
+        Self {
+            sft: config.sft_options().ok(),
+            dpo: DpoSettings {
+                enabled: d.enabled,
+                loss: &d.loss,
+                beta: d.beta,
+                label_smoothing: d.label_smoothing,
+                options: config.dpo_options().ok(),
+            },
+        }
+    }
+}
+
 fn training_json(s: &RunSummary) -> Value {
     json!({
         "out": s.out.display().to_string(),
@@ -121,6 +157,7 @@ fn training_json(s: &RunSummary) -> Value {
 
 /// Writes both files; returns the one-line result.
 pub fn write(x: &Inputs) -> Result<String> {
+    let settings = Settings::of(x.config);
     let comparisons: Vec<Comparison> = x
         .eval
         .benchmarks
@@ -201,8 +238,8 @@ pub fn write(x: &Inputs) -> Result<String> {
     }
     md.push_str(&format!(
         "\nSFT settings `{}`; DPO settings `{}`. Loss curves: `sft/curves.svg`, `dpo/curves.svg`.\n\n",
-        serde_json::to_string(&x.config.sft).unwrap_or_default(),
-        serde_json::to_string(&x.config.dpo).unwrap_or_default()
+        serde_json::to_string(&settings.sft).unwrap_or_default(),
+        serde_json::to_string(&settings.dpo).unwrap_or_default()
     ));
     md.push_str("## Stages (this invocation)\n\n| stage | seconds | note |\n| --- | ---: | --- |\n");
     for s in x.stages {
@@ -232,7 +269,7 @@ pub fn write(x: &Inputs) -> Result<String> {
         "results": results,
         "comparisons": comparisons,
         "data": {"sft_rows": x.pairs.sft_rows, "dpo_pairs": x.pairs.dpo_pairs, "domains": x.pairs.domains},
-        "training": {"sft": training_json(x.sft), "dpo": x.dpo.map(training_json), "sft_settings": x.config.sft, "dpo_settings": x.config.dpo},
+        "training": {"sft": training_json(x.sft), "dpo": x.dpo.map(training_json), "sft_settings": settings.sft, "dpo_settings": settings.dpo},
         "stages": x.stages,
         "total_seconds": x.total_s,
     });

@@ -58,7 +58,7 @@ pub fn save(
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
     model.save_trainable(&tmp)?;
     let opt_path = tmp.join(OPTIMIZER);
-    candle_core::safetensors::save(&optimizer.state(model.parameters()), &opt_path)?;
+    candle_core::safetensors::save(&optimizer.state(model.parameters())?, &opt_path)?;
     let state_path = tmp.join(STATE);
     std::fs::write(
         &state_path,

@@ -7,6 +7,7 @@ use crate::error::Result;
 
 pub fn select(force_cpu: bool) -> Result<Device> {
     if force_cpu {
+        crate::blas::install();
         return Ok(Device::Cpu);
     }
     #[cfg(feature = "cuda")]
@@ -16,12 +17,17 @@ pub fn select(force_cpu: bool) -> Result<Device> {
         }
         tracing::warn!("built with cuda, but no CUDA device found: training on the CPU");
     }
+    crate::blas::install();
     Ok(Device::Cpu)
 }
 
 pub fn describe(device: &Device) -> String {
     match device {
-        Device::Cpu => format!("cpu ({} threads)", candle_core::utils::get_num_threads()),
+        Device::Cpu => format!(
+            "cpu ({} threads, matrix products: {})",
+            candle_core::utils::get_num_threads(),
+            crate::blas::install()
+        ),
         other => format!("{other:?}"),
     }
 }

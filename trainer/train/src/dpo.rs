@@ -117,7 +117,7 @@ impl Objective for DpoObjective {
                 &self.preference,
             )?;
             let loss = (out.losses.sum_all()? / pairs)?;
-            grads.add(params, &times.backward(|| loss.backward())?)?;
+            grads.add(params, &times.backward(|| model.backward(&loss))?)?;
             let chosen_rewards = out.chosen_rewards.to_vec1::<f32>()?;
             let rejected_rewards = out.rejected_rewards.to_vec1::<f32>()?;
             let pc = policy_chosen.to_vec1::<f32>()?;

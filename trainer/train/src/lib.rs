@@ -9,6 +9,7 @@
 //! `metrics` record.
 
 pub mod batch;
+pub mod blas;
 pub mod chat;
 pub mod checkpoint;
 pub mod data;
@@ -22,6 +23,7 @@ pub mod metrics;
 pub mod model;
 pub mod optim;
 pub mod schedule;
+pub mod settings;
 pub mod sft;
 pub mod trainer;
 

@@ -2,15 +2,21 @@
 //! `torch.optim.AdamW` update), with its state exposed so checkpoints can
 //! save and restore it exactly.
 //!
-//! On the CPU with f32 weights the update runs in place, three passes over
-//! each parameter (first moment, second moment, weight) on every thread; the
-//! same update as candle tensor ops would allocate and fill about ten
-//! parameter-sized temporaries per step, which on SmolLM2-135M is 5 GB of
-//! fresh memory a step. Elsewhere it is the tensor-op composition.
+//! On the CPU with f32 weights the update runs in place in one pass over each
+//! parameter on every thread: it reads the weight, its gradient and both
+//! moments once and writes the weight and the moments once, the least memory
+//! traffic the update allows (the step is bound by memory bandwidth). The
+//! moments are then plain host vectors beside the weights, since a candle
+//! in-place op writes one tensor only. The same update as candle tensor ops
+//! would allocate and fill about ten parameter-sized temporaries per step
+//! (5 GB of fresh memory a step on SmolLM2-135M); other devices run that
+//! composition.
 
 use std::collections::HashMap;
+use std::sync::Mutex;
 
-use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
+use candle_core::{CpuStorage, DType, Device, InplaceOp2, Layout, Shape, Tensor, Var};
+use rayon::prelude::*;
 
 use crate::error::{Result, TrainError};
 
@@ -37,24 +43,73 @@ pub struct AdamW {
     config: AdamWConfig,
     /// Updates taken so far (the `t` of the bias correction).
     steps: u64,
-    exp_avg: Vec<Tensor>,
-    exp_avg_sq: Vec<Tensor>,
+    moments: Vec<Moments>,
+}
+
+/// The first and second moments of one parameter.
+enum Moments {
+    /// f32 weights on the CPU: updated in place by the one-pass update.
+    Host {
+        m: Vec<f32>,
+        v: Vec<f32>,
+        shape: Shape,
+    },
+    /// Anything else: the tensor-op composition.
+    Tensors { m: Tensor, v: Tensor },
+}
+
+impl Moments {
+    fn zeros(param: &Var) -> Result<Self> {
+        Ok(if param.device().is_cpu() && param.dtype() == DType::F32 {
+            let n = param.elem_count();
+            Moments::Host {
+                m: vec![0.0; n],
+                v: vec![0.0; n],
+                shape: param.shape().clone(),
+            }
+        } else {
+            Moments::Tensors {
+                m: param.as_tensor().zeros_like()?,
+                v: param.as_tensor().zeros_like()?,
+            }
+        })
+    }
+
+    fn tensors(&self) -> Result<(Tensor, Tensor)> {
+        Ok(match self {
+            Moments::Host { m, v, shape } => (
+                Tensor::from_slice(m, shape, &Device::Cpu)?,
+                Tensor::from_slice(v, shape, &Device::Cpu)?,
+            ),
+            Moments::Tensors { m, v } => (m.clone(), v.clone()),
+        })
+    }
+
+    /// Replaces the first (`second` false) or second moment with `t`, of the
+    /// parameter's shape.
+    fn set(&mut self, second: bool, t: Tensor, param: &Var) -> Result<()> {
+        match self {
+            Moments::Host { m, v, .. } => {
+                let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                *(if second { v } else { m }) = values;
+            }
+            Moments::Tensors { m, v } => {
+                *(if second { v } else { m }) = t.to_device(param.device())?;
+            }
+        }
+        Ok(())
+    }
 }
 
 impl AdamW {
     pub fn new(params: &[(String, Var)], config: AdamWConfig) -> Result<Self> {
-        let zeros = |v: &Var| v.as_tensor().zeros_like();
         Ok(Self {
             config,
             steps: 0,
-            exp_avg: params
+            moments: params
                 .iter()
-                .map(|(_, v)| zeros(v))
-                .collect::<candle_core::Result<_>>()?,
-            exp_avg_sq: params
-                .iter()
-                .map(|(_, v)| zeros(v))
-                .collect::<candle_core::Result<_>>()?,
+                .map(|(_, v)| Moments::zeros(v))
+                .collect::<Result<_>>()?,
         })
     }
 
@@ -82,31 +137,33 @@ impl AdamW {
         let t = self.steps as i32;
         let bias1 = 1.0 - beta1.powi(t);
         let bias2 = 1.0 - beta2.powi(t);
-        for (i, ((_, param), grad)) in params.iter().zip(grads).enumerate() {
-            let fused = param.device().is_cpu()
-                && [param.dtype(), grad.dtype(), self.exp_avg[i].dtype()] == [DType::F32; 3];
-            if fused {
-                // Gradients come from the backward pass as it left them (a
-                // transposed or broadcast view is possible).
-                let grad = &grad.contiguous()?;
-                let moment = |beta: f64, square| Moment {
-                    beta: beta as f32,
-                    scale: grad_scale as f32,
-                    square,
-                };
-                self.exp_avg[i].inplace_op2(grad, &moment(beta1, false))?;
-                self.exp_avg_sq[i].inplace_op2(grad, &moment(beta2, true))?;
-                let update = Update {
-                    step: (lr / bias1) as f32,
-                    bias2_sqrt: bias2.sqrt() as f32,
-                    eps: eps as f32,
-                    decay: (1.0 - lr * weight_decay) as f32,
-                };
-                param
-                    .as_tensor()
-                    .inplace_op3(&self.exp_avg[i], &self.exp_avg_sq[i], &update)?;
-                continue;
-            }
+        for (((_, param), grad), moments) in params.iter().zip(grads).zip(&mut self.moments) {
+            let (m, v) = match moments {
+                Moments::Host { m, v, .. } if grad.dtype() == DType::F32 => {
+                    // Gradients come from the backward pass as it left them (a
+                    // transposed or broadcast view is possible).
+                    let grad = &grad.contiguous()?;
+                    let step = OnePass {
+                        moments: Mutex::new((m.as_mut_slice(), v.as_mut_slice())),
+                        beta1: beta1 as f32,
+                        beta2: beta2 as f32,
+                        grad_scale: grad_scale as f32,
+                        step: (lr / bias1) as f32,
+                        bias2_sqrt: bias2.sqrt() as f32,
+                        eps: eps as f32,
+                        decay: (1.0 - lr * weight_decay) as f32,
+                    };
+                    param.as_tensor().inplace_op2(grad, &step)?;
+                    continue;
+                }
+                Moments::Host { .. } => {
+                    return Err(TrainError::Config(format!(
+                        "AdamW: an f32 parameter got a {:?} gradient",
+                        grad.dtype()
+                    )))
+                }
+                Moments::Tensors { m, v } => (m, v),
+            };
             let scaled;
             let grad = if grad_scale == 1.0 {
                 grad
@@ -114,9 +171,9 @@ impl AdamW {
                 scaled = (grad * grad_scale)?;
                 &scaled
             };
-            let m = ((&self.exp_avg[i] * beta1)? + (grad * (1.0 - beta1))?)?;
-            let v = ((&self.exp_avg_sq[i] * beta2)? + (grad.sqr()? * (1.0 - beta2))?)?;
-            let denom = ((&v / bias2)?.sqrt()? + eps)?;
+            *m = ((&*m * beta1)? + (grad * (1.0 - beta1))?)?;
+            *v = ((&*v * beta2)? + (grad.sqr()? * (1.0 - beta2))?)?;
+            let denom = ((&*v / bias2)?.sqrt()? + eps)?;
             let update = (m.div(&denom)? * (lr / bias1))?;
             let decayed = if weight_decay > 0.0 {
                 (param.as_tensor() * (1.0 - lr * weight_decay))?
@@ -124,20 +181,19 @@ impl AdamW {
                 param.as_tensor().clone()
             };
             param.set(&(decayed - update)?)?;
-            self.exp_avg[i] = m;
-            self.exp_avg_sq[i] = v;
         }
         Ok(())
     }
 
     /// The state as named tensors (`exp_avg.NAME`, `exp_avg_sq.NAME`).
-    pub fn state(&self, params: &[(String, Var)]) -> HashMap<String, Tensor> {
+    pub fn state(&self, params: &[(String, Var)]) -> Result<HashMap<String, Tensor>> {
         let mut map = HashMap::new();
-        for (i, (name, _)) in params.iter().enumerate() {
-            map.insert(format!("exp_avg.{name}"), self.exp_avg[i].clone());
-            map.insert(format!("exp_avg_sq.{name}"), self.exp_avg_sq[i].clone());
+        for ((name, _), moments) in params.iter().zip(&self.moments) {
+            let (m, v) = moments.tensors()?;
+            map.insert(format!("exp_avg.{name}"), m);
+            map.insert(format!("exp_avg_sq.{name}"), v);
         }
-        map
+        Ok(map)
     }
 
     /// Restores a state saved by `state` after `steps` updates.
@@ -147,11 +203,8 @@ impl AdamW {
         mut state: HashMap<String, Tensor>,
         steps: u64,
     ) -> Result<()> {
-        for (i, (name, var)) in params.iter().enumerate() {
-            for (prefix, slot) in [
-                ("exp_avg", &mut self.exp_avg),
-                ("exp_avg_sq", &mut self.exp_avg_sq),
-            ] {
+        for ((name, var), moments) in params.iter().zip(&mut self.moments) {
+            for (prefix, second) in [("exp_avg", false), ("exp_avg_sq", true)] {
                 let key = format!("{prefix}.{name}");
                 let tensor = state.remove(&key).ok_or_else(|| {
                     TrainError::Config(format!("optimizer state lacks {key}: the checkpoint is of another model; pass --fresh or choose another --out"))
@@ -163,7 +216,7 @@ impl AdamW {
                         var.dims()
                     )));
                 }
-                slot[i] = tensor.to_device(var.device())?;
+                moments.set(second, tensor, var)?;
             }
         }
         self.steps = steps;
@@ -194,79 +247,29 @@ fn f32s_mut<'a>(
     }
 }
 
-/// Runs `f(offset, chunk)` over `out` in as many pieces as there are threads
-/// (one piece when it is small).
-fn par_chunks(out: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync) {
-    let threads = candle_core::utils::get_num_threads().max(1);
-    if threads == 1 || out.len() < 1 << 16 {
-        f(0, out);
-        return;
-    }
-    let per = out.len().div_ceil(threads);
-    std::thread::scope(|s| {
-        for (i, chunk) in out.chunks_mut(per).enumerate() {
-            let f = &f;
-            s.spawn(move || f(i * per, chunk));
-        }
-    });
-}
-
-/// `m = beta m + (1 - beta) g` (or `g^2` for the second moment), in place,
-/// with `g` the gradient times `scale`.
-struct Moment {
-    beta: f32,
-    scale: f32,
-    square: bool,
-}
-
-impl InplaceOp2 for Moment {
-    fn name(&self) -> &'static str {
-        "adamw-moment"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<()> {
-        let m = f32s_mut(s1, l1, "a moment")?;
-        let g = f32s(s2, l2, "a gradient")?;
-        if m.len() != g.len() {
-            return Err(candle_core::Error::Msg(
-                "AdamW: moment and gradient sizes differ".into(),
-            ));
-        }
-        let (beta, rest, scale, square) = (self.beta, 1.0 - self.beta, self.scale, self.square);
-        par_chunks(m, |at, m| {
-            let g = &g[at..at + m.len()];
-            if square {
-                m.iter_mut().zip(g).for_each(|(m, &g)| {
-                    let g = g * scale;
-                    *m = beta * *m + rest * (g * g)
-                });
-            } else {
-                m.iter_mut()
-                    .zip(g)
-                    .for_each(|(m, &g)| *m = beta * *m + rest * (g * scale));
-            }
-        });
-        Ok(())
-    }
-}
-
-/// `p = p decay - step m / (sqrt(v) / sqrt(bias2) + eps)`, in place.
-struct Update {
+/// One AdamW update of a weight from its gradient `g` (times `grad_scale`,
+/// the clipping factor) and its moments, all in place:
+/// `m = b1 m + (1 - b1) g`, `v = b2 v + (1 - b2) g^2`,
+/// `p = p decay - step m / (sqrt(v) / sqrt(bias2) + eps)`.
+struct OnePass<'a> {
+    /// Borrowed for the one call (an in-place op sees `&self` only).
+    moments: Mutex<(&'a mut [f32], &'a mut [f32])>,
+    beta1: f32,
+    beta2: f32,
+    grad_scale: f32,
     step: f32,
     bias2_sqrt: f32,
     eps: f32,
     decay: f32,
 }
 
-impl InplaceOp3 for Update {
+/// Elements per parallel piece: large enough that a piece outweighs handing
+/// it to a thread, small enough to spread one layer over every thread.
+const PIECE: usize = 1 << 15;
+
+impl InplaceOp2 for OnePass<'_> {
     fn name(&self) -> &'static str {
-        "adamw-update"
+        "adamw-one-pass"
     }
 
     fn cpu_fwd(
@@ -275,29 +278,39 @@ impl InplaceOp3 for Update {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
     ) -> candle_core::Result<()> {
         let p = f32s_mut(s1, l1, "a parameter")?;
-        let m = f32s(s2, l2, "the first moment")?;
-        let v = f32s(s3, l3, "the second moment")?;
-        if p.len() != m.len() || p.len() != v.len() {
+        let g = f32s(s2, l2, "a gradient")?;
+        let mut moments = self.moments.lock().expect("AdamW moments");
+        let (m, v) = &mut *moments;
+        if p.len() != g.len() || p.len() != m.len() || p.len() != v.len() {
             return Err(candle_core::Error::Msg(
-                "AdamW: parameter and moment sizes differ".into(),
+                "AdamW: parameter, gradient and moment sizes differ".into(),
             ));
         }
-        let Update {
+        let OnePass {
+            beta1,
+            beta2,
+            grad_scale,
             step,
             bias2_sqrt,
             eps,
             decay,
+            ..
         } = *self;
-        par_chunks(p, |at, p| {
-            let (m, v) = (&m[at..at + p.len()], &v[at..at + p.len()]);
-            for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
-                *p = *p * decay - step * m / (v.sqrt() / bias2_sqrt + eps);
-            }
-        });
+        let (rest1, rest2) = (1.0 - beta1, 1.0 - beta2);
+        p.par_chunks_mut(PIECE)
+            .zip(g.par_chunks(PIECE))
+            .zip(m.par_chunks_mut(PIECE))
+            .zip(v.par_chunks_mut(PIECE))
+            .for_each(|(((p, g), m), v)| {
+                for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m).zip(v) {
+                    let g = g * grad_scale;
+                    *m = beta1 * *m + rest1 * g;
+                    *v = beta2 * *v + rest2 * (g * g);
+                    *p = *p * decay - step * *m / (v.sqrt() / bias2_sqrt + eps);
+                }
+            });
         Ok(())
     }
 }

@@ -70,7 +70,7 @@ impl Objective for SftObjective {
                 Ok((nll / norm)?)
             })?;
             loss_sum += loss.to_scalar::<f32>()? as f64;
-            grads.add(params, &times.backward(|| loss.backward())?)?;
+            grads.add(params, &times.backward(|| model.backward(&loss))?)?;
             tokens += batch.tokens;
         }
         Ok(StepOutput {

@@ -15,6 +15,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
+use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::checkpoint::{self, TrainerState};
@@ -42,6 +43,9 @@ pub struct TrainOptions {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lora: Option<LoraConfig>,
     /// Not part of the run's identity:
+    /// Recompute each block in the backward pass (same gradients, less memory).
+    #[serde(skip)]
+    pub gradient_checkpointing: bool,
     #[serde(skip)]
     pub checkpoint_every: usize,
     #[serde(skip)]
@@ -85,6 +89,7 @@ impl Default for TrainOptions {
             max_grad_norm: 1.0,
             seed: 42,
             lora: None,
+            gradient_checkpointing: false,
             checkpoint_every: 50,
             keep_checkpoints: 2,
             save_dtype: DType::F32,
@@ -228,7 +233,12 @@ impl candle_core::CustomOp1 for SumOfSquares {
             (candle_core::CpuStorage::F32(v), Some((a, b))) => &v[a..b],
             _ => candle_core::bail!("sum-of-squares: a contiguous f32 tensor"),
         };
-        let sum = values.iter().map(|&x| f64::from(x) * f64::from(x)).sum();
+        // Pieces summed on every thread, then in order: the same total on every run.
+        let pieces: Vec<f64> = values
+            .par_chunks(1 << 16)
+            .map(|c| c.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>())
+            .collect();
+        let sum = pieces.iter().sum();
         Ok((candle_core::CpuStorage::F64(vec![sum]), ().into()))
     }
 }
@@ -311,13 +321,15 @@ impl RunInputs<'_> {
 }
 
 /// The model a run trains, loaded from `dir`: under LoRA its weights frozen
-/// and adapters added, drawn from the run's seed.
+/// and adapters added, drawn from the run's seed; checkpointed if asked.
 pub fn load_model(dir: &Path, options: &TrainOptions, device: &Device) -> Result<CausalLm> {
     let model = CausalLm::load(dir, device)?;
-    Ok(match &options.lora {
+    let mut model = match &options.lora {
         Some(lora) => model.with_lora(lora.clone(), options.seed)?,
         None => model,
-    })
+    };
+    model.set_gradient_checkpointing(options.gradient_checkpointing);
+    Ok(model)
 }
 
 /// Logs what the run will hold in memory and, on the CPU, refuses a run that

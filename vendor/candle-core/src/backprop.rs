@@ -173,10 +173,14 @@ impl Tensor {
             // fusechat: `accumulate` stores a first gradient as the op produced it, possibly
             // a strided view; the backward rules below were written for the summed,
             // contiguous gradients upstream hands them (scatter and index add refuse views).
+            // A transpose only re-views its gradient, so a view passes through it as it is.
             let grad = grads
                 .remove(node)
-                .expect("candle internal error - grad not populated")
-                .contiguous()?;
+                .expect("candle internal error - grad not populated");
+            let grad = match node.op() {
+                Some(Op::Transpose(..)) => grad,
+                _ => grad.contiguous()?,
+            };
             // https://github.com/huggingface/candle/issues/1241
             // Ideally, we would make these operations in place where possible to ensure that we
             // do not have to allocate too often. Here we just call `.detach` to avoid computing
@@ -445,7 +449,16 @@ impl Tensor {
                         }
 
                         if rhs.track_op() {
-                            let rhs_grad = lhs.t()?.matmul(&grad)?;
+                            // fusechat: an operand used transposed (`x.matmul(&w.t())`, every
+                            // linear layer) gets its gradient as (grad^T lhs)^T rather than
+                            // lhs^T grad: the same products, written in the layout of the
+                            // tensor it transposes, which the transpose rule then hands on
+                            // without a copy.
+                            let rhs_grad = if !rhs.is_contiguous() && rhs.t()?.is_contiguous() {
+                                grad.t()?.matmul(lhs)?.t()?
+                            } else {
+                                lhs.t()?.matmul(&grad)?
+                            };
                             grads.accumulate(rhs, &rhs_grad)?;
                         }
                     }

@@ -11,6 +11,7 @@ use super::config::{ModelConfig, RopeScaling};
 use super::layers::{
     inv_freq, output_logits, Mlp, Result, RmsNorm, RopeTables, SelfAttention, Sequences,
 };
+use super::recompute::{self, Checkpointing};
 use super::Weights;
 
 #[derive(Clone)]
@@ -22,6 +23,35 @@ struct Block {
     mlp: Mlp,
     post_ff_norm: RmsNorm,
     sliding: bool,
+}
+
+/// The RoPE tables a block uses (local or global) and its attention window.
+#[derive(Clone)]
+struct BlockRope {
+    q: RopeTables,
+    k: RopeTables,
+    window: Option<usize>,
+}
+
+impl Block {
+    fn forward(
+        &self,
+        x: &Tensor,
+        seqs: &Sequences,
+        rope: &BlockRope,
+        fused: bool,
+    ) -> Result<Tensor> {
+        let h = self.input_norm.forward(x, fused)?;
+        let h = self
+            .attn
+            .forward(&h, seqs, &rope.q, &rope.k, rope.window, fused)?;
+        let h = self.post_attn_norm.forward(&h, fused)?;
+        let x = (x + h)?;
+        let h = self.pre_ff_norm.forward(&x, fused)?;
+        let h = self.mlp.forward(&h, fused)?;
+        let h = self.post_ff_norm.forward(&h, fused)?;
+        x + h
+    }
 }
 
 #[derive(Clone)]
@@ -110,37 +140,35 @@ impl Gemma3 {
     }
 
     /// `ids` u32, laid out as `seqs` says -> logits `(b, s, vocab)`, or `(rows, vocab)`
-    /// when `rows` picks positions of the flattened `(b * s)`.
+    /// when `rows` picks positions of the flattened `(b * s)`; each block checkpointed
+    /// when `checkpointing` is given.
     pub fn forward(
         &self,
         ids: &Tensor,
-        seqs: Sequences,
+        seqs: &Sequences,
         fused: bool,
         rows: Option<&Tensor>,
+        checkpointing: Option<&Checkpointing>,
     ) -> Result<Tensor> {
         let (b, s) = seqs.dims();
         let positions = seqs.positions();
         let (dtype, device) = (self.embed.dtype(), self.embed.device());
-        let global_q =
-            RopeTables::new(&self.inv_freq_global, &positions, self.scale, dtype, device)?;
-        let global_k = RopeTables::new(&self.inv_freq_global, &positions, 1.0, dtype, device)?;
-        let local_q = RopeTables::new(&self.inv_freq_local, &positions, self.scale, dtype, device)?;
-        let local_k = RopeTables::new(&self.inv_freq_local, &positions, 1.0, dtype, device)?;
+        let tables = |inv_freq: &[f32], window| -> Result<BlockRope> {
+            Ok(BlockRope {
+                q: RopeTables::new(inv_freq, &positions, self.scale, dtype, device)?,
+                k: RopeTables::new(inv_freq, &positions, 1.0, dtype, device)?,
+                window,
+            })
+        };
+        let global = tables(&self.inv_freq_global, None)?;
+        let local = tables(&self.inv_freq_local, Some(self.window))?;
         let mut x = (self.embed.index_select(&ids.flatten_all()?, 0)? * self.embed_scale)?;
         for block in &self.blocks {
-            let (rq, rk, window) = if block.sliding {
-                (&local_q, &local_k, Some(self.window))
-            } else {
-                (&global_q, &global_k, None)
-            };
-            let h = block.input_norm.forward(&x, fused)?;
-            let h = block.attn.forward(&h, seqs, rq, rk, window, fused)?;
-            let h = block.post_attn_norm.forward(&h, fused)?;
-            x = (x + h)?;
-            let h = block.pre_ff_norm.forward(&x, fused)?;
-            let h = block.mlp.forward(&h, fused)?;
-            let h = block.post_ff_norm.forward(&h, fused)?;
-            x = (x + h)?;
+            let rope = if block.sliding { &local } else { &global }.clone();
+            let (block, seqs) = (block.clone(), seqs.clone());
+            x = recompute::block(checkpointing, &x, move |x| {
+                block.forward(x, &seqs, &rope, fused)
+            })?;
         }
         let (norm, head, cap) = (&self.norm, &self.lm_head, self.final_softcap);
         output_logits(x, rows, (b, s), norm, head, cap, fused)

@@ -5,6 +5,8 @@
 //! `softmax_last_dim`, `rms_norm` and `rotary_emb::rope*` do NOT (the gradient silently
 //! stops there), so they are not used.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Tensor, D};
 
 use super::config::{Activation, RopeScaling};
@@ -113,29 +115,30 @@ pub(crate) fn inv_freq(head_dim: usize, theta: f64, scaling: RopeScaling) -> Vec
     }
 }
 
-/// How the tokens of one forward pass are laid out.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Sequences<'a> {
+/// How the tokens of one forward pass are laid out (owned, so that a checkpointed block
+/// can run again in the backward pass).
+#[derive(Debug, Clone)]
+pub(crate) enum Sequences {
     /// `rows` sequences of `len` tokens each (right-padded by the caller).
     Padded { rows: usize, len: usize },
     /// Sequences of these lengths end to end, no padding: attention stays within each
     /// sequence and positions restart at 0 for each.
-    Packed { lens: &'a [usize] },
+    Packed { lens: Arc<[usize]> },
 }
 
-impl Sequences<'_> {
+impl Sequences {
     /// `(b, s)` of the activations: `(rows, len)`, or one row of every token when packed.
     pub fn dims(&self) -> (usize, usize) {
-        match *self {
-            Sequences::Padded { rows, len } => (rows, len),
+        match self {
+            Sequences::Padded { rows, len } => (*rows, *len),
             Sequences::Packed { lens } => (1, lens.iter().sum()),
         }
     }
 
     /// The position of each token along the activations' sequence dimension.
     pub fn positions(&self) -> Vec<usize> {
-        match *self {
-            Sequences::Padded { len, .. } => (0..len).collect(),
+        match self {
+            Sequences::Padded { len, .. } => (0..*len).collect(),
             Sequences::Packed { lens } => lens.iter().flat_map(|&n| 0..n).collect(),
         }
     }
@@ -262,7 +265,7 @@ impl SelfAttention {
     pub fn forward(
         &self,
         x: &Tensor,
-        seqs: Sequences,
+        seqs: &Sequences,
         rope_q: &RopeTables,
         rope_k: &RopeTables,
         window: Option<usize>,

@@ -8,6 +8,7 @@ use super::config::ModelConfig;
 use super::layers::{
     inv_freq, output_logits, Mlp, Result, RmsNorm, RopeTables, SelfAttention, Sequences,
 };
+use super::recompute::{self, Checkpointing};
 use super::Weights;
 
 #[derive(Clone)]
@@ -16,6 +17,23 @@ struct Block {
     attn: SelfAttention,
     post_attn_norm: RmsNorm,
     mlp: Mlp,
+}
+
+impl Block {
+    fn forward(
+        &self,
+        x: &Tensor,
+        seqs: &Sequences,
+        rope_q: &RopeTables,
+        rope_k: &RopeTables,
+        fused: bool,
+    ) -> Result<Tensor> {
+        let h = self.input_norm.forward(x, fused)?;
+        let h = self.attn.forward(&h, seqs, rope_q, rope_k, None, fused)?;
+        let x = (x + h)?;
+        let h = self.post_attn_norm.forward(&x, fused)?;
+        &x + self.mlp.forward(&h, fused)?
+    }
 }
 
 /// A llama-family causal LM whose weights are (clones of) the trainable variables.
@@ -86,13 +104,15 @@ impl Llama {
     }
 
     /// `ids` u32, laid out as `seqs` says -> logits `(b, s, vocab)`, or `(rows, vocab)`
-    /// when `rows` picks positions of the flattened `(b * s)`.
+    /// when `rows` picks positions of the flattened `(b * s)`; each block checkpointed
+    /// when `checkpointing` is given.
     pub fn forward(
         &self,
         ids: &Tensor,
-        seqs: Sequences,
+        seqs: &Sequences,
         fused: bool,
         rows: Option<&Tensor>,
+        checkpointing: Option<&Checkpointing>,
     ) -> Result<Tensor> {
         let (b, s) = seqs.dims();
         let positions = seqs.positions();
@@ -101,13 +121,11 @@ impl Llama {
         let rope_k = RopeTables::new(&self.inv_freq, &positions, 1.0, dtype, device)?;
         let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?; // (b*s, hidden)
         for block in &self.blocks {
-            let h = block.input_norm.forward(&x, fused)?;
-            let h = block
-                .attn
-                .forward(&h, seqs, &rope_q, &rope_k, None, fused)?;
-            x = (x + h)?;
-            let h = block.post_attn_norm.forward(&x, fused)?;
-            x = (&x + block.mlp.forward(&h, fused)?)?;
+            let (block, seqs) = (block.clone(), seqs.clone());
+            let (rope_q, rope_k) = (rope_q.clone(), rope_k.clone());
+            x = recompute::block(checkpointing, &x, move |x| {
+                block.forward(x, &seqs, &rope_q, &rope_k, fused)
+            })?;
         }
         output_logits(x, rows, (b, s), &self.norm, &self.lm_head, None, fused)
     }

@@ -24,11 +24,14 @@ mod llama;
 mod lora;
 mod ops;
 mod packed_attention;
+mod recompute;
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use candle_core::backprop::GradStore;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
@@ -280,6 +283,8 @@ pub struct CausalLm {
     dtype: DType,
     device: Device,
     fused: bool,
+    /// Set under gradient checkpointing: the weight gradients its blocks find.
+    recomputed: Option<Arc<recompute::Recomputed>>,
 }
 
 impl CausalLm {
@@ -490,6 +495,7 @@ impl CausalLm {
             dtype,
             device: device.clone(),
             fused: true,
+            recomputed: None,
         })
     }
 
@@ -503,7 +509,7 @@ impl CausalLm {
                 input_ids.dims()
             ))
         })?;
-        self.run(input_ids, Sequences::Padded { rows, len }, None)
+        self.run(input_ids, &Sequences::Padded { rows, len }, None)
     }
 
     /// Sequences packed end to end with no padding: `input_ids: (sum of lens,)` holds
@@ -528,10 +534,11 @@ impl CausalLm {
             )));
         }
         let rows = rows.to_device(&self.device)?;
-        self.run(input_ids, Sequences::Packed { lens }, Some(&rows))
+        let seqs = Sequences::Packed { lens: lens.into() };
+        self.run(input_ids, &seqs, Some(&rows))
     }
 
-    fn run(&self, input_ids: &Tensor, seqs: Sequences, rows: Option<&Tensor>) -> Result<Tensor> {
+    fn run(&self, input_ids: &Tensor, seqs: &Sequences, rows: Option<&Tensor>) -> Result<Tensor> {
         let (b, s) = seqs.dims();
         if b == 0 || s == 0 {
             return Err(ModelError::Input(format!(
@@ -549,11 +556,49 @@ impl CausalLm {
             }
         };
         let ids = ids.to_device(&self.device)?;
+        let checkpointing = self.checkpointing();
+        let checkpointing = checkpointing.as_ref();
         let logits = match &self.body {
-            Body::Llama(m) => m.forward(&ids, seqs, self.fused, rows)?,
-            Body::Gemma3(m) => m.forward(&ids, seqs, self.fused, rows)?,
+            Body::Llama(m) => m.forward(&ids, seqs, self.fused, rows, checkpointing)?,
+            Body::Gemma3(m) => m.forward(&ids, seqs, self.fused, rows, checkpointing)?,
         };
         Ok(logits)
+    }
+
+    /// Gradient checkpointing: each decoder block keeps only its input for the backward
+    /// pass and runs again there, trading about a third more arithmetic for every
+    /// block's activations but one. The gradients are those without it (up to the order
+    /// of float sums); take them with [`CausalLm::backward`].
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.recomputed = on.then(Default::default);
+    }
+
+    pub fn gradient_checkpointing(&self) -> bool {
+        self.recomputed.is_some()
+    }
+
+    fn checkpointing(&self) -> Option<recompute::Checkpointing> {
+        let found = self.recomputed.as_ref()?;
+        let params = self.parameters().iter().map(|(_, v)| v.clone()).collect();
+        Some(recompute::Checkpointing {
+            found: Arc::clone(found),
+            params: Arc::new(params),
+        })
+    }
+
+    /// The gradients of `loss` (a scalar computed from this model's outputs) for every
+    /// tensor of its graph, the trainable parameters included. Under gradient
+    /// checkpointing the blocks' weight gradients come from their recomputation, which
+    /// `loss.backward()` alone does not return.
+    pub fn backward(&self, loss: &Tensor) -> Result<GradStore> {
+        if let Some(found) = &self.recomputed {
+            found.clear();
+        }
+        let mut grads = loss.backward()?;
+        if let Some(found) = &self.recomputed {
+            found.merge_into(&mut grads)?;
+        }
+        Ok(grads)
     }
 
     /// Trainable parameters with their Hugging Face names, in transformers'
@@ -580,13 +625,15 @@ impl CausalLm {
 
     /// What a packed forward pass keeps for the backward pass, by the kernels it runs:
     /// the fused CPU kernels recompute the attention scores (not with Gemma's
-    /// soft-capping, which runs composed) and accumulate LoRA updates in place.
+    /// soft-capping, which runs composed) and accumulate LoRA updates in place; gradient
+    /// checkpointing keeps only each block's input.
     pub fn kept(&self) -> crate::memory::Kept {
         let fused =
             self.fused && self.device.is_cpu() && matches!(self.dtype, DType::F32 | DType::F64);
         crate::memory::Kept {
             attention_scores: !(fused && self.config.attn_logit_softcapping.is_none()),
             lora_updates: !fused,
+            block_activations: self.recomputed.is_none(),
         }
     }
 

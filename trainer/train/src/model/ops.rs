@@ -13,6 +13,8 @@
 
 use std::ops::{Add, Div, Mul, Sub};
 
+use rayon::prelude::*;
+
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
 };
@@ -206,12 +208,9 @@ fn par_rows<T: Send>(out: &mut [T], row_len: usize, f: impl Fn(usize, &mut [T]) 
         return;
     }
     let per = rows.div_ceil(n);
-    std::thread::scope(|s| {
-        for (ci, chunk) in out.chunks_mut(per * row_len).enumerate() {
-            let f = &f;
-            s.spawn(move || f(ci * per, chunk));
-        }
-    });
+    out.par_chunks_mut(per * row_len)
+        .enumerate()
+        .for_each(|(ci, chunk)| f(ci * per, chunk));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -725,17 +724,14 @@ impl RmsNormGradW {
         let partials: Vec<Vec<f64>> = if n == 1 || x.len() < 1 << 15 {
             (0..rows).step_by(per.max(1)).map(partial).collect()
         } else {
-            std::thread::scope(|s| {
-                let handles: Vec<_> = (0..n)
-                    .map(|c| c * per)
-                    .filter(|&r0| r0 < rows)
-                    .map(|r0| s.spawn(move || partial(r0)))
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| h.join().expect("rms-norm grad thread"))
-                    .collect()
-            })
+            // Collected in order, so the sum below is the same on every run.
+            (0..n)
+                .map(|c| c * per)
+                .filter(|&r0| r0 < rows)
+                .collect::<Vec<_>>()
+                .into_par_iter()
+                .map(partial)
+                .collect()
         };
         (0..d)
             .map(|j| T::from_f64(partials.iter().map(|p| p[j]).sum()))

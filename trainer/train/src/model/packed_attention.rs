@@ -14,6 +14,8 @@
 
 use std::sync::Arc;
 
+use rayon::prelude::*;
+
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 
 use super::layers::attention;
@@ -194,12 +196,7 @@ impl PackedAttention {
         if workers == 1 {
             return run(0);
         }
-        std::thread::scope(|s| {
-            for w in 0..workers {
-                let run = &run;
-                s.spawn(move || run(w));
-            }
-        });
+        (0..workers).into_par_iter().for_each(run);
     }
 
     /// `P = softmax(Q Kᵀ)` of one head over one sequence into `p`.

@@ -1351,6 +1351,40 @@ impl MatMul {
     }
 }
 
+/// fusechat: one f32 matrix product `dst = lhs · rhs` of an `m × k` and a `k × n`
+/// matrix, each element `(i, j)` of a matrix at `ptr + i * rs + j * cs`.
+#[derive(Debug, Clone, Copy)]
+pub struct Sgemm {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub dst: *mut f32,
+    pub dst_rs: isize,
+    pub dst_cs: isize,
+    pub lhs: *const f32,
+    pub lhs_rs: isize,
+    pub lhs_cs: isize,
+    pub rhs: *const f32,
+    pub rhs_rs: isize,
+    pub rhs_cs: isize,
+}
+
+/// fusechat: runs an [`Sgemm`], or returns false (nothing written) for one it
+/// does not take, which candle's own gemm then runs.
+///
+/// # Safety
+/// Called with pointers valid for the whole product and `dst` not aliased.
+pub type SgemmFn = unsafe fn(&Sgemm) -> bool;
+
+static SGEMM: std::sync::OnceLock<SgemmFn> = std::sync::OnceLock::new();
+
+/// fusechat: routes the CPU's f32 matrix products through `f` (for a tuned
+/// BLAS the application finds at run time) for the rest of the process; false
+/// when one is already installed.
+pub fn set_sgemm(f: SgemmFn) -> bool {
+    SGEMM.set(f).is_ok()
+}
+
 impl Map2 for MatMul {
     const OP: &'static str = "mat_mul";
 
@@ -1390,7 +1424,18 @@ impl Map2 for MatMul {
         let dst_rs = dst_strides[0];
         let dst_cs = dst_strides[1];
 
-        let mut dst = vec![T::zero(); b * m * n];
+        // fusechat: gemm overwrites every element of `dst` (`read_dst` false), so
+        // it is not zeroed first unless the product is empty (k = 0), where gemm
+        // may leave it untouched. Zeroing was a full pass over every product.
+        let mut dst = if k == 0 {
+            vec![T::zero(); b * m * n]
+        } else {
+            let mut dst = Vec::with_capacity(b * m * n);
+            // SAFETY: T is a plain number (any bits are a value) and gemm writes
+            // every element before anything reads it.
+            unsafe { dst.set_len(b * m * n) };
+            dst
+        };
         let num_threads = crate::utils::get_num_threads();
         let parallelism = if num_threads > 1 {
             Parallelism::Rayon(num_threads)
@@ -1410,6 +1455,26 @@ impl Map2 for MatMul {
             let lhs_p = &lhs[step * a_skip..];
             let rhs_p = &rhs[step * b_skip..];
             let dst_p = &mut dst[step * c_skip..];
+            if let (DType::F32, Some(sgemm)) = (T::DTYPE, SGEMM.get()) {
+                let call = Sgemm {
+                    m,
+                    n,
+                    k,
+                    dst: dst_p.as_mut_ptr() as *mut f32,
+                    dst_rs: dst_rs as isize,
+                    dst_cs: dst_cs as isize,
+                    lhs: lhs_p.as_ptr() as *const f32,
+                    lhs_rs: lhs_rs as isize,
+                    lhs_cs: lhs_cs as isize,
+                    rhs: rhs_p.as_ptr() as *const f32,
+                    rhs_rs: rhs_rs as isize,
+                    rhs_cs: rhs_cs as isize,
+                };
+                // SAFETY: the same operands gemm gets below (T is f32 here).
+                if unsafe { sgemm(&call) } {
+                    continue;
+                }
+            }
             unsafe {
                 gemm(
                     /* m: usize = */ m,
