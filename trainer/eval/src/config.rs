@@ -68,6 +68,9 @@ pub struct EvalConfig {
     /// Sandboxes running at once.
     #[serde(default = "default_code_concurrency")]
     pub code_concurrency: usize,
+    /// Characters of a sandbox's output kept in samples.jsonl.
+    #[serde(default = "default_detail_chars")]
+    pub detail_chars: usize,
     /// The folder relative paths resolve against (not part of the TOML).
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -136,6 +139,9 @@ fn default_true() -> bool {
 }
 fn default_judge_tokens() -> u64 {
     32
+}
+fn default_detail_chars() -> usize {
+    300
 }
 fn default_code_concurrency() -> usize {
     2

@@ -10,8 +10,9 @@
 //! - the win rate against AlpacaEval's GPT-4 reference outputs
 //!   (`<pool>.win_rate`), judged pairwise in both orders ([`judge`]).
 //!
-//! [`run`] does it all: select the prompts ([`select`]), generate, score,
-//! keep every result in the resumable log ([`store`]), and write
+//! [`run`] does it all, one step after the other: select the prompts
+//! ([`select`]), generate, score ([`score`]), keep every result in the
+//! resumable log ([`store`]), and write
 //! `report.md`, `report.json`, `report.svg` and `samples.jsonl`
 //! ([`report`]), with 95% Wilson intervals ([`stats`]).
 
@@ -19,6 +20,7 @@ pub mod config;
 pub mod error;
 pub mod judge;
 pub mod report;
+pub mod score;
 pub mod select;
 pub mod stats;
 pub mod store;
@@ -30,8 +32,6 @@ use std::sync::Arc;
 use fusechat_data::client::Endpoint;
 use fusechat_data::config::{Config as DataConfig, Domain, PoolFormat};
 use fusechat_data::prompts::Prompt;
-use fusechat_data::score::code::Sandbox;
-use fusechat_data::score::math;
 use futures::StreamExt;
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -40,7 +40,7 @@ pub use config::EvalConfig;
 pub use error::{EvalError, Result};
 pub use report::Report;
 
-use judge::{Order, Verdict};
+use score::{References, Scorer};
 use store::{key_of, Record, Store};
 
 /// What one model did on one prompt, and its score on each benchmark the
@@ -151,19 +151,50 @@ pub struct Outcome {
 /// Run the evaluation of `config` and write the report.
 pub async fn run(config: &EvalConfig) -> Result<Outcome> {
     let data = config.load_data_config()?;
-    let selection = select::select(&data, &config.sizes, config.seed)?;
+    let prompts = select_prompts(config, &data)?;
+    let refs = instruction_references(config, &data, &prompts)?;
+    let out_dir = config.output_dir();
+    let store = Store::open(&out_dir.join("results.jsonl"))?;
+    let tasks = tasks(config, &prompts);
+    let generated = generate(config, &prompts, &tasks, &store).await?;
+    let (mut samples, to_score) = recorded_samples(config, &prompts, &tasks, &store);
+    let scorer = Scorer::new(config, &store, &refs)?;
+    score(&scorer, &prompts, &mut samples, to_score).await?;
+    let (judged, sandboxed) = scorer.counts();
+    let report = Report::build(config, &benchmark_order(config, &data), &samples);
+    report::write(&out_dir, &report, &samples)?;
+    Ok(Outcome {
+        report,
+        output_dir: out_dir,
+        generated,
+        judged,
+        sandboxed,
+    })
+}
+
+/// The evaluation-side prompts of every pool `config` sizes.
+fn select_prompts(config: &EvalConfig, data: &DataConfig) -> Result<Vec<Prompt>> {
+    let selection = select::select(data, &config.sizes, config.seed)?;
     for (pool, asked, got) in &selection.short {
         tracing::warn!("pool `{pool}`: {asked} prompts asked for, its evaluation side holds {got}");
     }
-    let prompts = selection.prompts;
-    // References of the instruction pools.
-    let mut refs: HashMap<String, (String, String)> = HashMap::new();
+    Ok(selection.prompts)
+}
+
+/// The reference outputs of the instruction pools, one for every selected
+/// instruction prompt (a judge is then required).
+fn instruction_references(
+    config: &EvalConfig,
+    data: &DataConfig,
+    prompts: &[Prompt],
+) -> Result<References> {
+    let mut refs = References::new();
     for pool in config.sizes.keys() {
-        if select::domain_of(&data, pool) == Some(Domain::Instruction) {
+        if select::domain_of(data, pool) == Some(Domain::Instruction) {
             if config.judge.is_none() {
                 return Err(EvalError::NoJudge);
             }
-            refs.extend(references(&data, pool)?);
+            refs.extend(references(data, pool)?);
         }
     }
     for p in prompts.iter().filter(|p| p.domain == Domain::Instruction) {
@@ -177,21 +208,21 @@ pub async fn run(config: &EvalConfig) -> Result<Outcome> {
             }
         }
     }
-    let out_dir = config.output_dir();
-    let store = Arc::new(Store::open(&out_dir.join("results.jsonl"))?);
+    Ok(refs)
+}
 
-    // 1. Generation.
-    struct GenJob {
-        model_idx: usize,
-        prompt_idx: usize,
-        key: String,
-        body: Value,
-    }
-    let mut jobs: Vec<GenJob> = Vec::new();
-    let mut gen_keys: HashMap<(usize, usize), String> = HashMap::new();
+/// One model on one prompt: its greedy response is stored under `key`.
+struct Task {
+    model: usize,
+    prompt: usize,
+    key: String,
+}
+
+/// Every model on every prompt, in report order.
+fn tasks(config: &EvalConfig, prompts: &[Prompt]) -> Vec<Task> {
+    let mut tasks = Vec::new();
     for (mi, m) in config.models.iter().enumerate() {
         for (pi, p) in prompts.iter().enumerate() {
-            let body = gen_request(m.model(), p, config.max_tokens, &m.name);
             let key = key_of(
                 "gen",
                 &json!({
@@ -202,55 +233,54 @@ pub async fn run(config: &EvalConfig) -> Result<Outcome> {
                     "temperature": 0.0,
                 }),
             );
-            gen_keys.insert((mi, pi), key.clone());
-            let done = match store.get(&key) {
-                Some(Record::Gen { ok, .. }) => ok || !config.retry_failed,
-                _ => false,
-            };
-            if !done {
-                jobs.push(GenJob {
-                    model_idx: mi,
-                    prompt_idx: pi,
-                    key,
-                    body,
-                });
-            }
+            tasks.push(Task {
+                model: mi,
+                prompt: pi,
+                key,
+            });
         }
     }
+    tasks
+}
+
+/// Asks each model for the responses the store lacks (or recorded as failed,
+/// with `retry_failed`); returns how many requests it sent.
+async fn generate(
+    config: &EvalConfig,
+    prompts: &[Prompt],
+    tasks: &[Task],
+    store: &Store,
+) -> Result<usize> {
     // Same key twice (two rows naming the same endpoint and model): ask once.
     let mut seen = std::collections::HashSet::new();
-    jobs.retain(|j| seen.insert(j.key.clone()));
-    let mut endpoints: Vec<Option<Arc<Endpoint>>> = vec![None; config.models.len()];
-    for j in &jobs {
-        if endpoints[j.model_idx].is_none() {
-            let m = &config.models[j.model_idx];
-            let ep = Endpoint::new(&config.endpoint_for(m))
-                .map_err(|e| EvalError::data(format!("model `{}`: the HTTP client", m.name), e))?;
-            ep.check().await.map_err(|e| {
-                EvalError::Config(format!(
-                    "model `{}` ({} at {}): {e}; start the server (`fusechat serve`) or fix base_url",
-                    m.name,
-                    m.model(),
-                    m.base_url
-                ))
-            })?;
-            endpoints[j.model_idx] = Some(ep);
-        }
-    }
-    let generated = jobs.len();
-    let pb = progress(config.progress, jobs.len(), "generate");
-    let results: Vec<Result<()>> = futures::stream::iter(jobs.into_iter().map(|j| {
-        let ep = endpoints[j.model_idx].clone().expect("endpoint made above");
-        let store = store.clone();
-        let name = config.models[j.model_idx].name.clone();
-        let pid = prompts[j.prompt_idx].id.clone();
+    let pending: Vec<&Task> = tasks
+        .iter()
+        .filter(|t| match store.get(&t.key) {
+            Some(Record::Gen { ok, .. }) => !(ok || !config.retry_failed),
+            _ => true,
+        })
+        .filter(|t| seen.insert(t.key.clone()))
+        .collect();
+    let endpoints = endpoints(config, &pending).await?;
+    // Every endpoint's requests in flight at once (each endpoint bounds its own).
+    let width: usize = (0..config.models.len())
+        .filter(|&mi| endpoints[mi].is_some())
+        .map(|mi| config.endpoint_for(&config.models[mi]).concurrency)
+        .sum();
+    let pb = progress(config.progress, pending.len(), "generate");
+    let results: Vec<Result<()>> = futures::stream::iter(pending.iter().map(|t| {
+        let ep = endpoints[t.model].clone().expect("endpoint made above");
+        let m = &config.models[t.model];
+        let p = &prompts[t.prompt];
         let pb = pb.clone();
         async move {
-            let rec = match ep.chat(&j.body).await {
+            let body = gen_request(m.model(), p, config.max_tokens, &m.name);
+            let (model, prompt, key) = (m.name.clone(), p.id.clone(), t.key.clone());
+            let rec = match ep.chat(&body).await {
                 Ok(r) => Record::Gen {
-                    key: j.key,
-                    model: name,
-                    prompt: pid,
+                    key,
+                    model,
+                    prompt,
                     ok: true,
                     response: Some(r.text),
                     finish_reason: r.finish_reason,
@@ -258,11 +288,11 @@ pub async fn run(config: &EvalConfig) -> Result<Outcome> {
                     error: None,
                 },
                 Err(e) => {
-                    tracing::warn!("{name} on {pid}: {e}");
+                    tracing::warn!("{model} on {prompt}: {e}");
                     Record::Gen {
-                        key: j.key,
-                        model: name,
-                        prompt: pid,
+                        key,
+                        model,
+                        prompt,
                         ok: false,
                         response: None,
                         finish_reason: None,
@@ -275,277 +305,149 @@ pub async fn run(config: &EvalConfig) -> Result<Outcome> {
             store.put(rec)
         }
     }))
-    .buffer_unordered(256)
+    .buffer_unordered(width.max(1))
     .collect()
     .await;
     pb.finish_and_clear();
     results.into_iter().collect::<Result<Vec<()>>>()?;
+    Ok(pending.len())
+}
 
-    // 2. Scoring: math here, code in the sandbox, instruction by the judge.
-    let sandbox_base = {
-        let mut s = Sandbox::new(&config.code);
-        s.plus_inputs = 0;
-        s
-    };
-    let sandbox_plus = {
-        let mut s = Sandbox::new(&config.code);
-        s.plus_inputs = usize::MAX;
-        s
-    };
-    let code_sem = Arc::new(tokio::sync::Semaphore::new(config.code_concurrency));
-    let judge_ep = match &config.judge {
-        Some(j) if !refs.is_empty() => Some(
-            Endpoint::new(&config.judge_endpoint(j))
-                .map_err(|e| EvalError::data("the judge's HTTP client", e))?,
-        ),
-        _ => None,
-    };
-    let judge_checked = Arc::new(tokio::sync::OnceCell::<std::result::Result<(), String>>::new());
-
-    let mut samples: Vec<SampleResult> = Vec::new();
-    struct ScoreJob {
-        idx: usize,
-        prompt_idx: usize,
-        response: String,
-    }
-    let mut score_jobs = Vec::new();
-    for (mi, m) in config.models.iter().enumerate() {
-        for (pi, p) in prompts.iter().enumerate() {
-            let key = &gen_keys[&(mi, pi)];
-            let mut s = SampleResult {
-                model: m.name.clone(),
-                prompt: p.id.clone(),
-                pool: p.pool.clone(),
-                domain: p.domain,
-                response: None,
-                finish_reason: None,
-                scores: benchmarks_of(&p.pool, p.domain)
-                    .into_iter()
-                    .map(|b| (b, None))
-                    .collect(),
-                detail: Value::Null,
-                note: None,
-            };
-            match store.get(key) {
-                Some(Record::Gen {
-                    ok: true,
-                    response,
-                    finish_reason,
-                    ..
-                }) => {
-                    s.response = response.clone();
-                    s.finish_reason = finish_reason;
-                    score_jobs.push(ScoreJob {
-                        idx: samples.len(),
-                        prompt_idx: pi,
-                        response: response.unwrap_or_default(),
-                    });
-                }
-                Some(Record::Gen { error, .. }) => {
-                    s.note = Some(format!(
-                        "request failed: {}",
-                        error.unwrap_or_else(|| "unknown".into())
-                    ));
-                }
-                _ => s.note = Some("no response recorded".into()),
-            }
-            samples.push(s);
+/// A checked client for each model that has requests to make.
+async fn endpoints(config: &EvalConfig, pending: &[&Task]) -> Result<Vec<Option<Arc<Endpoint>>>> {
+    let mut endpoints: Vec<Option<Arc<Endpoint>>> = vec![None; config.models.len()];
+    for t in pending {
+        if endpoints[t.model].is_some() {
+            continue;
         }
+        let m = &config.models[t.model];
+        let ep = Endpoint::new(&config.endpoint_for(m))
+            .map_err(|e| EvalError::data(format!("model `{}`: the HTTP client", m.name), e))?;
+        ep.check().await.map_err(|e| {
+            EvalError::Config(format!(
+                "model `{}` ({} at {}): {e}; start the server (`fusechat serve`) or fix base_url",
+                m.name,
+                m.model(),
+                m.base_url
+            ))
+        })?;
+        endpoints[t.model] = Some(ep);
     }
-    let counters = Arc::new(std::sync::Mutex::new((0usize, 0usize))); // (judged, sandboxed)
-    let pb = progress(config.progress, score_jobs.len(), "score");
-    let scored: Vec<Result<(usize, BTreeMap<String, Option<f64>>, Value, Option<String>)>> =
-        futures::stream::iter(score_jobs.into_iter().map(|j| {
-            let p = &prompts[j.prompt_idx];
-            let model_name = samples[j.idx].model.clone();
-            let store = store.clone();
-            let sandbox_base = &sandbox_base;
-            let sandbox_plus = &sandbox_plus;
-            let code_sem = code_sem.clone();
-            let judge_ep = judge_ep.clone();
-            let judge_checked = judge_checked.clone();
-            let refs = &refs;
-            let counters = counters.clone();
+    Ok(endpoints)
+}
+
+/// A response to score: the sample it belongs to and the prompt it answers.
+struct ToScore {
+    sample: usize,
+    prompt: usize,
+    response: String,
+}
+
+/// One sample per task, with the stored response (or why there is none),
+/// and the responses to score.
+fn recorded_samples(
+    config: &EvalConfig,
+    prompts: &[Prompt],
+    tasks: &[Task],
+    store: &Store,
+) -> (Vec<SampleResult>, Vec<ToScore>) {
+    let mut samples = Vec::with_capacity(tasks.len());
+    let mut to_score = Vec::new();
+    for t in tasks {
+        let p = &prompts[t.prompt];
+        let mut s = SampleResult {
+            model: config.models[t.model].name.clone(),
+            prompt: p.id.clone(),
+            pool: p.pool.clone(),
+            domain: p.domain,
+            response: None,
+            finish_reason: None,
+            scores: benchmarks_of(&p.pool, p.domain)
+                .into_iter()
+                .map(|b| (b, None))
+                .collect(),
+            detail: Value::Null,
+            note: None,
+        };
+        match store.get(&t.key) {
+            Some(Record::Gen {
+                ok: true,
+                response,
+                finish_reason,
+                ..
+            }) => {
+                s.response = response.clone();
+                s.finish_reason = finish_reason;
+                to_score.push(ToScore {
+                    sample: samples.len(),
+                    prompt: t.prompt,
+                    response: response.unwrap_or_default(),
+                });
+            }
+            Some(Record::Gen { error, .. }) => {
+                s.note = Some(format!(
+                    "request failed: {}",
+                    error.unwrap_or_else(|| "unknown".into())
+                ));
+            }
+            _ => s.note = Some("no response recorded".into()),
+        }
+        samples.push(s);
+    }
+    (samples, to_score)
+}
+
+/// Scores every response into its sample.
+async fn score(
+    scorer: &Scorer<'_>,
+    prompts: &[Prompt],
+    samples: &mut [SampleResult],
+    to_score: Vec<ToScore>,
+) -> Result<()> {
+    let pb = progress(scorer.progress(), to_score.len(), "score");
+    let models: Vec<String> = to_score.iter().map(|t| samples[t.sample].model.clone()).collect();
+    let scored: Vec<Result<(usize, score::Scored)>> =
+        futures::stream::iter(to_score.iter().zip(&models).map(|(t, model)| {
             let pb = pb.clone();
             async move {
-                let mut scores = BTreeMap::new();
-                let mut note = None;
-                let detail;
-                match p.domain {
-                    Domain::Math => {
-                        let gold = p.gold.get("answer").and_then(Value::as_str).unwrap_or("");
-                        let v = math::check(&j.response, gold);
-                        scores.insert(p.pool.clone(), Some(if v.correct { 1.0 } else { 0.0 }));
-                        detail = json!({"gold": gold, "extracted": v.extracted, "rule": v.rule, "correct": v.correct});
-                    }
-                    Domain::Code => {
-                        let mut verdicts = serde_json::Map::new();
-                        let mut base_passed = None;
-                        for (tests, sandbox) in [("base", sandbox_base), ("plus", sandbox_plus)] {
-                            let bench = format!("{}.{tests}", p.pool);
-                            // Plus tests include the base tests: a base failure fails plus.
-                            if tests == "plus" && base_passed == Some(false) {
-                                scores.insert(bench, Some(0.0));
-                                verdicts.insert(tests.into(), json!({"passed": false, "reason": "base_failed"}));
-                                continue;
-                            }
-                            let key = key_of(
-                                "code",
-                                &json!({
-                                    "response": j.response, "prompt": p.id, "tests": tests,
-                                    "timeout_s": config.code.timeout_s, "memory_mb": config.code.memory_mb,
-                                }),
-                            );
-                            let rec = match store.get(&key) {
-                                Some(r @ Record::Code { .. }) => r,
-                                _ => {
-                                    let _permit = code_sem.acquire().await.expect("open semaphore");
-                                    let v = sandbox.check_response(&j.response, &p.gold).await;
-                                    counters.lock().unwrap().1 += 1;
-                                    let r = Record::Code {
-                                        key, model: model_name.clone(), prompt: p.id.clone(),
-                                        tests: tests.into(), passed: v.passed, reason: v.reason, detail: v.detail,
-                                    };
-                                    // A broken sandbox is no verdict: not kept, redone next run.
-                                    if !matches!(&r, Record::Code { reason, .. } if reason == "sandbox_error") {
-                                        store.put(r.clone())?;
-                                    }
-                                    r
-                                }
-                            };
-                            if let Record::Code { passed, reason, detail, .. } = rec {
-                                if reason == "sandbox_error" {
-                                    note = Some(format!("sandbox error: {detail}"));
-                                    scores.insert(bench, None);
-                                } else {
-                                    scores.insert(bench, Some(if passed { 1.0 } else { 0.0 }));
-                                }
-                                if tests == "base" {
-                                    base_passed = (reason != "sandbox_error").then_some(passed);
-                                }
-                                let clipped: String = detail.chars().take(300).collect();
-                                verdicts.insert(tests.into(), json!({"passed": passed, "reason": reason, "detail": clipped}));
-                            }
-                        }
-                        detail = Value::Object(verdicts);
-                    }
-                    Domain::Instruction => {
-                        let bench = format!("{}.win_rate", p.pool);
-                        let (instruction, reference) = refs.get(&p.id).cloned().expect("checked above");
-                        let jc = config.judge.as_ref().expect("checked above");
-                        let ep = judge_ep.expect("made above");
-                        let mut judged = [judge::Judged::default(); 2];
-                        let mut shown = serde_json::Map::new();
-                        for (oi, order) in Order::BOTH.into_iter().enumerate() {
-                            if j.response.trim().is_empty() {
-                                // An empty output loses without asking the judge.
-                                let loss = match order { Order::ModelFirst => Verdict::B, Order::ReferenceFirst => Verdict::A };
-                                judged[oi] = judge::Judged { verdict: Some(loss), probs: None };
-                                shown.insert(order.as_str().into(), json!({"verdict": loss, "reply": "empty output: a loss"}));
-                                continue;
-                            }
-                            let body = judge::request(&jc.model, jc.max_tokens, jc.scoring, &instruction, &j.response, &reference, order);
-                            let key = key_of(
-                                "judge",
-                                &json!({"base_url": jc.base_url.trim_end_matches('/'), "body": body}),
-                            );
-                            let cached = match store.get(&key) {
-                                Some(r @ Record::Judge { .. }) => {
-                                    let failed_request = matches!(&r, Record::Judge { error: Some(_), .. });
-                                    (!(failed_request && config.retry_failed)).then_some(r)
-                                }
-                                _ => None,
-                            };
-                            let rec = match cached {
-                                Some(r) => r,
-                                None => {
-                                    let up = judge_checked
-                                        .get_or_init(|| async { ep.check().await })
-                                        .await
-                                        .clone();
-                                    if let Err(e) = up {
-                                        return Err(EvalError::Config(format!(
-                                            "the judge ({} at {}): {e}", jc.model, jc.base_url
-                                        )));
-                                    }
-                                    counters.lock().unwrap().0 += 1;
-                                    let r = match ep.chat(&body).await {
-                                        Ok(r) => {
-                                            let read = judge::parse_verdict_at(&r.text);
-                                            let verdict = read.map(|(v, _)| v);
-                                            let probs = read.and_then(|(v, at)| judge::verdict_probs(&r.raw, &r.text, v, at));
-                                            Record::Judge {
-                                                key, model: model_name.clone(), prompt: p.id.clone(), order,
-                                                verdict, probs, reply: Some(r.text), error: None,
-                                            }
-                                        }
-                                        Err(e) => Record::Judge {
-                                            key, model: model_name.clone(), prompt: p.id.clone(), order,
-                                            verdict: None, probs: None, reply: None, error: Some(e.to_string()),
-                                        },
-                                    };
-                                    store.put(r.clone())?;
-                                    r
-                                }
-                            };
-                            if let Record::Judge { verdict, probs, reply, error, .. } = rec {
-                                judged[oi] = judge::Judged { verdict, probs };
-                                if verdict.is_none() {
-                                    note = Some(match &error {
-                                        Some(e) => format!("judge request failed ({}): {e}", order.as_str()),
-                                        None => format!("no verdict in the judge's reply ({})", order.as_str()),
-                                    });
-                                }
-                                shown.insert(order.as_str().into(), json!({"verdict": verdict, "probs": probs, "reply": reply, "error": error}));
-                            }
-                        }
-                        scores.insert(bench, judge::prompt_score(judged[0], judged[1]));
-                        detail = Value::Object(shown);
-                    }
-                }
+                let scored = scorer.score(model, &prompts[t.prompt], &t.response).await?;
                 pb.inc(1);
-                Ok((j.idx, scores, detail, note))
+                Ok((t.sample, scored))
             }
         }))
-        .buffer_unordered(64)
+        .buffer_unordered(scorer.width())
         .collect()
         .await;
     pb.finish_and_clear();
     for r in scored {
-        let (idx, scores, detail, note) = r?;
-        let s = &mut samples[idx];
-        s.scores = scores;
-        s.detail = detail;
-        s.note = note;
+        let (i, scored) = r?;
+        let s = &mut samples[i];
+        s.scores = scored.scores;
+        s.detail = scored.detail;
+        s.note = scored.note;
     }
-    let (judged, sandboxed) = *counters.lock().unwrap();
+    Ok(())
+}
 
-    // 3. Report.
-    // Columns: math pools, all math, code, instruction; pools in data-config order.
-    let mut bench_order: Vec<String> = Vec::new();
+/// The report's columns: each math pool, all math, then code and
+/// instruction benchmarks, pools in data-config order.
+fn benchmark_order(config: &EvalConfig, data: &DataConfig) -> Vec<String> {
+    let mut order: Vec<String> = Vec::new();
     let evaluated = |d: Domain| {
         data.pools
             .iter()
             .filter(move |p| p.domain == d && config.sizes.contains_key(&p.name))
     };
     for p in evaluated(Domain::Math) {
-        bench_order.push(p.name.clone());
+        order.push(p.name.clone());
     }
     if evaluated(Domain::Math).next().is_some() {
-        bench_order.push(MATH_ALL.into());
+        order.push(MATH_ALL.into());
     }
     for d in [Domain::Code, Domain::Instruction] {
         for p in evaluated(d) {
-            bench_order.extend(benchmarks_of(&p.name, d));
+            order.extend(benchmarks_of(&p.name, d));
         }
     }
-    let report = Report::build(config, &bench_order, &samples);
-    report::write(&out_dir, &report, &samples)?;
-    Ok(Outcome {
-        report,
-        output_dir: out_dir,
-        generated,
-        judged,
-        sandboxed,
-    })
+    order
 }

@@ -88,6 +88,31 @@ pub struct Store {
 }
 
 impl Store {
+    /// The record under `key` when `reuse` accepts it; else what `compute`
+    /// makes, recorded when it says so (a result that is no verdict, such as
+    /// a broken sandbox, is not kept and is made again next run).
+    pub async fn reuse_or<F, Fut>(
+        &self,
+        key: &str,
+        reuse: impl FnOnce(&Record) -> bool,
+        compute: F,
+    ) -> Result<Record>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<(Record, bool)>>,
+    {
+        if let Some(r) = self.get(key) {
+            if reuse(&r) {
+                return Ok(r);
+            }
+        }
+        let (r, keep) = compute().await?;
+        if keep {
+            self.put(r.clone())?;
+        }
+        Ok(r)
+    }
+
     pub fn open(path: &Path) -> Result<Self> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)
