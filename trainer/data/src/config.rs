@@ -10,14 +10,16 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::config_file::{ConfigFile, Embedded};
+pub use crate::config_file::embedded_base;
+
 /// The embedded default: `config/data-tiny.toml`.
 pub const TINY: &str = include_str!("../../../config/data-tiny.toml");
 
-/// Where relative paths of the embedded default resolve: the repository's
-/// `config` folder at build time.
-pub fn embedded_base() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../config"))
-}
+const DEFAULT: Embedded = Embedded {
+    name: "config/data-tiny.toml",
+    text: TINY,
+};
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -496,23 +498,12 @@ impl Config {
 
     /// Load a file, or the embedded default when `path` is `None`.
     pub fn load(path: Option<&Path>) -> Result<Self> {
+        let file = ConfigFile::read(path, &DEFAULT)
+            .with_context(|| format!("reading {}", path.unwrap_or(Path::new("")).display()))?;
         match path {
-            Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .with_context(|| format!("reading {}", p.display()))?;
-                let base = p
-                    .parent()
-                    .map(|d| {
-                        if d.as_os_str().is_empty() {
-                            Path::new(".")
-                        } else {
-                            d
-                        }
-                    })
-                    .unwrap_or(Path::new("."));
-                Self::parse(&text, base).with_context(|| format!("in {}", p.display()))
-            }
-            None => Self::parse(TINY, &embedded_base()),
+            Some(_) => Self::parse(&file.text, &file.base_dir)
+                .with_context(|| format!("in {}", file.origin)),
+            None => Self::parse(&file.text, &file.base_dir),
         }
     }
 

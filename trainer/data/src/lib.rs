@@ -13,6 +13,7 @@
 
 pub mod client;
 pub mod config;
+pub mod config_file;
 pub mod pair;
 pub mod prompts;
 pub mod report;

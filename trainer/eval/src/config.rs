@@ -15,13 +15,16 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{EvalError, Result};
 
+use fusechat_data::config_file::{ConfigFile, Embedded};
+pub use fusechat_data::config_file::embedded_base;
+
 /// The embedded default: `config/eval-tiny.toml`.
 pub const TINY: &str = include_str!("../../../config/eval-tiny.toml");
 
-/// Where relative paths of the embedded default resolve.
-pub fn embedded_base() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../config"))
-}
+const DEFAULT: Embedded = Embedded {
+    name: "config/eval-tiny.toml",
+    text: TINY,
+};
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -164,23 +167,17 @@ impl EvalConfig {
 
     /// Load a file, or the embedded default when `path` is `None`.
     pub fn load(path: Option<&Path>) -> Result<Self> {
-        match path {
-            Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|e| EvalError::Io {
-                    what: format!("reading the eval config {}", p.display()),
-                    source: e,
-                })?;
-                let base = match p.parent() {
-                    Some(d) if !d.as_os_str().is_empty() => d,
-                    _ => Path::new("."),
-                };
-                Self::parse(&text, base).map_err(|e| match e {
-                    EvalError::Config(m) => EvalError::Config(format!("{}: {m}", p.display())),
-                    other => other,
-                })
-            }
-            None => Self::parse(TINY, &embedded_base()),
-        }
+        let file = ConfigFile::read(path, &DEFAULT).map_err(|e| EvalError::Io {
+            what: format!(
+                "reading the eval config {}",
+                path.unwrap_or(Path::new("")).display()
+            ),
+            source: e,
+        })?;
+        Self::parse(&file.text, &file.base_dir).map_err(|e| match (e, path) {
+            (EvalError::Config(m), Some(_)) => EvalError::Config(format!("{}: {m}", file.origin)),
+            (other, _) => other,
+        })
     }
 
     pub fn validate(&self) -> Result<()> {

@@ -14,14 +14,16 @@ use fusechat_train::settings::{Stage, StageOptions, StageSettings};
 
 use crate::error::{FuseError, Result};
 
+use fusechat_data::config_file::{ConfigFile, Embedded};
+pub use fusechat_data::config_file::embedded_base;
+
 /// The embedded default: `config/fuse-tiny.toml`.
 pub const TINY: &str = include_str!("../../../config/fuse-tiny.toml");
 
-/// Where relative paths of the embedded default resolve: the repository's
-/// `config` folder at build time.
-pub fn embedded_base() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../config"))
-}
+const DEFAULT: Embedded = Embedded {
+    name: "config/fuse-tiny.toml",
+    text: TINY,
+};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -239,20 +241,14 @@ impl FuseConfig {
 
     /// A config file, or the embedded default when `path` is `None`.
     pub fn load(path: Option<&Path>) -> Result<Self> {
-        match path {
-            Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|e| FuseError::Io {
-                    what: format!("reading the fuse config {}", p.display()),
-                    source: e,
-                })?;
-                let base = match p.parent() {
-                    Some(d) if !d.as_os_str().is_empty() => d,
-                    _ => Path::new("."),
-                };
-                Self::parse(&text, base, &p.display().to_string())
-            }
-            None => Self::parse(TINY, &embedded_base(), "<embedded config/fuse-tiny.toml>"),
-        }
+        let file = ConfigFile::read(path, &DEFAULT).map_err(|e| FuseError::Io {
+            what: format!(
+                "reading the fuse config {}",
+                path.unwrap_or(Path::new("")).display()
+            ),
+            source: e,
+        })?;
+        Self::parse(&file.text, &file.base_dir, &file.origin)
     }
 
     pub fn validate(&self) -> Result<()> {
