@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::config_file::{ConfigFile, Embedded};
 pub use crate::config_file::embedded_base;
+use crate::config_file::{ConfigFile, Embedded};
 
 /// The embedded default: `config/data-tiny.toml`.
 pub const TINY: &str = include_str!("../../../config/data-tiny.toml");

@@ -68,7 +68,10 @@ mod tests {
         let path = dir.path().join("c.toml");
         std::fs::write(&path, "b = 2").unwrap();
         let file = ConfigFile::read(Some(&path), &DEFAULT).unwrap();
-        assert_eq!((file.text.as_ref(), file.base_dir.as_path()), ("b = 2", dir.path()));
+        assert_eq!(
+            (file.text.as_ref(), file.base_dir.as_path()),
+            ("b = 2", dir.path())
+        );
         let bare = ConfigFile::read(Some(Path::new("c.toml")), &DEFAULT);
         assert!(bare.is_err() || bare.unwrap().base_dir == Path::new("."));
         let default = ConfigFile::read(None, &DEFAULT).unwrap();

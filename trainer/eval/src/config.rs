@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{EvalError, Result};
 
-use fusechat_data::config_file::{ConfigFile, Embedded};
 pub use fusechat_data::config_file::embedded_base;
+use fusechat_data::config_file::{ConfigFile, Embedded};
 
 /// The embedded default: `config/eval-tiny.toml`.
 pub const TINY: &str = include_str!("../../../config/eval-tiny.toml");

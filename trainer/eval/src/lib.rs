@@ -405,7 +405,10 @@ async fn score(
     to_score: Vec<ToScore>,
 ) -> Result<()> {
     let pb = progress(scorer.progress(), to_score.len(), "score");
-    let models: Vec<String> = to_score.iter().map(|t| samples[t.sample].model.clone()).collect();
+    let models: Vec<String> = to_score
+        .iter()
+        .map(|t| samples[t.sample].model.clone())
+        .collect();
     let scored: Vec<Result<(usize, score::Scored)>> =
         futures::stream::iter(to_score.iter().zip(&models).map(|(t, model)| {
             let pb = pb.clone();

@@ -14,8 +14,8 @@ use fusechat_train::settings::{Stage, StageOptions, StageSettings};
 
 use crate::error::{FuseError, Result};
 
-use fusechat_data::config_file::{ConfigFile, Embedded};
 pub use fusechat_data::config_file::embedded_base;
+use fusechat_data::config_file::{ConfigFile, Embedded};
 
 /// The embedded default: `config/fuse-tiny.toml`.
 pub const TINY: &str = include_str!("../../../config/fuse-tiny.toml");
