@@ -112,7 +112,8 @@ pub fn prompt_score(model_first: Judged, reference_first: Judged) -> Option<f64>
     let (vm, vr) = (model_first.verdict?, reference_first.verdict?);
     Some(match (model_first.probs, reference_first.probs) {
         (Some(pm), Some(pr)) => {
-            (weighted_score(Order::ModelFirst, pm) + weighted_score(Order::ReferenceFirst, pr)) / 2.0
+            (weighted_score(Order::ModelFirst, pm) + weighted_score(Order::ReferenceFirst, pr))
+                / 2.0
         }
         _ => (model_score(Order::ModelFirst, vm) + model_score(Order::ReferenceFirst, vr)) / 2.0,
     })
@@ -140,7 +141,10 @@ fn verdict_token(token: &str) -> Option<Verdict> {
 /// verdict there.
 pub fn verdict_probs(raw: &Value, text: &str, verdict: Verdict, at: usize) -> Option<VerdictProbs> {
     let content = raw["choices"][0]["logprobs"]["content"].as_array()?;
-    let tokens: Vec<&str> = content.iter().map(|t| t["token"].as_str()).collect::<Option<_>>()?;
+    let tokens: Vec<&str> = content
+        .iter()
+        .map(|t| t["token"].as_str())
+        .collect::<Option<_>>()?;
     let spelled: String = tokens.concat();
     // Servers may trim the reply's leading whitespace: line the two up.
     let lead = |s: &str| s.len() - s.trim_start().len();
@@ -169,7 +173,11 @@ pub fn verdict_probs(raw: &Value, text: &str, verdict: Verdict, at: usize) -> Op
     if !alts.iter().any(|(t, _)| *t == tokens[i]) {
         alts.push((tokens[i], entry["logprob"].as_f64()?));
     }
-    let mut p = VerdictProbs { a: 0.0, b: 0.0, tie: 0.0 };
+    let mut p = VerdictProbs {
+        a: 0.0,
+        b: 0.0,
+        tie: 0.0,
+    };
     for (tok, lp) in alts {
         let prob = lp.exp();
         if !prob.is_finite() {
@@ -183,7 +191,11 @@ pub fn verdict_probs(raw: &Value, text: &str, verdict: Verdict, at: usize) -> Op
         }
     }
     let total = p.a + p.b + p.tie;
-    (total > 0.0).then(|| VerdictProbs { a: p.a / total, b: p.b / total, tie: p.tie / total })
+    (total > 0.0).then(|| VerdictProbs {
+        a: p.a / total,
+        b: p.b / total,
+        tie: p.tie / total,
+    })
 }
 
 /// The judge's user message.
@@ -276,7 +288,8 @@ pub fn parse_verdict_at(text: &str) -> Option<(Verdict, usize)> {
         })
         .collect();
     letters.dedup_by(|x, y| x.0 == y.0);
-    let distinct: std::collections::BTreeSet<&str> = letters.iter().map(|(l, _)| l.as_str()).collect();
+    let distinct: std::collections::BTreeSet<&str> =
+        letters.iter().map(|(l, _)| l.as_str()).collect();
     if distinct.len() > 1 {
         return None; // "Output (a) is better ... output (b) is better"
     }
@@ -334,7 +347,16 @@ mod tests {
     }
 
     fn by_verdicts(mf: Option<Verdict>, rf: Option<Verdict>) -> Option<f64> {
-        prompt_score(Judged { verdict: mf, probs: None }, Judged { verdict: rf, probs: None })
+        prompt_score(
+            Judged {
+                verdict: mf,
+                probs: None,
+            },
+            Judged {
+                verdict: rf,
+                probs: None,
+            },
+        )
     }
 
     #[test]
@@ -360,7 +382,10 @@ mod tests {
         let content: Vec<Value> = tokens
             .iter()
             .map(|(tok, top)| {
-                let chosen = top.iter().find(|(t, _)| t == tok).map_or(0.0, |(_, p)| p.ln());
+                let chosen = top
+                    .iter()
+                    .find(|(t, _)| t == tok)
+                    .map_or(0.0, |(_, p)| p.ln());
                 let top: Vec<Value> = top
                     .iter()
                     .map(|(t, p)| json!({"token": t, "logprob": p.ln()}))
@@ -369,7 +394,10 @@ mod tests {
             })
             .collect();
         let text: String = tokens.iter().map(|(t, _)| *t).collect();
-        (json!({"choices": [{"message": {"content": text}, "logprobs": {"content": content}}]}), text)
+        (
+            json!({"choices": [{"message": {"content": text}, "logprobs": {"content": content}}]}),
+            text,
+        )
     }
 
     fn probs_of(r: &(Value, String)) -> Option<VerdictProbs> {
@@ -378,7 +406,10 @@ mod tests {
     }
 
     fn judged(r: &(Value, String)) -> Judged {
-        Judged { verdict: parse_verdict(&r.1), probs: probs_of(r) }
+        Judged {
+            verdict: parse_verdict(&r.1),
+            probs: probs_of(r),
+        }
     }
 
     #[test]
@@ -401,7 +432,10 @@ mod tests {
         assert!((s - 0.5).abs() < 1e-9);
         // Only one order with probabilities: both scored by their verdicts,
         // so the "A" bias still cancels.
-        let plain = Judged { verdict: Some(A), probs: None };
+        let plain = Judged {
+            verdict: Some(A),
+            probs: None,
+        };
         assert_eq!(prompt_score(judged(&sure), plain), Some(0.5));
         assert_eq!(prompt_score(plain, judged(&unsure)), Some(0.5));
     }
@@ -421,14 +455,20 @@ mod tests {
         ]);
         assert_eq!(parse_verdict(&r.1), Some(A));
         let p = probs_of(&r).unwrap();
-        assert!((p.a - 0.7).abs() < 1e-9 && (p.b - 0.3).abs() < 1e-9, "{p:?}");
+        assert!(
+            (p.a - 0.7).abs() < 1e-9 && (p.b - 0.3).abs() < 1e-9,
+            "{p:?}"
+        );
         // The chosen token is counted when the alternatives leave it out,
         // and a repeated alternative once.
         let r = logprobs_reply(&[("B", &[("A", 0.5), ("A", 0.5), ("\u{120}B", 0.25)])]);
         let mut v = r.0.clone();
         v["choices"][0]["logprobs"]["content"][0]["logprob"] = json!(0.25f64.ln());
         let p = verdict_probs(&v, &r.1, B, 0).unwrap();
-        assert!((p.a - 0.5 / 1.0).abs() < 1e-9 && (p.b - 0.5).abs() < 1e-9, "{p:?}");
+        assert!(
+            (p.a - 0.5 / 1.0).abs() < 1e-9 && (p.b - 0.5).abs() < 1e-9,
+            "{p:?}"
+        );
         // No logprobs (a judge that does not return them): no probabilities.
         let plain = json!({"choices": [{"message": {"content": "A"}}]});
         assert_eq!(verdict_probs(&plain, "A", A, 0), None);
@@ -445,19 +485,41 @@ mod tests {
         // Where each shape of reply reads its verdict.
         assert_eq!(parse_verdict_at("  Verdict: B"), Some((B, 11)));
         assert_eq!(parse_verdict_at("Final verdict: [[A]]"), Some((A, 17)));
-        assert_eq!(parse_verdict_at("I think output (b) is clearly better."), Some((B, 16)));
+        assert_eq!(
+            parse_verdict_at("I think output (b) is clearly better."),
+            Some((B, 16))
+        );
         assert_eq!(parse_verdict_at("It's a tie."), Some((Tie, 0)));
     }
 
     #[test]
     fn request_places_the_outputs_by_order() {
-        let r = request("j", 16, Scoring::Verdict, "Say hi", "MODEL", "REF", Order::ModelFirst);
+        let r = request(
+            "j",
+            16,
+            Scoring::Verdict,
+            "Say hi",
+            "MODEL",
+            "REF",
+            Order::ModelFirst,
+        );
         let u = r["messages"][1]["content"].as_str().unwrap();
         assert!(u.find("MODEL").unwrap() < u.find("REF").unwrap());
         assert_eq!(r["temperature"], 0.0);
         assert!(r.get("logprobs").is_none());
-        let r = request("j", 16, Scoring::Weighted, "Say hi", "MODEL", "REF", Order::ReferenceFirst);
-        assert_eq!((r["logprobs"].clone(), r["top_logprobs"].clone()), (json!(true), json!(TOP_LOGPROBS)));
+        let r = request(
+            "j",
+            16,
+            Scoring::Weighted,
+            "Say hi",
+            "MODEL",
+            "REF",
+            Order::ReferenceFirst,
+        );
+        assert_eq!(
+            (r["logprobs"].clone(), r["top_logprobs"].clone()),
+            (json!(true), json!(TOP_LOGPROBS))
+        );
         let u = r["messages"][1]["content"].as_str().unwrap();
         assert!(u.find("REF").unwrap() < u.find("MODEL").unwrap());
     }

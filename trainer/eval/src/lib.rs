@@ -262,13 +262,10 @@ async fn generate(
         .filter(|t| seen.insert(t.key.clone()))
         .collect();
     let endpoints = endpoints(config, &pending).await?;
-    // Every endpoint's requests in flight at once (each endpoint bounds its own).
-    let width: usize = (0..config.models.len())
-        .filter(|&mi| endpoints[mi].is_some())
-        .map(|mi| config.endpoint_for(&config.models[mi]).concurrency)
-        .sum();
+    let pending = &pending;
     let pb = progress(config.progress, pending.len(), "generate");
-    let results: Vec<Result<()>> = futures::stream::iter(pending.iter().map(|t| {
+    let ask = |i: usize| {
+        let t: &Task = pending[i];
         let ep = endpoints[t.model].clone().expect("endpoint made above");
         let m = &config.models[t.model];
         let p = &prompts[t.prompt];
@@ -304,12 +301,18 @@ async fn generate(
             pb.inc(1);
             store.put(rec)
         }
-    }))
-    .buffer_unordered(width.max(1))
-    .collect()
-    .await;
+    };
+    // One stream per model, as wide as its endpoint's concurrency, all at once.
+    let per_model = (0..config.models.len()).map(|mi| {
+        let width = config.endpoint_for(&config.models[mi]).concurrency;
+        let tasks = (0..pending.len()).filter(move |&i| pending[i].model == mi);
+        futures::stream::iter(tasks.map(ask))
+            .buffer_unordered(width.max(1))
+            .collect::<Vec<Result<()>>>()
+    });
+    let results = futures::future::join_all(per_model).await;
     pb.finish_and_clear();
-    results.into_iter().collect::<Result<Vec<()>>>()?;
+    results.into_iter().flatten().collect::<Result<Vec<()>>>()?;
     Ok(pending.len())
 }
 
@@ -409,18 +412,29 @@ async fn score(
         .iter()
         .map(|t| samples[t.sample].model.clone())
         .collect();
-    let scored: Vec<Result<(usize, score::Scored)>> =
-        futures::stream::iter(to_score.iter().zip(&models).map(|(t, model)| {
-            let pb = pb.clone();
-            async move {
-                let scored = scorer.score(model, &prompts[t.prompt], &t.response).await?;
-                pb.inc(1);
-                Ok((t.sample, scored))
-            }
-        }))
-        .buffer_unordered(scorer.width())
-        .collect()
-        .await;
+    let (to_score, models, bar) = (&to_score, &models, &pb);
+    let one = move |i: usize| {
+        let (t, model) = (&to_score[i], &models[i]);
+        let pb = bar.clone();
+        async move {
+            let scored = scorer.score(model, &prompts[t.prompt], &t.response).await?;
+            pb.inc(1);
+            Ok((t.sample, scored))
+        }
+    };
+    // One stream per domain, as wide as what bounds it (sandbox slots, the
+    // judge's concurrency), all at once, so neither waits for the other.
+    let per_domain = [Domain::Math, Domain::Code, Domain::Instruction].map(|d| {
+        let jobs = (0..to_score.len()).filter(move |&i| prompts[to_score[i].prompt].domain == d);
+        futures::stream::iter(jobs.map(&one))
+            .buffer_unordered(scorer.width(d))
+            .collect::<Vec<Result<(usize, score::Scored)>>>()
+    });
+    let scored: Vec<Result<(usize, score::Scored)>> = futures::future::join_all(per_domain)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
     pb.finish_and_clear();
     for r in scored {
         let (i, scored) = r?;

@@ -72,14 +72,16 @@ impl<'a> Scorer<'a> {
         })
     }
 
-    /// Responses scored at once: every sandbox slot and judge request busy
-    /// (math is scored in place).
-    pub fn width(&self) -> usize {
-        let judge = match &self.config.judge {
-            Some(j) if self.judge.is_some() => self.config.judge_endpoint(j).concurrency,
-            _ => 0,
+    /// Responses of `domain` scored at once: as many as its sandbox slots or
+    /// judge requests (math is scored in place).
+    pub fn width(&self, domain: Domain) -> usize {
+        let width = match (domain, &self.config.judge) {
+            (Domain::Math, _) => 1,
+            (Domain::Code, _) => self.config.code_concurrency,
+            (Domain::Instruction, Some(j)) => self.config.judge_endpoint(j).concurrency,
+            (Domain::Instruction, None) => 1,
         };
-        self.config.code_concurrency + judge + 1
+        width.max(1)
     }
 
     /// Whether to show progress bars.

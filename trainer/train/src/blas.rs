@@ -14,7 +14,9 @@
 //! a product is cut into one block of rows (or columns) per rayon thread. Its
 //! conditional numerical reproducibility mode is strict, so a product gives
 //! the same bits whatever the alignment of its operands, as the resumed run
-//! of a killed one must.
+//! of a killed one must. The bits do depend on the thread count (it decides
+//! the cut) and on MKL being there at all: a run resumes bit for bit on the
+//! machine (and settings) that started it.
 //!
 //! `FUSECHAT_MKL=/path/to/libmkl_rt.so.N` names the library; `FUSECHAT_MKL=none`
 //! keeps candle's gemm.
@@ -48,6 +50,8 @@ const NO_TRANS: c_int = 111;
 const TRANS: c_int = 112;
 /// `MKL_THREADING_SEQUENTIAL`.
 const SEQUENTIAL: c_int = 1;
+/// `MKL_INTERFACE_LP64`.
+const LP64: c_int = 0;
 /// `MKL_CBWR_AUTO | MKL_CBWR_STRICT`: reproducible bits on this machine's
 /// fastest code path, whatever the operands' alignment.
 const CBWR_AUTO_STRICT: c_int = 2 | 0x10000;
@@ -146,7 +150,14 @@ fn load() -> Result<Option<Mkl>, String> {
             std::mem::transmute(symbol(c"MKL_CBWR_Set")?);
         let version: unsafe extern "C" fn(*mut c_char, c_int) =
             std::mem::transmute(symbol(c"MKL_Get_Version_String")?);
+        let set_interface: unsafe extern "C" fn(c_int) -> c_int =
+            std::mem::transmute(symbol(c"MKL_Set_Interface_Layer")?);
         let sgemm: CblasSgemm = std::mem::transmute(symbol(c"cblas_sgemm")?);
+        // 32-bit integers, as `CblasSgemm` declares them, whatever
+        // MKL_INTERFACE_LAYER says.
+        if set_interface(LP64) != LP64 {
+            return Err(format!("{shown}: its LP64 interface is missing"));
+        }
         if set_layer(SEQUENTIAL) < 0 {
             return Err(format!(
                 "{shown}: its sequential threading layer is missing"
@@ -206,6 +217,22 @@ unsafe impl Sync for Block {}
 /// Rows (or columns) below which a product is not cut for the threads.
 const MIN_CUT: usize = 64;
 
+/// `(start, size)` of the blocks `len` rows (or columns) are cut into for
+/// `threads` threads: equal blocks of at least `MIN_CUT`, the last one
+/// shorter, together exactly `0..len`.
+fn cuts(len: usize, threads: usize) -> Vec<(usize, usize)> {
+    let wanted = if len >= 2 * MIN_CUT {
+        threads.clamp(1, len / MIN_CUT)
+    } else {
+        1
+    };
+    let per = len.div_ceil(wanted).max(1);
+    (0..len)
+        .step_by(per)
+        .map(|start| (start, per.min(len - start)))
+        .collect()
+}
+
 /// The [`candle_core::cpu_backend::SgemmFn`] installed by [`install`].
 ///
 /// # Safety
@@ -234,15 +261,9 @@ unsafe fn run(p: &Sgemm) -> bool {
     } else {
         (false, p.n)
     };
-    let pieces = if len >= 2 * MIN_CUT {
-        threads.min(len / MIN_CUT)
-    } else {
-        1
-    };
-    let per = len.div_ceil(pieces);
-    let blocks: Vec<Block> = (0..pieces)
-        .map(|i| {
-            let (start, size) = (i * per, per.min(len - i * per));
+    let blocks: Vec<Block> = cuts(len, threads)
+        .into_iter()
+        .map(|(start, size)| {
             let mut b = *p;
             let start = start as isize;
             // SAFETY: the offsets stay inside the product's rows (columns).
@@ -293,6 +314,22 @@ unsafe fn run(p: &Sgemm) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cuts_cover_the_product_exactly() {
+        for threads in [1, 2, 3, 16, 67, 72, 96, 256] {
+            for len in (1..5000).chain([4289, 4353, 65_536, 200_003]) {
+                let cuts = cuts(len, threads);
+                assert!(cuts.len() <= threads.max(1), "{len} on {threads}: {cuts:?}");
+                let mut next = 0;
+                for &(start, size) in &cuts {
+                    assert!(start == next && size > 0, "{len} on {threads}: {cuts:?}");
+                    next += size;
+                }
+                assert_eq!(next, len, "{len} on {threads}");
+            }
+        }
+    }
 
     #[test]
     fn operands_map_to_blas_flags() {

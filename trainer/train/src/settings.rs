@@ -207,7 +207,13 @@ impl StageSettings {
         };
         let rank = self.lora_rank.unwrap_or(peft.rank());
         let alpha = self.lora_alpha.unwrap_or(peft.alpha());
-        let setting = if rank == 0 { "lora_rank" } else { "lora_alpha" };
+        let setting = if rank == 0 {
+            "lora_rank"
+        } else if !(alpha.is_finite() && alpha > 0.0) {
+            "lora_alpha"
+        } else {
+            "lora_targets"
+        };
         LoraConfig::new(rank, alpha, targets)
             .map(Some)
             .map_err(|e| InvalidSetting::new(setting, format!("is invalid: {e}")))

@@ -42,7 +42,7 @@ pub struct TrainOptions {
     /// Train LoRA adapters on the frozen model instead of the model itself.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lora: Option<LoraConfig>,
-    /// Not part of the run's identity:
+    // Not part of the run's identity:
     /// Recompute each block in the backward pass (same gradients, less memory).
     #[serde(skip)]
     pub gradient_checkpointing: bool,

@@ -1424,43 +1424,46 @@ impl Map2 for MatMul {
         let dst_rs = dst_strides[0];
         let dst_cs = dst_strides[1];
 
-        // fusechat: gemm overwrites every element of `dst` (`read_dst` false), so
-        // it is not zeroed first unless the product is empty (k = 0), where gemm
-        // may leave it untouched. Zeroing was a full pass over every product.
-        let mut dst = if k == 0 {
-            vec![T::zero(); b * m * n]
-        } else {
-            let mut dst = Vec::with_capacity(b * m * n);
-            // SAFETY: T is a plain number (any bits are a value) and gemm writes
-            // every element before anything reads it.
-            unsafe { dst.set_len(b * m * n) };
-            dst
-        };
         let num_threads = crate::utils::get_num_threads();
         let parallelism = if num_threads > 1 {
             Parallelism::Rayon(num_threads)
         } else {
             Parallelism::None
         };
-        let (b, m, n, k) = if b_skip == 0 && a_skip == m * k {
+        let total = b * m * n;
+        // fusechat: `writes_all`: whether the products below write every element.
+        let (b, m, n, k, writes_all) = if b_skip == 0 && a_skip == m * k {
             // a_skip and c_skip should be updated but step is always 0 so
             // it wouldn't matter.
-            (1, b * m, n, k)
+            (1, b * m, n, k, true)
         } else if a_skip == 0 && b_skip == n * k {
-            (1, m, b * n, k)
+            // fusechat: this fold keeps the row stride of one batch, so it does
+            // not write every element; the buffer stays zero-filled, as upstream.
+            (1, m, b * n, k, false)
         } else {
-            (b, m, n, k)
+            (b, m, n, k, true)
         };
+        // fusechat: gemm overwrites every element it writes (`read_dst` false), so
+        // the buffer is not zero-filled first when the products cover all of it
+        // and are not empty; zeroing was a full pass over every product. Its
+        // length is set once they have written it.
+        let mut dst: Vec<T> = if k == 0 || !writes_all {
+            vec![T::zero(); total]
+        } else {
+            Vec::with_capacity(total)
+        };
+        let dst_base = dst.as_mut_ptr();
         for step in 0..b {
             let lhs_p = &lhs[step * a_skip..];
             let rhs_p = &rhs[step * b_skip..];
-            let dst_p = &mut dst[step * c_skip..];
+            // SAFETY: inside the buffer's capacity (`total` elements).
+            let dst_p = unsafe { dst_base.add(step * c_skip) };
             if let (DType::F32, Some(sgemm)) = (T::DTYPE, SGEMM.get()) {
                 let call = Sgemm {
                     m,
                     n,
                     k,
-                    dst: dst_p.as_mut_ptr() as *mut f32,
+                    dst: dst_p as *mut f32,
                     dst_rs: dst_rs as isize,
                     dst_cs: dst_cs as isize,
                     lhs: lhs_p.as_ptr() as *const f32,
@@ -1480,7 +1483,7 @@ impl Map2 for MatMul {
                     /* m: usize = */ m,
                     /* n: usize = */ n,
                     /* k: usize = */ k,
-                    /* dst: *mut T = */ dst_p.as_mut_ptr(),
+                    /* dst: *mut T = */ dst_p,
                     /* dst_cs: isize = */ dst_cs as isize,
                     /* dst_rs: isize = */ dst_rs as isize,
                     /* read_dst: bool = */ false,
@@ -1498,6 +1501,10 @@ impl Map2 for MatMul {
                     parallelism,
                 )
             }
+        }
+        if dst.len() < total {
+            // SAFETY: the products above wrote every element (`writes_all`).
+            unsafe { dst.set_len(total) };
         }
         Ok(dst)
     }
