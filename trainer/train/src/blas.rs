@@ -245,7 +245,8 @@ unsafe fn run(p: &Sgemm) -> bool {
     if p.dst_cs != 1 || p.k == 0 || too_big {
         return false;
     }
-    let (Some(_), Some(_)) = (
+    // Cutting rows or columns keeps each operand's flag and leading dimension.
+    let (Some((ta, lda)), Some((tb, ldb))) = (
         operand(p.m, p.k, p.lhs_rs, p.lhs_cs),
         operand(p.k, p.n, p.rhs_rs, p.rhs_cs),
     ) else {
@@ -282,8 +283,6 @@ unsafe fn run(p: &Sgemm) -> bool {
         })
         .collect();
     let one = |Block(b): &Block| {
-        let (ta, lda) = operand(b.m, b.k, b.lhs_rs, b.lhs_cs).expect("checked above");
-        let (tb, ldb) = operand(b.k, b.n, b.rhs_rs, b.rhs_cs).expect("checked above");
         // SAFETY: the block's operands lie inside the caller's, which are valid.
         unsafe {
             (mkl.sgemm)(

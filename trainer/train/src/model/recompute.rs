@@ -65,14 +65,11 @@ where
     // variable of its own, whose gradient nobody reads and the backward pass
     // does not compute.
     let input_grad = x.track_op();
-    let x = if !input_grad {
-        Var::from_tensor(x)?.into_inner()
-    } else if x.is_contiguous() && x.layout().start_offset() == 0 {
-        x.clone()
+    let x = if input_grad {
+        // The op rebuilds its input as a fresh tensor from storage.
+        packed(x.clone())?
     } else {
-        // The op rebuilds its input as a fresh tensor from storage, which
-        // takes a contiguous layout at offset 0.
-        x.copy()?
+        Var::from_tensor(x)?.into_inner()
     };
     x.apply_op1(Checkpointed {
         block: Arc::new(block),
@@ -80,6 +77,16 @@ where
         found: Arc::clone(&c.found),
         input_grad,
     })
+}
+
+/// `t`, or a copy of it, laid out contiguously from offset 0: what a tensor
+/// rebuilt from a storage (and a storage handed back from one) must be.
+fn packed(t: Tensor) -> Result<Tensor> {
+    if t.is_contiguous() && t.layout().start_offset() == 0 {
+        Ok(t)
+    } else {
+        t.copy()
+    }
 }
 
 impl Recomputed {
@@ -125,12 +132,7 @@ impl Checkpointed {
     /// returns its output's storage; the block's own graph dies with `y`.
     fn forward(&self, x: Storage, layout: &Layout) -> Result<(Storage, Shape)> {
         let x = Tensor::from_storage(x, layout.shape().clone(), BackpropOp::none(), false);
-        let y = (self.block)(&x)?;
-        let y = if y.is_contiguous() && y.layout().start_offset() == 0 {
-            y
-        } else {
-            y.copy()?
-        };
+        let y = packed((self.block)(&x)?)?;
         let (storage, layout) = y.storage_and_layout();
         Ok((storage.try_clone(layout)?, layout.shape().clone()))
     }
