@@ -88,7 +88,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base-url", required=True)
     ap.add_argument("--model", required=True)
-    ap.add_argument("--data", default="../shared/data/instruction/alpaca_eval_gpt4_baseline.json")
+    ap.add_argument("--data", default=str(pathlib.Path(__file__).resolve().parents[1] / "data/instruction/alpaca_eval_gpt4_baseline.json"))
     ap.add_argument("--n", type=int, default=40)
     ap.add_argument("--concurrency", type=int, default=2)
     ap.add_argument("--json")

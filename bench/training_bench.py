@@ -18,7 +18,7 @@ from pathlib import Path
 
 import os
 
-DATA = Path(os.environ.get("FUSECHAT_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+DATA = Path(__file__).resolve().parents[1] / "data"
 ALPACA = DATA / "instruction" / "alpaca_eval_gpt4_baseline.json"
 
 

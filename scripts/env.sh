@@ -3,14 +3,6 @@
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/fusechat-target}"
 export FUSECHAT_HOME="${FUSECHAT_HOME:-$HOME/.cache/fusechat}"
 export FUSECHAT_BIN="${FUSECHAT_BIN:-$CARGO_TARGET_DIR/release/fusechat}"
-# The prompt pools (GSM8K, MAWPS, ASDiv, MBPP+, AlpacaEval): ../shared/data
-# next to the clone; set FUSECHAT_DATA_DIR to use another copy.
-if [ -z "${FUSECHAT_DATA_DIR:-}" ]; then
-  for candidate in "$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/../shared/data" /work/shared/data; do
-    if [ -f "$candidate/README.md" ]; then
-      FUSECHAT_DATA_DIR="$(cd "$candidate" && pwd)"
-      export FUSECHAT_DATA_DIR
-      break
-    fi
-  done
-fi
+# The prompt pools (GSM8K, MAWPS, ASDiv, MBPP+, AlpacaEval, Arena-Hard) ship
+# in data/ (data/README.md); the configs find them there. FUSECHAT_DATA_DIR
+# is only for a config whose relative data_dir does not exist.

@@ -16,6 +16,8 @@ step() { printf '\n==> %s\n' "$*"; }
 step "Python packages (openai, pytest, transformers, ...)"
 python3 -m pip install -q --disable-pip-version-check -r tests/python/requirements.txt
 
+step "the shipped prompt pools are the published files (data/SHA256SUMS)"
+(cd data && sha256sum --check --quiet SHA256SUMS)
 step "build (release; target dir $CARGO_TARGET_DIR)"
 # One profile and one feature set for the binary and the tests: every crate
 # is compiled once.

@@ -72,11 +72,12 @@ struct ServeArgs {
     /// Server config (TOML). Default: the embedded config/serve.toml.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Address to listen on (overrides the config).
-    #[arg(long)]
+    /// Address to listen on (overrides the config; e.g. 0.0.0.0 in a pod,
+    /// where the default loopback cannot be reached from outside).
+    #[arg(long, env = "FUSECHAT_HOST")]
     host: Option<String>,
     /// Port to listen on (overrides the config).
-    #[arg(long)]
+    #[arg(long, env = "FUSECHAT_PORT")]
     port: Option<u16>,
     /// Add or replace a model: ID=PATH, PATH a GGUF file (served from its
     /// own quantized tensors) or a Hugging Face folder; ID=PATH:f32 serves

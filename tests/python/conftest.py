@@ -60,9 +60,12 @@ class Server:
         config.write_text(config_text)
         self.log_path = self.dir / "server.log"
         self.log = open(self.log_path, "w")
-        env = dict(os.environ, FUSECHAT_HOME=str(HOME), RUST_LOG=os.environ.get("RUST_LOG", "info,mistralrs_core=warn"))
+        # The address through the environment, as a pod gives it (`--host` /
+        # `--port` are what `fusechat fuse` and the Rust tests pass).
+        env = dict(os.environ, FUSECHAT_HOME=str(HOME), RUST_LOG=os.environ.get("RUST_LOG", "info,mistralrs_core=warn"),
+                   FUSECHAT_HOST="127.0.0.1", FUSECHAT_PORT=str(self.port))
         self.proc = subprocess.Popen(
-            [str(BIN), "serve", "--config", str(config), "--host", "127.0.0.1", "--port", str(self.port), *args],
+            [str(BIN), "serve", "--config", str(config), *args],
             stdout=self.log, stderr=subprocess.STDOUT, env=env,
         )
         deadline = time.time() + timeout

@@ -24,7 +24,7 @@ from conftest import HOME, REPO
 
 VENV = Path(os.environ.get("FUSECHAT_ALPACA_VENV", HOME / "alpaca-venv"))
 PYTHON = VENV / "bin" / "python"
-DATA = Path(os.environ.get("FUSECHAT_DATA_DIR", REPO.parent / "shared" / "data"))
+DATA = REPO / "data"
 DATASET = DATA / "instruction" / "alpaca_eval_gpt4_baseline.json"
 
 GENERATE = textwrap.dedent(

@@ -151,7 +151,7 @@ impl Endpoint {
 
     /// Whether the endpoint is taken as down now; once [`DOWN_FOR`] has
     /// passed, requests probe it again.
-    fn is_down(&self) -> bool {
+    pub fn is_down(&self) -> bool {
         let guard = self.down_until.lock().unwrap_or_else(|e| e.into_inner());
         guard.is_some_and(|until| Instant::now() < until)
     }
@@ -390,5 +390,87 @@ mod tests {
             }
         };
         assert_eq!(ok.text, "hi");
+    }
+}
+
+/// One source's endpoints (its replicas): each request goes to the one with
+/// the fewest requests per slot among those not taken as down, and waits
+/// there for one of its `concurrency` slots. A request whose endpoint turns
+/// out to be down is tried on another one that is not.
+pub struct Replicas {
+    endpoints: Vec<Arc<Endpoint>>,
+    /// Requests given to each endpoint and not yet answered.
+    load: Mutex<Vec<usize>>,
+}
+
+/// Gives a request's place back when it is answered (or dropped).
+struct Assigned<'a> {
+    replicas: &'a Replicas,
+    index: usize,
+}
+
+impl Drop for Assigned<'_> {
+    fn drop(&mut self) {
+        let mut load = self.replicas.load.lock().unwrap_or_else(|e| e.into_inner());
+        load[self.index] -= 1;
+    }
+}
+
+impl Replicas {
+    pub fn new(endpoints: Vec<Arc<Endpoint>>) -> Self {
+        assert!(!endpoints.is_empty(), "a source has at least one endpoint");
+        let load = Mutex::new(vec![0; endpoints.len()]);
+        Self { endpoints, load }
+    }
+
+    /// Requests in flight at once over every replica.
+    pub fn concurrency(&self) -> usize {
+        self.endpoints
+            .iter()
+            .map(|e| e.cfg.concurrency.max(1))
+            .sum()
+    }
+
+    /// The least busy endpoint not taken as down (any, when all are), not in `tried`.
+    fn assign(&self, tried: &[usize]) -> Option<Assigned<'_>> {
+        let mut load = self.load.lock().unwrap_or_else(|e| e.into_inner());
+        let busy = |i: usize| load[i] as f64 / self.endpoints[i].cfg.concurrency.max(1) as f64;
+        let open: Vec<usize> = (0..self.endpoints.len())
+            .filter(|i| !tried.contains(i))
+            .collect();
+        let up: Vec<usize> = open
+            .iter()
+            .copied()
+            .filter(|&i| !self.endpoints[i].is_down())
+            .collect();
+        let pool = if up.is_empty() { &open } else { &up };
+        let index = pool
+            .iter()
+            .copied()
+            .min_by(|&a, &b| busy(a).total_cmp(&busy(b)))?;
+        load[index] += 1;
+        Some(Assigned {
+            replicas: self,
+            index,
+        })
+    }
+
+    /// [`Endpoint::chat`] on the least busy replica; on another one when
+    /// that one could not be reached.
+    pub async fn chat(&self, body: &Value) -> Result<ChatResponse, ChatFailure> {
+        let mut tried = Vec::new();
+        loop {
+            let assigned = self.assign(&tried).expect("an endpoint not tried yet");
+            let endpoint = &self.endpoints[assigned.index];
+            let result = endpoint.chat(body).await;
+            tried.push(assigned.index);
+            drop(assigned);
+            match result {
+                Err(failure) if endpoint.is_down() && tried.len() < self.endpoints.len() => {
+                    tracing::debug!("{}: {failure}; trying another replica", endpoint.cfg.name);
+                }
+                other => return other,
+            }
+        }
     }
 }

@@ -130,6 +130,10 @@ pub enum PoolFormat {
     ArenaHard,
     /// Generic JSONL: `id`, `prompt`, optional `answer`.
     Jsonl,
+    /// A Hugging Face dataset file, `.jsonl`, `.json` or `.parquet`, in one
+    /// of the common layouts (`layout`, else told from the first row's
+    /// fields) or read through `fields`.
+    Auto,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -144,6 +148,56 @@ pub struct PoolConfig {
     /// Take at most this many training-side prompts (in file order).
     #[serde(default)]
     pub limit: Option<usize>,
+    /// `format = "auto"`: the row layout, when it is not to be told from the
+    /// first row's fields (see `crate::hf`).
+    #[serde(default)]
+    pub layout: Option<Layout>,
+    /// `format = "auto"`: the fields to read instead of the layout's own
+    /// names, for datasets in no common layout.
+    #[serde(default)]
+    pub fields: FieldMap,
+}
+
+/// The common row layouts of Hugging Face datasets (`format = "auto"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Layout {
+    /// Chat `messages` (or ShareGPT `conversations` with `from`/`value`):
+    /// the first user turn is the prompt, the assistant turn after it the reference.
+    Messages,
+    /// `prompt` / `chosen` / `rejected` (a string or a list of messages):
+    /// the prompt, and the chosen response as the reference.
+    Preference,
+    /// Alpaca: `instruction`, optional `input` (appended), `output` as the reference.
+    Instruction,
+    /// `question` / `answer` (GSM8K's `#### N`, a `\boxed{}` or a plain answer).
+    QuestionAnswer,
+    /// `problem` / `solution` (MATH, NuminaMath): `answer` when the row has
+    /// one, else the solution's last `\boxed{}`.
+    ProblemSolution,
+}
+
+/// Field names for `format = "auto"`, each overriding the layout's own.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FieldMap {
+    /// The prompt: a string, or a list of chat messages (the first user turn).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<String>,
+    /// Text appended to the prompt after a blank line (Alpaca's `input`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<String>,
+    /// The gold answer (math pools need one): a number, a LaTeX answer, a
+    /// solution ending in `#### N` or holding a `\boxed{}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer: Option<String>,
+    /// A reference response (instruction pools).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
+    /// The row id (default: `id`, `idx`, `question_id` or `unique_id` when
+    /// present, else the row number).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -236,7 +290,14 @@ pub struct SourceConfig {
     /// Name in the store and the outputs.
     pub id: String,
     /// `[[endpoints]]` name.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub endpoint: String,
+    /// Several `[[endpoints]]` serving this model (replicas behind several
+    /// base URLs, or several servers), instead of `endpoint`: each request
+    /// goes to the least busy one that answers, and each keeps its own
+    /// `concurrency`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<String>,
     /// Model id sent to the endpoint; default: `id`.
     #[serde(default)]
     pub model: Option<String>,
@@ -254,6 +315,11 @@ pub struct SourceConfig {
     /// Only these domains (default: all).
     #[serde(default)]
     pub domains: Option<Vec<Domain>>,
+    /// Responses per prompt for this source, per domain, where it differs
+    /// from `sampling.n` (e.g. several from the source whose answers are
+    /// right often enough to give same-source pairs, one from the others).
+    #[serde(default)]
+    pub n: BTreeMap<Domain, u32>,
 }
 
 impl SourceConfig {
@@ -262,6 +328,17 @@ impl SourceConfig {
     }
     pub fn serves(&self, d: Domain) -> bool {
         self.domains.as_ref().is_none_or(|ds| ds.contains(&d))
+    }
+    /// The `[[endpoints]]` this source is sampled through: `endpoint`, or `endpoints`.
+    pub fn endpoint_names(&self) -> Vec<&str> {
+        match self.endpoint.is_empty() {
+            true => self.endpoints.iter().map(String::as_str).collect(),
+            false => vec![self.endpoint.as_str()],
+        }
+    }
+    /// Responses per prompt of domain `d`: this source's `n`, else `sampling.n`.
+    pub fn n_for(&self, d: Domain, sampling: &SamplingConfig) -> u32 {
+        self.n.get(&d).copied().unwrap_or_else(|| sampling.n_for(d))
     }
 }
 
@@ -346,9 +423,26 @@ pub struct ScoringConfig {
     pub reward: Option<RewardConfig>,
     #[serde(default)]
     pub judge: Option<JudgeConfig>,
+    /// Agreement with the prompt's reference response (`score::reference`):
+    /// the instruction signal where no reward model or working judge exists.
+    #[serde(default)]
+    pub reference: Option<ReferenceScoring>,
     /// Scoring tasks at once (code sandboxes, reward and judge requests).
     #[serde(default = "default_score_concurrency")]
     pub concurrency: usize,
+}
+
+/// `[scoring.reference]`: score responses by their agreement with the
+/// prompt's reference response, in these domains (prompts with a reference only).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReferenceScoring {
+    #[serde(default = "default_reference_domains")]
+    pub domains: Vec<Domain>,
+}
+
+fn default_reference_domains() -> Vec<Domain> {
+    vec![Domain::Instruction]
 }
 
 fn default_score_concurrency() -> usize {
@@ -468,6 +562,22 @@ pub struct PairingConfig {
     /// Whether a response cut by the length limit may be chosen / used for SFT.
     #[serde(default)]
     pub allow_truncated_chosen: bool,
+    /// Which training prompts DPO pairs come from (see `DpoPrompts`).
+    #[serde(default)]
+    pub dpo_prompts: DpoPrompts,
+}
+
+/// Which training prompts give DPO pairs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DpoPrompts {
+    /// Those that do not feed SFT (`1 - sft_fraction` of them): the
+    /// paper's split, each prompt used by one stage.
+    #[default]
+    Rest,
+    /// Every training prompt: SFT's part gives pairs too. For small runs,
+    /// where the split would leave too few of either.
+    All,
 }
 
 impl Default for PairingConfig {
@@ -477,6 +587,7 @@ impl Default for PairingConfig {
             seed: default_seed(),
             window: default_window(),
             allow_truncated_chosen: false,
+            dpo_prompts: DpoPrompts::Rest,
         }
     }
 }
@@ -522,6 +633,19 @@ impl Config {
             if !seen.insert(&p.name) {
                 bail!("two pools named `{}`", p.name);
             }
+            let auto_only = p.layout.is_some() || p.fields != FieldMap::default();
+            if auto_only && p.format != PoolFormat::Auto {
+                bail!(
+                    "pool `{}`: `layout` and `fields` are read with format = \"auto\" only",
+                    p.name
+                );
+            }
+            if p.format == PoolFormat::Auto && p.domain == Domain::Code {
+                bail!(
+                    "pool `{}`: format = \"auto\" reads math and instruction pools; a code pool needs its tests (format = \"mbpp_plus\")",
+                    p.name
+                );
+            }
             if !self.sampling.n.contains_key(&p.domain) {
                 bail!(
                     "pool `{}` is a {d} pool, but sampling.n has no `{d}` entry, so none of its prompts would be sampled: \
@@ -536,12 +660,19 @@ impl Config {
             if !seen.insert(&s.id) {
                 bail!("two sources with id `{}`", s.id);
             }
-            if self.endpoint(&s.endpoint).is_none() {
+            if s.endpoint.is_empty() == s.endpoints.is_empty() {
                 bail!(
-                    "source `{}` names endpoint `{}`, which no [[endpoints]] defines",
-                    s.id,
-                    s.endpoint
+                    "source `{}` needs `endpoint = \"NAME\"` or `endpoints = [\"NAME\", ...]` (one of the two)",
+                    s.id
                 );
+            }
+            for name in s.endpoint_names() {
+                if self.endpoint(name).is_none() {
+                    bail!(
+                        "source `{}` names endpoint `{name}`, which no [[endpoints]] defines",
+                        s.id
+                    );
+                }
             }
         }
         for e in &self.endpoints {
@@ -575,8 +706,8 @@ impl Config {
     }
 
     /// The pool folder: `prompts.data_dir` from the config's folder. When that
-    /// is a relative folder that does not exist (the shipped configs'
-    /// `../../shared/data` in a clone that is not next to `shared/`),
+    /// is a relative folder that does not exist (a config copied away from
+    /// the repository, whose `../data` then names nothing),
     /// `$FUSECHAT_DATA_DIR` says where the pools are instead.
     pub fn data_dir(&self) -> PathBuf {
         let configured = self.resolve(&self.prompts.data_dir);
@@ -645,6 +776,22 @@ mod tests {
             }
         }
         assert!(n >= 1);
+    }
+
+    #[test]
+    fn a_source_may_sample_more_or_fewer_than_sampling_n() {
+        let base = Path::new(".");
+        let text = TINY.replacen(
+            "endpoint = \"local\"",
+            "endpoint = \"local\"\nn = { math = 5, code = 0 }",
+            1,
+        );
+        let c = Config::parse(&text, base).unwrap();
+        let (first, second) = (&c.sources[0], &c.sources[1]);
+        assert_eq!(first.n_for(Domain::Math, &c.sampling), 5);
+        assert_eq!(first.n_for(Domain::Code, &c.sampling), 0);
+        assert_eq!(first.n_for(Domain::Instruction, &c.sampling), 2);
+        assert_eq!(second.n_for(Domain::Math, &c.sampling), 2);
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! pair them into the SFT and DPO files the trainer reads.
 //!
 //! - [`config`]: the one TOML config of `fusechat sample`, `score` and `pair`.
-//! - [`prompts`]: prompt pools and the deterministic training/evaluation split.
+//! - [`prompts`]: prompt pools and the deterministic training/evaluation split;
+//!   `hf` reads Hugging Face dataset files (JSONL, JSON, Parquet) in the common layouts.
 //! - [`client`]: the OpenAI chat client (concurrency limit, retries, `Retry-After`).
 //! - [`store`]: the SQLite store, the only copy, resumable after kill -9.
 //! - [`sample`], [`score`], [`pair`], [`report`]: the three stages and the report.
@@ -14,6 +15,7 @@
 pub mod client;
 pub mod config;
 pub mod config_file;
+mod hf;
 pub mod pair;
 pub mod prompts;
 pub mod report;

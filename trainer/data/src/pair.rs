@@ -2,10 +2,13 @@
 //! reads, and the report.
 //!
 //! - Training prompts are split into an SFT part and a DPO part by a seeded
-//!   hash of their id (paper 4:6).
+//!   hash of their id (paper 4:6); with `pairing.dpo_prompts = "all"` the
+//!   DPO pairs come from every training prompt, the SFT part's included
+//!   (for runs too small to give up the pairs of the SFT prompts).
 //! - SFT: the single best response to a prompt over all sources (correct
 //!   first for math and code, then the highest reward, or the judge's rating
-//!   where no reward model scored). Responses that still tie (every correct
+//!   where no reward model scored, or the agreement with the prompt's
+//!   reference response where neither did). Responses that still tie (every correct
 //!   answer, where neither a reward model nor a judge scored) are told apart
 //!   by the judge where it scored, else by a seeded hash of (prompt, source,
 //!   index), so equally good sources share the rows instead of the first
@@ -23,7 +26,7 @@ use anyhow::{bail, Result};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::config::{Config, Domain};
+use crate::config::{Config, Domain, DpoPrompts};
 use crate::prompts::{unit_hash, Side};
 use crate::store::{Sample, ScoreRecord, Store, StoredPrompt};
 
@@ -37,6 +40,8 @@ pub struct Candidate {
     pub passed: Option<bool>,
     pub reward: Option<f64>,
     pub judge: Option<f64>,
+    /// Agreement with the prompt's reference response.
+    pub reference: Option<f64>,
     /// Breaks exact ties, in [0, 1): [`tiebreak`] of (prompt, source, index).
     pub tiebreak: f64,
 }
@@ -52,6 +57,10 @@ pub struct Rules {
     pub domain: Domain,
     /// A reward model scored this domain: rank by reward and apply the window.
     pub use_reward: bool,
+    /// Without a reward model: the judge rated some response of this prompt,
+    /// so the judge ranks (else the agreement with the reference does; the
+    /// two scales are never mixed).
+    pub use_judge: bool,
     pub window: [f64; 2],
     pub allow_truncated_chosen: bool,
 }
@@ -93,7 +102,8 @@ fn key(c: &Candidate, r: &Rules) -> Option<Key> {
     } else if r.use_reward {
         (0, c.reward?)
     } else {
-        (0, c.judge?)
+        // The judge's rating, else the agreement with the reference.
+        (0, if r.use_judge { c.judge? } else { c.reference? })
     };
     Some(Key {
         pass,
@@ -330,6 +340,32 @@ pub fn run(config: &Config) -> Result<Report> {
     Ok(report)
 }
 
+/// The SFT line of a prompt: its best response as the assistant turn.
+fn sft_line(p: &StoredPrompt, c: &Candidate) -> String {
+    json!({
+        "messages": [
+            {"role": "user", "content": p.text},
+            {"role": "assistant", "content": c.text},
+        ],
+        "metadata": {"prompt_id": p.id, "domain": p.domain, "source": c.source, "scores": score_meta(c)},
+    })
+    .to_string()
+}
+
+/// The DPO line of a prompt: chosen and rejected, both of one source.
+fn dpo_line(p: &StoredPrompt, c: &Candidate, r: &Candidate) -> String {
+    json!({
+        "prompt": [{"role": "user", "content": p.text}],
+        "chosen": [{"role": "assistant", "content": c.text}],
+        "rejected": [{"role": "assistant", "content": r.text}],
+        "metadata": {
+            "prompt_id": p.id, "domain": p.domain, "source": c.source,
+            "scores": {"chosen": score_meta(c), "rejected": score_meta(r)},
+        },
+    })
+    .to_string()
+}
+
 type Scores = HashMap<crate::store::SampleKey, Vec<ScoreRecord>>;
 
 /// The pairing of what the store holds: the report and the SFT and DPO
@@ -371,11 +407,12 @@ fn build(
         let passed = get("math").or_else(|| get("code")).and_then(|r| r.passed);
         let reward = get("reward").and_then(|r| r.score);
         let judge = get("judge").and_then(|r| r.score);
+        let reference = get("reference").and_then(|r| r.score);
         if let Some(p) = passed {
             sr.scored += 1;
             sr.checked += 1;
             sr.passed += p as usize;
-        } else if reward.is_some() || judge.is_some() {
+        } else if reward.is_some() || judge.is_some() || reference.is_some() {
             sr.scored += 1;
         }
         if let Some(x) = reward {
@@ -397,6 +434,7 @@ fn build(
                 passed,
                 reward,
                 judge,
+                reference,
                 tiebreak: tiebreak(config.pairing.seed, &s.prompt_id, &s.source, s.idx),
             });
     }
@@ -419,57 +457,49 @@ fn build(
                 .is_some_and(|ds| ds.as_ref().is_none_or(|ds| ds.contains(&p.domain))),
             window: config.pairing.window,
             allow_truncated_chosen: config.pairing.allow_truncated_chosen,
+            use_judge: cands.iter().any(|c| c.judge.is_some()),
         };
         let sft_side =
             unit_hash(config.pairing.seed, &format!("sft/{}", p.id)) < config.pairing.sft_fraction;
-        let outcome = if cands.is_empty() {
-            Outcome::Dropped("no successful response".into())
-        } else if sft_side {
-            pick_sft(&cands, &rules)
-        } else {
-            pick_dpo(&cands, &sources, &rules)
-        };
+        let dpo_side = !sft_side || config.pairing.dpo_prompts == DpoPrompts::All;
         if sft_side {
             dr.sft_prompts += 1;
-        } else {
-            dr.dpo_prompts += 1;
+            let outcome = match cands.is_empty() {
+                true => Outcome::Dropped("no successful response".into()),
+                false => pick_sft(&cands, &rules),
+            };
+            match outcome {
+                Outcome::Sft(i) => {
+                    let c = &cands[i];
+                    sft_lines.push(sft_line(p, c));
+                    dr.sft_rows += 1;
+                    dr.sources.entry(c.source.clone()).or_default().sft_rows += 1;
+                }
+                Outcome::Dropped(reason) => {
+                    *dr.dropped.entry(format!("sft: {reason}")).or_default() += 1
+                }
+                Outcome::Dpo(..) => unreachable!("pick_sft gives SFT rows"),
+            }
         }
-        match outcome {
-            Outcome::Sft(i) => {
-                let c = &cands[i];
-                sft_lines.push(
-                    json!({
-                        "messages": [
-                            {"role": "user", "content": p.text},
-                            {"role": "assistant", "content": c.text},
-                        ],
-                        "metadata": {"prompt_id": p.id, "domain": p.domain, "source": c.source, "scores": score_meta(c)},
-                    })
-                    .to_string(),
-                );
-                dr.sft_rows += 1;
-                dr.sources.entry(c.source.clone()).or_default().sft_rows += 1;
-            }
-            Outcome::Dpo(ci, ri) => {
-                let (c, r) = (&cands[ci], &cands[ri]);
-                dpo_lines.push(
-                    json!({
-                        "prompt": [{"role": "user", "content": p.text}],
-                        "chosen": [{"role": "assistant", "content": c.text}],
-                        "rejected": [{"role": "assistant", "content": r.text}],
-                        "metadata": {
-                            "prompt_id": p.id, "domain": p.domain, "source": c.source,
-                            "scores": {"chosen": score_meta(c), "rejected": score_meta(r)},
-                        },
-                    })
-                    .to_string(),
-                );
-                dr.dpo_pairs += 1;
-                dr.sources.entry(c.source.clone()).or_default().dpo_pairs += 1;
-            }
-            Outcome::Dropped(reason) => {
-                let part = if sft_side { "sft" } else { "dpo" };
-                *dr.dropped.entry(format!("{part}: {reason}")).or_default() += 1;
+        if dpo_side {
+            dr.dpo_prompts += 1;
+            let outcome = match cands.is_empty() {
+                true => Outcome::Dropped("no successful response".into()),
+                false => pick_dpo(&cands, &sources, &rules),
+            };
+            match outcome {
+                Outcome::Dpo(ci, ri) => {
+                    dpo_lines.push(dpo_line(p, &cands[ci], &cands[ri]));
+                    dr.dpo_pairs += 1;
+                    dr.sources
+                        .entry(cands[ci].source.clone())
+                        .or_default()
+                        .dpo_pairs += 1;
+                }
+                Outcome::Dropped(reason) => {
+                    *dr.dropped.entry(format!("dpo: {reason}")).or_default() += 1
+                }
+                Outcome::Sft(_) => unreachable!("pick_dpo gives pairs"),
             }
         }
     }
@@ -504,6 +534,7 @@ mod tests {
             passed,
             reward,
             judge,
+            reference: None,
             tiebreak: 0.0,
         }
     }
@@ -514,6 +545,7 @@ mod tests {
             use_reward,
             window: [0.01, 0.1],
             allow_truncated_chosen: false,
+            use_judge: true,
         }
     }
 
@@ -692,6 +724,10 @@ mod tests {
     /// A store of `n` math prompts where sources `a` and `b` each answer
     /// every prompt once, correctly, with no reward model and no judge.
     fn tied_run(n: usize, sft_fraction: f64) -> Report {
+        tied_run_with(n, sft_fraction, "rest")
+    }
+
+    fn tied_run_with(n: usize, sft_fraction: f64, dpo_prompts: &str) -> Report {
         let dir = tempfile::tempdir().unwrap();
         let text = format!(
             r#"
@@ -718,6 +754,7 @@ endpoint = "e"
 n = {{ math = 2 }}
 [pairing]
 sft_fraction = {sft_fraction}
+dpo_prompts = "{dpo_prompts}"
 "#,
             out = dir.path().join("out").display()
         );
@@ -787,6 +824,52 @@ sft_fraction = {sft_fraction}
         // Deterministic: the same store pairs the same way.
         let again = tied_run(120, 0.0);
         assert_eq!(again.domains["math"].sources["a"].dpo_pairs, a);
+    }
+
+    #[test]
+    fn instruction_ranks_by_the_reference_where_no_judge_scored() {
+        let with_ref = |idx, x| Candidate {
+            reference: Some(x),
+            ..c("a", idx, None, None, None)
+        };
+        let r = Rules {
+            use_judge: false,
+            ..rules(Domain::Instruction, false)
+        };
+        let cands = [with_ref(0, 0.2), with_ref(1, 0.6), with_ref(2, 0.1)];
+        assert_eq!(pick_sft(&cands, &r), Outcome::Sft(1));
+        assert_eq!(pick_dpo(&cands, &srcs(), &r), Outcome::Dpo(1, 2));
+        // The judge's rating, where it scored, comes first.
+        let judged = [
+            Candidate {
+                judge: Some(9.0),
+                ..with_ref(0, 0.2)
+            },
+            Candidate {
+                judge: Some(3.0),
+                ..with_ref(1, 0.6)
+            },
+        ];
+        assert_eq!(
+            pick_sft(&judged, &rules(Domain::Instruction, false)),
+            Outcome::Sft(0)
+        );
+    }
+
+    #[test]
+    fn dpo_from_every_prompt_keeps_the_sft_split() {
+        let split = tied_run_with(100, 0.4, "rest");
+        let all = tied_run_with(100, 0.4, "all");
+        let (s, a) = (&split.domains["math"], &all.domains["math"]);
+        // The SFT side is the same prompts either way.
+        assert_eq!(a.sft_prompts, s.sft_prompts);
+        assert_eq!(a.sft_rows, s.sft_rows);
+        assert!(s.sft_rows > 20 && s.sft_rows < 60, "{}", s.sft_rows);
+        // Split: each prompt feeds one stage; all: every prompt gives a pair.
+        assert_eq!(s.sft_prompts + s.dpo_prompts, 100);
+        assert_eq!(s.dpo_pairs, 100 - s.sft_rows);
+        assert_eq!(a.dpo_prompts, 100);
+        assert_eq!(a.dpo_pairs, 100);
     }
 
     #[test]

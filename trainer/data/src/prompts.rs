@@ -112,10 +112,11 @@ pub struct Prompt {
 }
 
 /// A raw row before the suffix and the split.
-struct Row {
-    id: String,
-    text: String,
-    gold: Value,
+#[derive(Debug)]
+pub(crate) struct Row {
+    pub(crate) id: String,
+    pub(crate) text: String,
+    pub(crate) gold: Value,
 }
 
 fn id_of(v: &Value) -> Option<String> {
@@ -215,10 +216,15 @@ fn parse_row(format: PoolFormat, v: &Value, lineno: usize) -> Result<Row> {
         }
         PoolFormat::AlpacaEval => {
             let q = str_field(v, "instruction")?;
+            // The GPT-4 output: the reference `[scoring.reference]` compares with.
+            let gold = match v.get("output").and_then(Value::as_str) {
+                Some(r) => json!({ "reference": r }),
+                None => json!({}),
+            };
             Row {
                 id: fallback_id(),
                 text: q.trim().to_string(),
-                gold: json!({}),
+                gold,
             }
         }
         PoolFormat::ArenaHard => {
@@ -236,6 +242,7 @@ fn parse_row(format: PoolFormat, v: &Value, lineno: usize) -> Result<Row> {
                 gold: json!({}),
             }
         }
+        PoolFormat::Auto => unreachable!("`auto` pools are read by crate::hf"),
         PoolFormat::Jsonl => {
             let id = v.get("id").and_then(id_of).unwrap_or_else(fallback_id);
             let q = str_field(v, "prompt")?;
@@ -295,7 +302,11 @@ pub fn relaxed_json(text: &str) -> serde_json::Result<Value> {
     }
 }
 
-fn read_rows(format: PoolFormat, path: &Path) -> Result<Vec<Row>> {
+fn read_rows(pool: &PoolConfig, path: &Path) -> Result<Vec<Row>> {
+    let format = pool.format;
+    if format == PoolFormat::Auto {
+        return crate::hf::read(pool, path);
+    }
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut rows = Vec::new();
     if format == PoolFormat::AlpacaEval {
@@ -330,7 +341,7 @@ fn read_rows(format: PoolFormat, path: &Path) -> Result<Vec<Row>> {
 
 /// Every prompt of one pool, both sides, in file order. `limit` is not applied.
 pub fn load_pool(pool: &PoolConfig, path: &Path, config: &Config) -> Result<Vec<Prompt>> {
-    let rows = read_rows(pool.format, path)?;
+    let rows = read_rows(pool, path)?;
     let suffix = match pool.domain {
         Domain::Math => config.prompts.math_suffix.clone(),
         Domain::Code => config.prompts.code_suffix.clone(),
@@ -591,6 +602,8 @@ mod tests {
             format: PoolFormat::Jsonl,
             file: file.to_path_buf(),
             limit: None,
+            layout: None,
+            fields: Default::default(),
         };
         c.pools = vec![pool("a", &a), pool("b", &b)];
         let pa = load_pool(&c.pools[0], &a, &c).unwrap();
@@ -628,6 +641,8 @@ mod tests {
             format: PoolFormat::Jsonl,
             file: path.clone(),
             limit: None,
+            layout: None,
+            fields: Default::default(),
         };
         let err = format!("{:#}", load_pool(&pool, &path, &c).unwrap_err());
         assert!(err.contains("bad.jsonl:3"), "{err}");

@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::client::Endpoint;
+use crate::client::{Endpoint, Replicas};
 use crate::config::{Config, OnChange, SampleOrder, SourceConfig};
 use crate::prompts::{self, Prompt, Side};
 use crate::store::{SampleKey, SampleRecord, Store};
@@ -69,7 +69,7 @@ pub fn request_body(config: &Config, source: &SourceConfig, prompt: &Prompt, idx
 }
 
 /// What a config samples: each training prompt, for each source that
-/// serves its domain, `n` indices.
+/// serves its domain, `n` indices (the source's own `n` where it has one).
 pub fn plan<'a>(
     config: &'a Config,
     train: &'a [Prompt],
@@ -79,7 +79,7 @@ pub fn plan<'a>(
             .sources
             .iter()
             .filter(move |s| s.serves(p.domain))
-            .flat_map(move |s| (0..config.sampling.n_for(p.domain)).map(move |idx| (p, s, idx)))
+            .flat_map(move |s| (0..s.n_for(p.domain, &config.sampling)).map(move |idx| (p, s, idx)))
     })
 }
 
@@ -148,8 +148,25 @@ pub async fn run(config: &Config) -> Result<SampleSummary> {
     for e in &config.endpoints {
         endpoints.insert(e.name.clone(), Endpoint::new(e)?);
     }
+    // Each source through its endpoint, or spread over its replicas.
+    let replicas: HashMap<&str, Arc<Replicas>> = config
+        .sources
+        .iter()
+        .map(|s| {
+            let eps = s
+                .endpoint_names()
+                .into_iter()
+                .map(|n| endpoints[n].clone())
+                .collect();
+            (s.id.as_str(), Arc::new(Replicas::new(eps)))
+        })
+        .collect();
     for (name, e) in &endpoints {
-        if config.sources.iter().any(|s| &s.endpoint == name) {
+        if config
+            .sources
+            .iter()
+            .any(|s| s.endpoint_names().contains(&name.as_str()))
+        {
             if let Err(msg) = e.check().await {
                 tracing::warn!("endpoint `{name}`: {msg}; its samples will be recorded as failed");
                 eprintln!("fusechat sample: warning: endpoint `{name}`: {msg}");
@@ -254,9 +271,7 @@ pub async fn run(config: &Config) -> Result<SampleSummary> {
         };
         if one_source_at_a_time {
             let same_source = running.as_deref() == Some(next.id.as_str());
-            let limit = config
-                .endpoint(&next.endpoint)
-                .map_or(1, |e| e.concurrency.max(1));
+            let limit = replicas[next.id.as_str()].concurrency();
             if !set.is_empty() && (!same_source || set.len() >= limit) {
                 return false;
             }
@@ -265,7 +280,7 @@ pub async fn run(config: &Config) -> Result<SampleSummary> {
             return false;
         };
         running = Some(s.id.clone());
-        let ep = endpoints[&s.endpoint].clone();
+        let ep = replicas[s.id.as_str()].clone();
         let body = request_body(config, &s, &p, idx);
         set.spawn(async move {
             let r = ep.chat(&body).await;

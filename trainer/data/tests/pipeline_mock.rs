@@ -537,3 +537,70 @@ on_change = "{on_change}"
     assert_eq!(sources, ["a"]);
     assert_eq!(store.done_requests(true).unwrap().len(), 12, "nothing deleted");
 }
+
+/// One source over two replicas: requests spread over both, each replica
+/// keeps its own concurrency, and a replica that cannot be reached is left
+/// to the others.
+#[test]
+fn a_source_fans_out_over_its_replicas() {
+    let (a, b) = (common::mock(Duration::from_millis(40)), common::mock(Duration::from_millis(40)));
+    let dead = common::free_port();
+    let dir = tempfile::tempdir().unwrap();
+    common::math_pool(dir.path(), 16);
+    let replicas = |names: &str| {
+        common::mock_math_config(
+            dir.path(),
+            &a.base_url(),
+            2,
+            &format!(
+                r#"
+[[endpoints]]
+name = "b"
+base_url = "{b}"
+concurrency = 2
+
+[[endpoints]]
+name = "dead"
+base_url = "http://127.0.0.1:{dead}/v1"
+concurrency = 2
+max_retries = 0
+
+[[sources]]
+id = "m"
+endpoints = [{names}]
+
+[sampling]
+n = {{ math = 1 }}
+progress = false
+order = "source"
+"#,
+                b = b.base_url()
+            ),
+        )
+    };
+    let config = Config::parse(&replicas(r#""mock", "b""#), dir.path()).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let summary = rt.block_on(sample::run(&config)).unwrap();
+    assert_eq!((summary.ok, summary.failed), (16, 0));
+    let (na, nb) = (a.count(), b.count());
+    assert_eq!(na + nb, 16);
+    assert!(na >= 6 && nb >= 6, "a {na}, b {nb}");
+    // Each replica at most 2 in flight: its request k+2 only after its request k came back.
+    for mock in [&a, &b] {
+        let log = mock.log.lock().unwrap();
+        for k in 0..log.requests.len().saturating_sub(2) {
+            let gap = log.requests[k + 2].2.duration_since(log.requests[k].2);
+            assert!(gap >= Duration::from_millis(40), "request {} came {gap:?} after request {k}", k + 2);
+        }
+    }
+    // A replica that is down: the requests go to the one that answers.
+    std::fs::remove_dir_all(dir.path().join("out")).unwrap();
+    let config = Config::parse(&replicas(r#""dead", "b""#), dir.path()).unwrap();
+    let summary = rt.block_on(sample::run(&config)).unwrap();
+    assert_eq!((summary.ok, summary.failed), (16, 0));
+    assert_eq!(b.count(), nb + 16);
+    // `endpoint` and `endpoints` together is refused.
+    let both = replicas(r#""b""#).replace("endpoints = [", "endpoint = \"b\"\nendpoints = [");
+    let err = format!("{:#}", Config::parse(&both, dir.path()).unwrap_err());
+    assert!(err.contains("endpoint") && err.contains("one of the two"), "{err}");
+}

@@ -8,7 +8,8 @@
 //! - code pass@1 on MBPP+ with its base tests (`<pool>.base`) and with its
 //!   base and plus tests (`<pool>.plus`), in the data builder's sandbox;
 //! - the win rate against AlpacaEval's GPT-4 reference outputs
-//!   (`<pool>.win_rate`), judged pairwise in both orders ([`judge`]).
+//!   (`<pool>.win_rate`), judged pairwise in both orders ([`judge`]), and
+//!   the agreement with its reference output (`<pool>.reference`, no judge).
 //!
 //! [`run`] does it all, one step after the other: select the prompts
 //! ([`select`]), generate, score ([`score`]), keep every result in the
@@ -67,7 +68,7 @@ pub fn benchmarks_of(pool: &str, domain: Domain) -> Vec<String> {
     match domain {
         Domain::Math => vec![pool.to_string()],
         Domain::Code => vec![format!("{pool}.base"), format!("{pool}.plus")],
-        Domain::Instruction => vec![format!("{pool}.win_rate")],
+        Domain::Instruction => vec![format!("{pool}.win_rate"), format!("{pool}.reference")],
     }
 }
 

@@ -149,6 +149,10 @@ pub fn describe(bench: &str) -> String {
         format!(
             "{p}: win rate against the GPT-4 reference outputs, judged in both orders (how an order scores: see the judge below)"
         )
+    } else if let Some(p) = bench.strip_suffix(".reference") {
+        format!(
+            "{p}: agreement with the GPT-4 reference outputs (mean of unigram and bigram F1 over words; no judge; its interval is Wilson's on the mean, conservative)"
+        )
     } else {
         format!("{bench}: math accuracy")
     }

@@ -1,6 +1,7 @@
 //! Scoring one response: math by the data builder's answer checker, code in
 //! its sandbox (the base tests, then base and plus), instruction following by
-//! the judge in both orders against the reference output. Sandbox runs and
+//! the judge in both orders against the reference output, and by the
+//! response's agreement with that reference (`score::reference`). Sandbox runs and
 //! judge calls go to the store and are reused on a rerun.
 
 use std::collections::{BTreeMap, HashMap};
@@ -11,7 +12,7 @@ use fusechat_data::client::Endpoint;
 use fusechat_data::config::Domain;
 use fusechat_data::prompts::Prompt;
 use fusechat_data::score::code::Sandbox;
-use fusechat_data::score::math;
+use fusechat_data::score::{math, reference};
 use serde_json::{json, Value};
 
 use crate::config::EvalConfig;
@@ -239,10 +240,17 @@ impl<'a> Scorer<'a> {
             );
         }
         Ok(Scored {
-            scores: BTreeMap::from([(
-                format!("{}.win_rate", p.pool),
-                judge::prompt_score(judged[0], judged[1]),
-            )]),
+            scores: BTreeMap::from([
+                (
+                    format!("{}.win_rate", p.pool),
+                    judge::prompt_score(judged[0], judged[1]),
+                ),
+                // No judge needed: the wording shared with the reference.
+                (
+                    format!("{}.reference", p.pool),
+                    Some(reference::agreement(response, reference)),
+                ),
+            ]),
             detail: Value::Object(shown),
             note,
         })

@@ -246,7 +246,8 @@ fn gold_map() -> HashMap<String, Value> {
     let sel = fusechat_eval::select::select(&data, &sz, c.seed).unwrap();
     sel.prompts
         .iter()
-        .filter(|p| p.gold.as_object().is_some_and(|o| !o.is_empty()))
+        // Math and code golds; an instruction's gold is only its reference.
+        .filter(|p| p.gold.get("answer").is_some() || p.gold.get("canonical_solution").is_some())
         .map(|p| (p.text.clone(), p.gold.clone()))
         .collect()
 }
@@ -286,7 +287,8 @@ fn exact_scores_and_a_rerun_sends_nothing() {
             "math",
             "mbpp_plus.base",
             "mbpp_plus.plus",
-            "alpaca_eval.win_rate"
+            "alpaca_eval.win_rate",
+            "alpaca_eval.reference"
         ]
     );
     for b in ["asdiv", "mawps"] {
@@ -308,6 +310,11 @@ fn exact_scores_and_a_rerun_sends_nothing() {
     assert_eq!(score(r, "right", "alpaca_eval.win_rate"), (Some(1.0), 2, 0));
     assert_eq!(score(r, "wrong", "alpaca_eval.win_rate"), (Some(0.0), 2, 0));
     assert_eq!(score(r, "tie", "alpaca_eval.win_rate"), (Some(0.5), 2, 0));
+    // Agreement with the reference needs no judge: scored for every answer.
+    for m in ["right", "wrong", "tie"] {
+        let (s, n, failed) = score(r, m, "alpaca_eval.reference");
+        assert!(s.is_some_and(|s| (0.0..=1.0).contains(&s)) && (n, failed) == (2, 0), "{m}: {s:?}");
+    }
     // Failed requests are counted apart, never as scores.
     for b in &r.benchmarks {
         let (s, n, failed) = score(r, "down", b);
@@ -375,7 +382,7 @@ fn a_position_biased_judge_gives_exactly_one_half() {
     let mut cfg = config(dir.path(), &mock.url(), &["right", "wrong"], "judge-first");
     cfg.sizes.retain(|k, _| k == "alpaca_eval");
     let out = rt().block_on(fusechat_eval::run(&cfg)).unwrap();
-    assert_eq!(out.report.benchmarks, ["alpaca_eval.win_rate"]);
+    assert_eq!(out.report.benchmarks, ["alpaca_eval.win_rate", "alpaca_eval.reference"]);
     assert_eq!(
         score(&out.report, "right", "alpaca_eval.win_rate"),
         (Some(0.5), 2, 0)

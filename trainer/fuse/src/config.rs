@@ -59,6 +59,11 @@ pub struct RunSection {
     /// Evaluate the sources too (rows next to the base and fused targets).
     #[serde(default = "yes")]
     pub evaluate_sources: bool,
+    /// When DPO runs, also load the SFT model and evaluate it (the "SFT
+    /// target" row), so the report says what each stage bought. It holds
+    /// one more copy of the target on the server while the run evaluates.
+    #[serde(default = "yes")]
+    pub evaluate_sft: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -377,10 +382,15 @@ mod tests {
             "qwen2.5-coder-0.5b-instruct",
             "gemma-3-270m",
         ];
-        for (c, rows) in [
-            (FuseConfig::load(None).unwrap(), &sources[..]),
-            (shipped("fuse-gpu.toml"), &sources[..]),
-            (shipped("fuse-math.toml"), &sources[..2]),
+        let default_rows = ["base target", "SFT target", "fused target"];
+        for (c, sft, rows) in [
+            (
+                FuseConfig::load(None).unwrap(),
+                Some("t-sft-1"),
+                &default_rows[..],
+            ),
+            (shipped("fuse-gpu.toml"), None, &sources[..]),
+            (shipped("fuse-math.toml"), None, &sources[..2]),
         ] {
             let data = crate::data_config(&c, run).unwrap();
             assert_eq!(data.output_dir(), run.join("data"));
@@ -390,10 +400,15 @@ mod tests {
                 data.sampling.on_change,
                 fusechat_data::config::OnChange::Resample
             );
-            let eval = crate::eval_config(&c, run, &data, "t-fused-1").unwrap();
+            let eval = crate::eval_config(&c, run, &data, "t-fused-1", sft).unwrap();
             let names: Vec<&str> = eval.models.iter().map(|m| m.name.as_str()).collect();
             assert_eq!(names, rows, "{}", c.origin);
-            assert_eq!(eval.models[1].model(), "t-fused-1");
+            let fused = eval
+                .models
+                .iter()
+                .find(|m| m.name == "fused target")
+                .unwrap();
+            assert_eq!(fused.model(), "t-fused-1");
         }
     }
 

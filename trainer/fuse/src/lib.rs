@@ -6,8 +6,9 @@
 //! 3-5. sample, score, pair (fusechat-data, `RUN/data`);
 //! 6. sft (fusechat-train, `RUN/sft`), 7. dpo from the SFT model (`RUN/dpo`);
 //! 8. export the final model to `RUN/fused`;
-//! 9. hot-swap: load it as `<target>-fused-<hash>` and point the alias at it;
-//! 10. eval the base and fused targets and the sources (fusechat-eval, `RUN/eval`);
+//! 9. hot-swap: load it as `<target>-fused-<hash>` and point the alias at it
+//!    (and, after DPO, load the SFT model as `<target>-sft-<hash>`);
+//! 10. eval the base, SFT and fused targets and the sources (fusechat-eval, `RUN/eval`);
 //! 11. `RUN/report.md` and `RUN/report.json`.
 //!
 //! Every stage is resumable and skips what is done: sampling, scoring and
@@ -109,7 +110,7 @@ pub fn run(config: &FuseConfig, bin: &Path) -> Result<Outcome> {
     eprintln!("fusechat fuse: {} -> {}", config.origin, run_dir.display());
     let data_config = write_data_config(config, &run_dir)?;
     // Check [eval] now, not after training.
-    eval_config(config, &run_dir, &data_config, "fused")?;
+    eval_config(config, &run_dir, &data_config, "fused", Some("sft"))?;
     let served = format!("{}/v1", config.server_url());
     if !data_config
         .endpoints
@@ -266,17 +267,32 @@ pub fn run(config: &FuseConfig, bin: &Path) -> Result<Outcome> {
         &format!("load {fused_id} and point `{}` at it", config.target.alias),
     );
     let fingerprint = rt.block_on(swap(config, &server, &fused_id, &fused_dir))?;
+    // The SFT model beside the fused one, so the report can say what DPO added.
+    let sft_id = match dpo.is_some() && config.run.evaluate_sft {
+        true => {
+            let weights = fusechat_models::fetch::sha256_file(&sft.final_dir.join("model.safetensors"))
+                .map_err(stage("swap"))?;
+            let id = stage_model_id(config, "sft", &weights);
+            rt.block_on(load_unaliased(config, &server, &id, &sft.final_dir))?;
+            Some(id)
+        }
+        false => None,
+    };
     progress.end(
         "swap",
         t,
-        format!("`{}` -> {fused_id}", config.target.alias),
+        format!(
+            "`{}` -> {fused_id}{}",
+            config.target.alias,
+            sft_id.as_deref().map(|id| format!("; SFT model as {id}")).unwrap_or_default()
+        ),
     );
 
     let t = progress.begin(
         "eval",
         "base and fused targets, and the sources, on the evaluation side",
     );
-    let eval_config = write_eval_config(config, &run_dir, &data_config, &fused_id)?;
+    let eval_config = write_eval_config(config, &run_dir, &data_config, &fused_id, sft_id.as_deref())?;
     let evaluated = rt
         .block_on(fusechat_eval::run(&eval_config))
         .map_err(stage("eval"))?;
@@ -319,14 +335,19 @@ pub fn run(config: &FuseConfig, bin: &Path) -> Result<Outcome> {
     })
 }
 
-/// `<target>-fused-<8 hex>`: a hash of the weights and of how the server
+/// `<target>-fused-<8 hex>`: see [`stage_model_id`].
+fn fused_model_id(config: &FuseConfig, weights_sha: &str) -> String {
+    stage_model_id(config, "fused", weights_sha)
+}
+
+/// `<target>-<stage>-<8 hex>`: a hash of the weights and of how the server
 /// loads them, so evaluations cached under one id never mix two checkpoints
 /// or two serving settings.
-fn fused_model_id(config: &FuseConfig, weights_sha: &str) -> String {
+fn stage_model_id(config: &FuseConfig, stage: &str, weights_sha: &str) -> String {
     let t = &config.target;
     let key = json!({"weights": weights_sha, "isq": t.isq, "float_layers": t.float_layers, "max_seqs": t.max_seqs});
     let h = hex::encode(Sha256::digest(key.to_string().as_bytes()));
-    format!("{}-fused-{}", t.model, &h[..8])
+    format!("{}-{stage}-{}", t.model, &h[..8])
 }
 
 fn train_note(s: &RunSummary) -> String {
@@ -401,25 +422,29 @@ pub fn data_config(config: &FuseConfig, run_dir: &Path) -> Result<fusechat_data:
 
 /// The eval config of a run: the `[eval]` table, the data config written
 /// as `RUN/config/data.toml`, the output `RUN/eval`, and the rows: base
-/// target, fused target, then each source (when `run.evaluate_sources`),
-/// then any rows of `[eval]` itself.
+/// target, SFT target (when it is not the fused one), fused target, then
+/// each source (when `run.evaluate_sources`), then any rows of `[eval]` itself.
 pub fn eval_config(
     config: &FuseConfig,
     run_dir: &Path,
     data: &fusechat_data::Config,
     fused_id: &str,
+    sft_id: Option<&str>,
 ) -> Result<fusechat_eval::EvalConfig> {
     let api = format!("{}/v1", config.server_url());
-    let mut rows = vec![
-        json!({"name": "base target", "base_url": api, "model": config.target.model}),
-        json!({"name": "fused target", "base_url": api, "model": fused_id}),
-    ];
+    let mut rows = vec![json!({"name": report::BASE, "base_url": api, "model": config.target.model})];
+    if let Some(id) = sft_id {
+        rows.push(json!({"name": report::SFT, "base_url": api, "model": id}));
+    }
+    rows.push(json!({"name": report::FUSED, "base_url": api, "model": fused_id}));
     if config.run.evaluate_sources {
         for s in &data.sources {
             if s.model() == config.target.model {
                 continue; // the base target row already is this model
             }
-            let ep = data.endpoints.iter().find(|e| e.name == s.endpoint);
+            // Evaluated through its first endpoint (replicas answer alike).
+            let first = s.endpoint_names().first().copied().unwrap_or_default();
+            let ep = data.endpoints.iter().find(|e| e.name == first);
             let mut row = json!({"name": s.id, "base_url": ep.map(|e| e.base_url.clone()).unwrap_or(api.clone()), "model": s.model()});
             if let Some(env) = ep.and_then(|e| e.api_key_env.clone()) {
                 row["api_key_env"] = json!(env);
@@ -474,8 +499,9 @@ fn write_eval_config(
     run_dir: &Path,
     data: &fusechat_data::Config,
     fused_id: &str,
+    sft_id: Option<&str>,
 ) -> Result<fusechat_eval::EvalConfig> {
-    let eval = eval_config(config, run_dir, data, fused_id)?;
+    let eval = eval_config(config, run_dir, data, fused_id, sft_id)?;
     let path = run_dir.join("config").join("eval.toml");
     let text = format!(
         "# Written by `fusechat fuse` from {} [eval]; rerun with `fusechat eval --config {}`.\n{}",
@@ -615,26 +641,7 @@ async fn swap(
             return Ok(m["fingerprint"].as_str().unwrap_or_default().to_string());
         }
     }
-    let mut body = json!({
-        "id": fused_id,
-        "path": fused_dir.display().to_string(),
-        "alias": alias,
-        "float_layers": config.target.float_layers,
-    });
-    if let Some(isq) = &config.target.isq {
-        body["isq"] = json!(isq);
-    }
-    if let Some(n) = config.target.max_seqs {
-        body["max_seqs"] = json!(n);
-    }
-    let info = server.load_model(&body).await.map_err(|e| match e {
-        FuseError::Http { status: 403, message, .. } => FuseError::Server(format!(
-            "loading the fused model was refused (403): {message}. The server must be allowed to load from {} \
-             (its admin.model_root, or `fusechat serve --model-root DIR`)",
-            fused_dir.display()
-        )),
-        other => other,
-    })?;
+    let info = load(config, server, fused_id, fused_dir, Some(alias)).await?;
     // Check what the server now routes the alias to.
     let state = server.admin_models().await?;
     if state["aliases"][alias.as_str()] != fused_id {
@@ -648,4 +655,56 @@ async fn swap(
         info["load_seconds"].as_f64().unwrap_or(0.0)
     );
     Ok(info["fingerprint"].as_str().unwrap_or_default().to_string())
+}
+
+/// Loads a stage's model folder as `id` with no alias (the SFT model the
+/// report compares), unless the server already has it.
+async fn load_unaliased(config: &FuseConfig, server: &Server, id: &str, dir: &Path) -> Result<()> {
+    let state = server.admin_models().await?;
+    let ready = state["models"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|m| m["id"] == id && m["state"] == "ready");
+    if !ready {
+        let info = load(config, server, id, dir, None).await?;
+        eprintln!(
+            "fusechat fuse: loaded {id} in {:.1} s",
+            info["load_seconds"].as_f64().unwrap_or(0.0)
+        );
+    }
+    Ok(())
+}
+
+/// `POST /admin/models` for one of the run's folders, served as the base
+/// target is (the same quantization, float layers and batch size).
+async fn load(
+    config: &FuseConfig,
+    server: &Server,
+    id: &str,
+    dir: &Path,
+    alias: Option<&str>,
+) -> Result<Value> {
+    let mut body = json!({
+        "id": id,
+        "path": dir.display().to_string(),
+        "float_layers": config.target.float_layers,
+    });
+    if let Some(alias) = alias {
+        body["alias"] = json!(alias);
+    }
+    if let Some(isq) = &config.target.isq {
+        body["isq"] = json!(isq);
+    }
+    if let Some(n) = config.target.max_seqs {
+        body["max_seqs"] = json!(n);
+    }
+    server.load_model(&body).await.map_err(|e| match e {
+        FuseError::Http { status: 403, message, .. } => FuseError::Server(format!(
+            "loading {id} was refused (403): {message}. The server must be allowed to load from {} \
+             (its admin.model_root, or `fusechat serve --model-root DIR`)",
+            dir.display()
+        )),
+        other => other,
+    })
 }

@@ -1,7 +1,8 @@
 //! `RUN/report.md` and `RUN/report.json`: the evaluation table (every model
 //! on every benchmark with n and its 95% interval), the base -> fused
-//! comparison with an interval for the difference, what the data stages
-//! produced, what training did, and the time of each stage.
+//! comparison with an interval for the difference, what each training stage
+//! bought (base -> SFT -> DPO), what the data stages produced, what
+//! training did, and the time of each stage.
 
 use std::path::Path;
 
@@ -15,6 +16,11 @@ use serde_json::{json, Value};
 use crate::config::FuseConfig;
 use crate::error::{io, Result};
 use crate::StageTime;
+
+/// The evaluation rows of the target, by stage.
+pub const BASE: &str = "base target";
+pub const SFT: &str = "SFT target";
+pub const FUSED: &str = "fused target";
 
 pub struct FusedModel {
     pub id: String,
@@ -62,8 +68,13 @@ pub struct Comparison {
 }
 
 pub fn compare(eval: &EvalReport, benchmark: &str) -> Option<Comparison> {
-    let base = eval.cell("base target", benchmark)?.clone();
-    let fused = eval.cell("fused target", benchmark)?.clone();
+    compare_rows(eval, benchmark, BASE, FUSED)
+}
+
+/// `after - before` on one benchmark, both rows of the evaluation.
+fn compare_rows(eval: &EvalReport, benchmark: &str, before: &str, after: &str) -> Option<Comparison> {
+    let base = eval.cell(before, benchmark)?.clone();
+    let fused = eval.cell(after, benchmark)?.clone();
     let diff = difference_interval(&base, &fused);
     let verdict = match diff {
         Some((_, low, _)) if low > 0.0 => "better",
@@ -90,6 +101,63 @@ fn cell_text(c: &Cell) -> String {
         Some(s) => format!("{} [{}, {}] (n={})", pct(s), pct(c.ci_low), pct(c.ci_high), c.n),
         None => format!("- (n=0 of {})", c.asked),
     }
+}
+
+fn difference_text(c: &Comparison) -> String {
+    match (c.difference, c.difference_ci) {
+        (Some(d), Some((l, h))) => format!("{:+.1} [{:+.1}, {:+.1}]", d * 100.0, l * 100.0, h * 100.0),
+        _ => "-".into(),
+    }
+}
+
+/// One benchmark through the stages: base -> SFT -> DPO (the fused model).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StageGains {
+    pub benchmark: String,
+    pub sft: Comparison,
+    pub dpo: Comparison,
+    pub total: Comparison,
+}
+
+/// What each stage bought, for every benchmark the SFT row was scored on;
+/// empty when the run has no SFT row (no DPO, or `run.evaluate_sft` off).
+pub fn stage_gains(eval: &EvalReport) -> Vec<StageGains> {
+    eval.benchmarks
+        .iter()
+        .filter_map(|b| {
+            Some(StageGains {
+                benchmark: b.clone(),
+                sft: compare_rows(eval, b, BASE, SFT)?,
+                dpo: compare_rows(eval, b, SFT, FUSED)?,
+                total: compare_rows(eval, b, BASE, FUSED)?,
+            })
+        })
+        .collect()
+}
+
+/// The stage table of report.md.
+fn stage_table(gains: &[StageGains]) -> String {
+    if gains.is_empty() {
+        return "No SFT row was evaluated (DPO did not run, or `run.evaluate_sft` is off): the fused model is the only trained one.\n\n".into();
+    }
+    let mut md = String::from("| benchmark | base | after SFT | after DPO (fused) | SFT - base | DPO - SFT | fused - base |\n| --- | --- | --- | --- | --- | --- | --- |\n");
+    for g in gains {
+        md.push_str(&format!(
+            "| {} | {} | {} | {} | {} ({}) | {} ({}) | {} ({}) |\n",
+            g.benchmark,
+            cell_text(&g.sft.base),
+            cell_text(&g.sft.fused),
+            cell_text(&g.dpo.fused),
+            difference_text(&g.sft),
+            g.sft.verdict,
+            difference_text(&g.dpo),
+            g.dpo.verdict,
+            difference_text(&g.total),
+            g.total.verdict,
+        ));
+    }
+    md.push_str("\nDifferences in points with their 95% interval (Newcombe).\n\n");
+    md
 }
 
 fn comparison_line(c: &Comparison) -> String {
@@ -195,6 +263,9 @@ pub fn write(x: &Inputs) -> Result<String> {
         ));
     }
     md.push_str("\nThe difference's interval is Newcombe's (from the two Wilson intervals, samples taken as independent: conservative for two models on the same prompts).\n\n");
+    let gains = stage_gains(x.eval);
+    md.push_str("## What each stage bought (base -> SFT -> DPO)\n\n");
+    md.push_str(&stage_table(&gains));
     md.push_str("## Every model (evaluation side, greedy)\n\n");
     md.push_str(&fusechat_eval::report::markdown(x.eval));
     md.push_str(&format!(
@@ -268,6 +339,7 @@ pub fn write(x: &Inputs) -> Result<String> {
         "interval": x.eval.interval,
         "results": results,
         "comparisons": comparisons,
+        "stage_gains": gains,
         "data": {"sft_rows": x.pairs.sft_rows, "dpo_pairs": x.pairs.dpo_pairs, "domains": x.pairs.domains},
         "training": {"sft": training_json(x.sft), "dpo": x.dpo.map(training_json), "sft_settings": settings.sft, "dpo_settings": settings.dpo},
         "stages": x.stages,
@@ -309,5 +381,36 @@ mod tests {
         let (_, low, high) = difference_interval(&a, &cell(4, 60)).unwrap();
         assert!(low < 0.0 && high > 0.0);
         assert!(difference_interval(&a, &Cell::from_scores(&[None])).is_none());
+    }
+
+    #[test]
+    fn stage_gains_split_the_total_into_sft_and_dpo() {
+        let rows = [(BASE, cell(1, 150)), (SFT, cell(12, 150)), (FUSED, cell(15, 150))];
+        let mut eval = EvalReport {
+            interval: String::new(),
+            benchmarks: vec!["math".into()],
+            models: Vec::new(),
+            results: rows
+                .iter()
+                .map(|(m, c)| (m.to_string(), [("math".to_string(), c.clone())].into()))
+                .collect(),
+            data_config: String::new(),
+            seed: 0,
+            max_tokens: 0,
+            sizes: Default::default(),
+            judge: None,
+        };
+        let gains = stage_gains(&eval);
+        assert_eq!(gains.len(), 1);
+        let g = &gains[0];
+        assert!((g.sft.difference.unwrap() - 11.0 / 150.0).abs() < 1e-12);
+        assert!((g.dpo.difference.unwrap() - 3.0 / 150.0).abs() < 1e-12);
+        assert!((g.total.difference.unwrap() - 14.0 / 150.0).abs() < 1e-12);
+        assert_eq!((g.sft.verdict.as_str(), g.dpo.verdict.as_str()), ("better", "no clear difference"));
+        assert!(stage_table(&gains).contains("| math | 0.7% ["));
+        // No SFT row: no stage table, and the report says why.
+        eval.results.remove(SFT);
+        assert!(stage_gains(&eval).is_empty());
+        assert!(stage_table(&[]).contains("evaluate_sft"));
     }
 }

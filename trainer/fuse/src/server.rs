@@ -216,7 +216,7 @@ impl Server {
     pub async fn load_model(&self, body: &Value) -> Result<Value> {
         self.json(
             self.http.post(format!("{}/admin/models", self.url)).json(body),
-            "loading the fused model (POST /admin/models)",
+            "loading a model (POST /admin/models)",
         )
         .await
     }

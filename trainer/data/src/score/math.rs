@@ -4,6 +4,12 @@
 //! Unicode minus, units, percent, fractions and mixed numbers, trailing
 //! `.0`) and compare it with the gold answer numerically.
 //!
+//! A gold answer or a `\boxed{}` answer that is a LaTeX expression
+//! (`\frac{\sqrt{3}}{2}`, `2^{10}`, `(1, 2)`, `x^2-1`) is read by
+//! [`latex`](super::latex): evaluated, and compared with the other by value,
+//! by identity at fixed points, element by element, or as normalised text
+//! (what it understands and what not is listed there).
+//!
 //! In an answer segment ("The answer is 9 * 2 = 18.") the number after the
 //! last `=` is the answer; without one, the first number. The explicit forms
 //! (`\boxed{}`, then "The answer is" / "final answer:", then `####`) win over
@@ -188,7 +194,7 @@ fn segment_value(segment: &str) -> Option<f64> {
 }
 
 /// The content of the last `\boxed{...}` (balanced braces).
-fn last_boxed(text: &str) -> Option<&str> {
+pub fn last_boxed(text: &str) -> Option<&str> {
     let start = text.rfind("\\boxed{").or_else(|| text.rfind("\\fbox{"))?;
     let open = start + text[start..].find('{')?;
     let mut depth = 0;
@@ -228,9 +234,12 @@ fn last_phrase(text: &str, re: &Regex) -> Option<(String, f64)> {
 /// Extract the final answer of a response.
 pub fn extract(text: &str) -> Option<(String, f64, &'static str)> {
     if let Some(b) = last_boxed(text) {
-        if let Some(v) = segment_value(b) {
+        // The whole expression's value (`2\sqrt{3}` is not 2), else its answer segment.
+        if let Some(v) = super::latex::value(b).or_else(|| segment_value(b)) {
             return Some((b.trim().to_string(), v, "boxed"));
         }
+        // A boxed answer with no value (`(1, 2)`, `x+1`, `\text{(C)}`) is still the answer.
+        return Some((b.trim().to_string(), f64::NAN, "boxed"));
     }
     if let Some((seg, v)) = last_phrase(text, answer_is_re()) {
         return Some((seg, v, "answer_is"));
@@ -250,25 +259,34 @@ pub fn extract(text: &str) -> Option<(String, f64, &'static str)> {
     Some((last.as_str().to_string(), v, "last_number"))
 }
 
-/// The gold answer as a number (`18`, `43.0`, `1,000`, `9 (apples)`, `3/4`, `#### 18`).
+/// The gold answer as a number (`18`, `43.0`, `1,000`, `9 (apples)`, `3/4`,
+/// `#### 18`, `\frac{\sqrt{3}}{2}`, `2^{10}`).
 pub fn gold_value(gold: &str) -> Option<f64> {
-    let g = gold.rsplit("####").next().unwrap_or(gold);
-    parse_number(g)
+    let g = gold_text(gold);
+    super::latex::value(g).or_else(|| parse_number(g))
+}
+
+/// The gold answer without a worked solution before `####`.
+fn gold_text(gold: &str) -> &str {
+    gold.rsplit("####").next().unwrap_or(gold).trim()
 }
 
 pub fn numbers_equal(a: f64, b: f64) -> bool {
     (a - b).abs() <= 1e-6 * b.abs().max(1.0)
 }
 
-/// Check a response against a gold answer.
+/// Check a response against a gold answer: by number, or, for a boxed or
+/// stated answer that is no plain number, as LaTeX expressions.
 pub fn check(response: &str, gold: &str) -> MathVerdict {
-    let gold = gold_value(gold);
+    let gold_number = gold_value(gold);
     match extract(response) {
         Some((s, v, rule)) => MathVerdict {
+            correct: gold_number.is_some_and(|g| numbers_equal(v, g))
+                || (matches!(rule, "boxed" | "answer_is")
+                    && super::latex::equivalent(&s, gold_text(gold))),
             extracted: Some(s),
-            value: Some(v),
+            value: v.is_finite().then_some(v),
             rule: Some(rule),
-            correct: gold.is_some_and(|g| numbers_equal(v, g)),
         },
         None => MathVerdict {
             extracted: None,
@@ -394,5 +412,26 @@ mod tests {
         assert_eq!(parse_number("3 1/2"), Some(3.5));
         assert_eq!(parse_number("3 4/2"), Some(3.0));
         assert_eq!(parse_number("2 + \\frac{1}{2}"), Some(2.0));
+    }
+
+    #[test]
+    fn latex_answers_of_the_competition_sets() {
+        assert!(check("so \\boxed{\\frac{\\sqrt{3}}{2}}", "\\frac{\\sqrt3}{2}").correct);
+        assert!(check("\\boxed{2\\sqrt{3}}", "\\sqrt{12}").correct);
+        // The boxed expression's value, not its first number.
+        assert!(!check("\\boxed{2\\sqrt{3}}", "2").correct);
+        assert_eq!(check("\\boxed{2^{10}}", "1024").value, Some(1024.0));
+        assert!(check("\\boxed{(1, \\frac{1}{2})}", "(1,0.5)").correct);
+        assert!(check("\\boxed{(x+1)^2}", "x^2+2x+1").correct);
+        assert!(!check("\\boxed{(x+1)^2}", "x^2+1").correct);
+        assert!(check("\\boxed{\\text{(C)}}", "\\text{(C)}").correct);
+        assert!(check("The answer is \\frac{3}{8}.", "0.375").correct);
+        assert!(check("\\boxed{25\\%}", "25").correct);
+        assert!(check("\\boxed{0.5}", "\\dfrac{1}{2}").correct);
+        assert!(!check("\\boxed{x+1}", "2").correct);
+        assert!(check("\\boxed{1+x}", "x+1").correct);
+        // Units inside the box still give the number.
+        assert!(check("\\boxed{18 apples}", "18").correct);
+        assert!(check("#### 18", "Natalia sold 48/2 = 24 clips.\n#### 18").correct);
     }
 }

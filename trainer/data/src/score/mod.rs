@@ -5,7 +5,9 @@
 
 pub mod code;
 pub mod judge;
+pub mod latex;
 pub mod math;
+pub mod reference;
 pub mod reward;
 
 use std::collections::HashMap;
@@ -28,6 +30,7 @@ pub struct ScoreSummary {
 
 enum Task {
     Math(Sample),
+    Reference(Sample, String),
     Code(Sample),
     Judge(Sample),
     Reward(String, Vec<Sample>),
@@ -67,6 +70,14 @@ pub async fn run(config: &Config) -> Result<ScoreSummary> {
             Domain::Math if !has(&s, "math") => tasks.push(Task::Math(s.clone())),
             Domain::Code if !has(&s, "code") => tasks.push(Task::Code(s.clone())),
             _ => {}
+        }
+        if let Some(r) = &config.scoring.reference {
+            let reference = p.gold.get("reference").and_then(|r| r.as_str());
+            if let Some(reference) = reference.filter(|_| r.domains.contains(&p.domain)) {
+                if !has(&s, "reference") {
+                    tasks.push(Task::Reference(s.clone(), reference.to_string()));
+                }
+            }
         }
         if let Some(ds) = &judge_domains {
             if ds.contains(&p.domain) && !has(&s, "judge") {
@@ -138,6 +149,18 @@ pub async fn run(config: &Config) -> Result<ScoreSummary> {
                             score: Some(v.correct as u8 as f64),
                             passed: Some(v.correct),
                             detail,
+                        },
+                    ));
+                }
+                Task::Reference(s, reference) => {
+                    let score = reference::agreement(&s.text, &reference);
+                    out.push((
+                        s,
+                        ScoreRecord {
+                            scorer: "reference".into(),
+                            score: Some(score),
+                            passed: None,
+                            detail: String::new(),
                         },
                     ));
                 }
