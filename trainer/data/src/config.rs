@@ -666,7 +666,15 @@ impl Config {
                     s.id
                 );
             }
-            for name in s.endpoint_names() {
+            let names = s.endpoint_names();
+            if names
+                .iter()
+                .enumerate()
+                .any(|(i, n)| names[..i].contains(n))
+            {
+                bail!("source `{}` names an endpoint twice in `endpoints`", s.id);
+            }
+            for name in names {
                 if self.endpoint(name).is_none() {
                     bail!(
                         "source `{}` names endpoint `{name}`, which no [[endpoints]] defines",

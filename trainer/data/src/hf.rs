@@ -288,7 +288,14 @@ fn stated_answer(solution: &str) -> Option<String> {
 
 fn math_gold(names: &Names, v: &Value) -> Result<String> {
     if let Some(a) = names.answer.as_deref().and_then(|a| response_of(v, a)) {
-        return Ok(stated_answer(&a).unwrap_or_else(|| a.trim().to_string()));
+        let gold = stated_answer(&a).unwrap_or_else(|| a.trim().to_string());
+        if gold.is_empty() {
+            bail!(
+                "`{}` is empty: a math row needs a gold answer",
+                names.answer.as_deref().unwrap_or("answer")
+            );
+        }
+        return Ok(gold);
     }
     if let Some(sol) = names.solution.as_deref() {
         let text = response_of(v, sol)
@@ -524,6 +531,9 @@ mod tests {
 
     #[test]
     fn missing_fields_are_named() {
+        let v = json!({"question": "q", "answer": " "});
+        let err = format!("{:#}", row(Domain::Math, &names(&v), &v, 1).unwrap_err());
+        assert!(err.contains("`answer` is empty"), "{err}");
         let v = json!({"problem": "p", "solution": "no box here"});
         let err = format!("{:#}", row(Domain::Math, &names(&v), &v, 1).unwrap_err());
         assert!(err.contains("solution") && err.contains("boxed"), "{err}");

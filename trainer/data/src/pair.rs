@@ -284,7 +284,7 @@ pub struct Report {
 }
 
 fn score_meta(c: &Candidate) -> Value {
-    json!({"idx": c.idx, "passed": c.passed, "reward": c.reward, "judge": c.judge, "truncated": c.truncated})
+    json!({"idx": c.idx, "passed": c.passed, "reward": c.reward, "judge": c.judge, "reference": c.reference, "truncated": c.truncated})
 }
 
 fn write_atomic(path: &Path, lines: &[String]) -> Result<()> {

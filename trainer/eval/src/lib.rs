@@ -9,7 +9,7 @@
 //!   base and plus tests (`<pool>.plus`), in the data builder's sandbox;
 //! - the win rate against AlpacaEval's GPT-4 reference outputs
 //!   (`<pool>.win_rate`), judged pairwise in both orders ([`judge`]), and
-//!   the agreement with its reference output (`<pool>.reference`, no judge).
+//!   the agreement with its reference output (`<pool>.reference`, no judge call).
 //!
 //! [`run`] does it all, one step after the other: select the prompts
 //! ([`select`]), generate, score ([`score`]), keep every result in the

@@ -151,7 +151,7 @@ pub fn describe(bench: &str) -> String {
         )
     } else if let Some(p) = bench.strip_suffix(".reference") {
         format!(
-            "{p}: agreement with the GPT-4 reference outputs (mean of unigram and bigram F1 over words; no judge; its interval is Wilson's on the mean, conservative)"
+            "{p}: agreement with the GPT-4 reference outputs (mean of unigram and bigram F1 over words, no judge call; its interval is Wilson's on the mean, conservative)"
         )
     } else {
         format!("{bench}: math accuracy")

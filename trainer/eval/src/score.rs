@@ -245,7 +245,7 @@ impl<'a> Scorer<'a> {
                     format!("{}.win_rate", p.pool),
                     judge::prompt_score(judged[0], judged[1]),
                 ),
-                // No judge needed: the wording shared with the reference.
+                // From the response alone: the wording it shares with the reference.
                 (
                     format!("{}.reference", p.pool),
                     Some(reference::agreement(response, reference)),

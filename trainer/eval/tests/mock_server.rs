@@ -310,7 +310,7 @@ fn exact_scores_and_a_rerun_sends_nothing() {
     assert_eq!(score(r, "right", "alpaca_eval.win_rate"), (Some(1.0), 2, 0));
     assert_eq!(score(r, "wrong", "alpaca_eval.win_rate"), (Some(0.0), 2, 0));
     assert_eq!(score(r, "tie", "alpaca_eval.win_rate"), (Some(0.5), 2, 0));
-    // Agreement with the reference needs no judge: scored for every answer.
+    // Agreement with the reference is scored from the answer alone: for every answer.
     for m in ["right", "wrong", "tie"] {
         let (s, n, failed) = score(r, m, "alpaca_eval.reference");
         assert!(s.is_some_and(|s| (0.0..=1.0).contains(&s)) && (n, failed) == (2, 0), "{m}: {s:?}");

@@ -60,8 +60,9 @@ pub struct RunSection {
     #[serde(default = "yes")]
     pub evaluate_sources: bool,
     /// When DPO runs, also load the SFT model and evaluate it (the "SFT
-    /// target" row), so the report says what each stage bought. It holds
-    /// one more copy of the target on the server while the run evaluates.
+    /// target" row), so the report says what each stage bought. The server
+    /// holds one more copy of the target while the run evaluates (unloaded
+    /// after; a server that cannot load it costs the row, with a warning).
     #[serde(default = "yes")]
     pub evaluate_sft: bool,
 }

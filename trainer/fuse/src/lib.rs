@@ -273,8 +273,15 @@ pub fn run(config: &FuseConfig, bin: &Path) -> Result<Outcome> {
             let weights = fusechat_models::fetch::sha256_file(&sft.final_dir.join("model.safetensors"))
                 .map_err(stage("swap"))?;
             let id = stage_model_id(config, "sft", &weights);
-            rt.block_on(load_unaliased(config, &server, &id, &sft.final_dir))?;
-            Some(id)
+            // The SFT row is extra: a server that cannot hold it costs the
+            // row, not the run.
+            match rt.block_on(load_unaliased(config, &server, &id, &sft.final_dir)) {
+                Ok(()) => Some(id),
+                Err(e) => {
+                    eprintln!("fusechat fuse: warning: the SFT model is not evaluated: {e}");
+                    None
+                }
+            }
         }
         false => None,
     };
@@ -304,6 +311,12 @@ pub fn run(config: &FuseConfig, bin: &Path) -> Result<Outcome> {
             evaluated.generated, evaluated.judged, evaluated.sandboxed
         ),
     );
+    if let Some(id) = &sft_id {
+        // Only the fused model stays on a server the run did not start.
+        if let Err(e) = rt.block_on(server.unload_model(id)) {
+            eprintln!("fusechat fuse: warning: unloading {id}: {e}");
+        }
+    }
     server.stop();
 
     let t = progress.begin("report", "report.md, report.json");

@@ -221,6 +221,15 @@ impl Server {
         .await
     }
 
+    /// `DELETE /admin/models/{id}`.
+    pub async fn unload_model(&self, id: &str) -> Result<Value> {
+        self.json(
+            self.http.delete(format!("{}/admin/models/{id}", self.url)),
+            "unloading a model (DELETE /admin/models/{id})",
+        )
+        .await
+    }
+
     /// Stops a server this run started (SIGTERM, then SIGKILL after 20 s).
     pub fn stop(&mut self) {
         let Some(mut child) = self.child.take() else { return };

@@ -8,14 +8,16 @@
 //! `\pi`, `e` as a variable, `\left`/`\right`, `( ) [ ] \{ \}`, `\%` and `%`
 //! (read as the number itself, as the numeric checker does), degrees
 //! (`^\circ`, `^{\circ}`), `\text{...}`/`\mathrm{...}` units after a value
-//! (dropped), single-letter variables, and tuples / lists `(a, b)`, compared
-//! element by element.
+//! (dropped, with their exponent), single-letter variables, `x = 3` (one
+//! variable's value), and tuples and intervals `(a, b)`, `[a, b)`, compared
+//! element by element with the same brackets; a set `\{a, b\}` is read as
+//! an ordered tuple (so `\{2, 1\}` differs from `\{1, 2\}`).
 //!
 //! Two answers are equal when both evaluate to numbers within a relative
 //! 1e-6, or, with variables, when they agree at several fixed points (a
 //! polynomial identity test: `x^2-1` equals `(x-1)(x+1)`). Anything else
-//! (intervals with `\infty`, sets, matrices, text answers such as `\text{(C)}`)
-//! is compared as normalised text: spaces, `\text{}`, `\mathrm{}`, `\left`,
+//! (intervals with `\infty`, matrices, words such as names, several
+//! equations, text answers such as `\text{(C)}`) is compared as normalised text: spaces, `\text{}`, `\mathrm{}`, `\left`,
 //! `\right`, `$` and a trailing full stop removed.
 
 /// A parsed answer.
@@ -89,9 +91,15 @@ enum Tok {
 /// carry no value.
 fn strip_decoration(s: &str) -> String {
     let mut t = s.trim().trim_matches('$').to_string();
+    // `\left(` and `\right]` are their brackets (not `\rightarrow`).
+    for d in ["(", ")", "[", "]", "\\{", "\\}", "|"] {
+        t = t
+            .replace(&format!("\\left{d}"), d)
+            .replace(&format!("\\right{d}"), d);
+    }
     for (from, to) in [
-        ("\\left", ""),
-        ("\\right", ""),
+        ("\\left.", ""),
+        ("\\right.", ""),
         ("\\!", ""),
         ("\\,", ""),
         ("\\;", ""),
@@ -125,14 +133,37 @@ fn strip_decoration(s: &str) -> String {
             if t[..i].trim().is_empty() {
                 break; // the answer itself is text
             }
-            t.replace_range(i..=close, "");
+            // The unit's own exponent goes with it: `5 \text{ cm}^2` is 5.
+            let end = unit_exponent_end(&t, close + 1);
+            t.replace_range(i..end, "");
         }
     }
     let t = t.trim().trim_end_matches('.').trim();
-    // `x = 3` and `y=\frac12`: the value after the last `=`.
-    match t.rfind('=') {
-        Some(i) if !t[i + 1..].trim().is_empty() => t[i + 1..].trim().to_string(),
-        _ => t.to_string(),
+    // `x = 3` and `y=\frac12`: the value of one variable; `x=2 or x=3` and
+    // `x = 1, y = 2` stay as they are (and parse as nothing).
+    let mut chars = t.chars();
+    let single = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.as_str().trim_start().starts_with('=')
+        && t.matches('=').count() == 1;
+    match single {
+        true => t[t.find('=').unwrap_or(0) + 1..].trim().to_string(),
+        false => t.to_string(),
+    }
+}
+
+/// Where a `^2` or `^{2}` right after `at` ends (`at` when there is none).
+fn unit_exponent_end(t: &str, at: usize) -> usize {
+    let rest = &t[at..];
+    let trimmed = rest.trim_start();
+    let Some(exp) = trimmed.strip_prefix('^') else {
+        return at;
+    };
+    let exp_trim = exp.trim_start();
+    let start = at + (rest.len() - trimmed.len()) + 1 + (exp.len() - exp_trim.len());
+    if exp_trim.starts_with('{') {
+        matching_brace(t, start).map_or(at, |c| c + 1)
+    } else {
+        exp_trim.chars().next().map_or(at, |c| start + c.len_utf8())
     }
 }
 
@@ -194,6 +225,10 @@ fn tokens(s: &str) -> Option<Vec<Tok>> {
             }
             out.push(Tok::Cmd(chars[start..i].iter().collect()));
         } else if c.is_ascii_alphabetic() {
+            // A word (`Leon`, `apples`) is no product of variables: not an expression.
+            if chars.get(i + 1).is_some_and(char::is_ascii_alphabetic) {
+                return None;
+            }
             out.push(Tok::Var(c));
             i += 1;
         } else if "+-*/^".contains(c) || c == '×' || c == '÷' || c == '·' {
@@ -219,6 +254,19 @@ fn tokens(s: &str) -> Option<Vec<Tok>> {
     Some(out)
 }
 
+/// `a/b` of whole numbers with `a < b`: the fraction of a mixed number.
+fn proper_fraction(f: &Expr) -> bool {
+    match f {
+        Expr::Div(a, b) => match (a.as_ref(), b.as_ref()) {
+            (Expr::Num(a), Expr::Num(b)) => {
+                a.fract() == 0.0 && b.fract() == 0.0 && 0.0 <= *a && a < b
+            }
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
 /// A whole number literal, possibly negated: the integer part of a mixed number.
 fn whole_number(e: &Expr) -> Option<(f64, bool)> {
     match e {
@@ -236,7 +284,11 @@ fn whole_number(e: &Expr) -> Option<(f64, bool)> {
 struct Parser {
     toks: Vec<Tok>,
     pos: usize,
+    /// Nesting so far; a deeper answer is no answer (and no stack overflow).
+    depth: usize,
 }
+
+const MAX_DEPTH: usize = 64;
 
 impl Parser {
     fn peek(&self) -> Option<&Tok> {
@@ -278,14 +330,19 @@ impl Parser {
                 Some(Tok::Cmd(c)) if c == "cdot" || c == "times" => '*',
                 Some(Tok::Cmd(c)) if c == "div" => '/',
                 Some(Tok::Cmd(c)) if c == "frac" && whole_number(&e).is_some() => {
-                    // A mixed number: 3\frac{1}{2} is 3.5, -2\frac14 is -2.25.
+                    // A mixed number: 3\frac{1}{2} is 3.5, -2\frac14 is -2.25;
+                    // any other fraction after a number is a product (2\frac{\sqrt3}{3}).
                     let (n, negative) = whole_number(&e)?;
                     let f = self.power()?;
-                    let sum = Expr::Add(Box::new(Expr::Num(n)), Box::new(f));
-                    e = if negative {
-                        Expr::Neg(Box::new(sum))
-                    } else {
-                        sum
+                    e = match proper_fraction(&f) {
+                        true => {
+                            let sum = Expr::Add(Box::new(Expr::Num(n)), Box::new(f));
+                            match negative {
+                                true => Expr::Neg(Box::new(sum)),
+                                false => sum,
+                            }
+                        }
+                        false => Expr::Mul(Box::new(e), Box::new(f)),
                     };
                     continue;
                 }
@@ -311,7 +368,13 @@ impl Parser {
         match self.peek() {
             Some(Tok::Op('-')) => {
                 self.pos += 1;
-                Some(Expr::Neg(Box::new(self.unary()?)))
+                self.depth += 1;
+                let e = match self.depth > MAX_DEPTH {
+                    true => None,
+                    false => self.unary(),
+                };
+                self.depth -= 1;
+                Some(Expr::Neg(Box::new(e?)))
             }
             Some(Tok::Op('+')) => {
                 self.pos += 1;
@@ -335,7 +398,13 @@ impl Parser {
     fn unary_atom(&mut self) -> Option<Expr> {
         if let Some(Tok::Op('-')) = self.peek() {
             self.pos += 1;
-            return Some(Expr::Neg(Box::new(self.unary_atom()?)));
+            self.depth += 1;
+            let e = match self.depth > MAX_DEPTH {
+                true => None,
+                false => self.unary_atom(),
+            };
+            self.depth -= 1;
+            return Some(Expr::Neg(Box::new(e?)));
         }
         self.power()
     }
@@ -363,6 +432,16 @@ impl Parser {
     }
 
     fn atom(&mut self) -> Option<Expr> {
+        self.depth += 1;
+        let e = match self.depth > MAX_DEPTH {
+            true => None,
+            false => self.atom_inner(),
+        };
+        self.depth -= 1;
+        e
+    }
+
+    fn atom_inner(&mut self) -> Option<Expr> {
         match self.next()? {
             Tok::Num(x) => Some(Expr::Num(x)),
             Tok::Var(c) => Some(Expr::Var(c)),
@@ -400,10 +479,20 @@ impl Parser {
     }
 }
 
-/// The answer as a list of expressions (one, or the elements of a tuple).
-fn parse(answer: &str) -> Option<Vec<Expr>> {
+/// An answer: one expression, or the elements of a tuple or interval and
+/// its brackets (`[1, 3)` is not `(1, 3)`).
+#[derive(Debug)]
+struct Answer {
+    items: Vec<Expr>,
+    brackets: Option<(Tok, Tok)>,
+}
+
+/// Answers longer than this are no final answers: not parsed.
+const MAX_TOKENS: usize = 400;
+
+fn parse(answer: &str) -> Option<Answer> {
     let toks = tokens(&strip_decoration(answer))?;
-    if toks.is_empty() {
+    if toks.is_empty() || toks.len() > MAX_TOKENS {
         return None;
     }
     // A tuple or list: `(1, 2)`, `1, 2`: split at top-level commas.
@@ -432,20 +521,36 @@ fn parse(answer: &str) -> Option<Vec<Expr>> {
     if wrapped && depth != 0 {
         return None;
     }
-    parts
+    let items = parts
         .into_iter()
         .map(|toks| {
-            let mut p = Parser { toks, pos: 0 };
+            let mut p = Parser {
+                toks,
+                pos: 0,
+                depth: 0,
+            };
             let e = p.sum()?;
             (p.pos == p.toks.len()).then_some(e)
         })
-        .collect()
+        .collect::<Option<Vec<Expr>>>()?;
+    let brackets = wrapped.then(|| (toks[0].clone(), toks[toks.len() - 1].clone()));
+    Some(Answer { items, brackets })
+}
+
+/// Whether an answer is a structure (a tuple, an interval, an expression
+/// with variables) rather than a number: its first number is not its value.
+pub fn is_structured(answer: &str) -> bool {
+    parse(answer).is_some_and(|a| {
+        let mut vars = Vec::new();
+        a.items.iter().for_each(|e| e.vars(&mut vars));
+        a.items.len() > 1 || !vars.is_empty()
+    })
 }
 
 /// The answer's value when it is one constant expression (`\frac{\sqrt3}{2}`,
 /// `2^{10}`, `50\%`), else `None`.
 pub fn value(answer: &str) -> Option<f64> {
-    match parse(answer)?.as_slice() {
+    match parse(answer)?.items.as_slice() {
         [e] => {
             let mut vars = Vec::new();
             e.vars(&mut vars);
@@ -515,7 +620,10 @@ fn text_key(answer: &str) -> String {
 /// has variables, element by element for tuples, else as normalised text.
 pub fn equivalent(answer: &str, gold: &str) -> bool {
     if let (Some(a), Some(g)) = (parse(answer), parse(gold)) {
-        if a.len() == g.len() && a.iter().zip(&g).all(|(x, y)| same_expr(x, y)) {
+        if a.brackets == g.brackets
+            && a.items.len() == g.items.len()
+            && a.items.iter().zip(&g.items).all(|(x, y)| same_expr(x, y))
+        {
             return true;
         }
     }
@@ -553,10 +661,17 @@ mod tests {
         assert!(close(v("3\\frac{1}{2}"), 3.5));
         assert!(close(v("-2\\frac14"), -2.25));
         assert_eq!(value("3 1/2"), None);
+        assert!(close(v("2\\frac{\\sqrt{3}}{3}"), 2.0 * 3f64.sqrt() / 3.0));
+        assert!(close(v("5 \\text{ cm}^2"), 5.0));
+        assert_eq!(value("9 apples"), None);
         assert_eq!(value("x + 1"), None);
         assert_eq!(value("(1, 2)"), None);
         assert_eq!(value("\\text{(C)}"), None);
         assert_eq!(value("\\frac{1}{0}"), None);
+    }
+
+    fn v_of(s: &str) -> f64 {
+        value(s).unwrap()
     }
 
     #[test]
@@ -576,5 +691,20 @@ mod tests {
         assert!(equivalent("(-\\infty, 3]", "(-\\infty,3]"));
         assert!(!equivalent("(-\\infty, 3)", "(-\\infty,3]"));
         assert!(!equivalent("", "5"));
+        // Review cases: brackets, names, unit exponents, hedges, mixed numbers, depth.
+        assert!(!equivalent("[1, 3)", "(1, 3)"));
+        assert!(equivalent("[1, 3)", "[1,3)"));
+        assert!(!equivalent("Leon", "Noel"));
+        assert!(equivalent("\\text{Leon}", "Leon"));
+        assert!(!equivalent("x=2 \\text{ or } x=3", "3"));
+        assert!(!equivalent("x = 1, y = 2", "2"));
+        assert!(equivalent("x = 3", "3"));
+        assert!(equivalent("\\left[1, 2\\right]", "[1,2]"));
+        // Nesting past the limit is no answer (and no stack overflow).
+        let deep = format!("{}1{}", "(".repeat(150), ")".repeat(150));
+        assert_eq!(value(&deep), None);
+        assert_eq!(value(&format!("{}5", "-".repeat(300))), None);
+        assert!(close(v_of("((((1))))"), 1.0));
+        assert!(is_structured("(1, 2)") && is_structured("x^2+1") && !is_structured("\\frac12"));
     }
 }

@@ -233,13 +233,16 @@ fn last_phrase(text: &str, re: &Regex) -> Option<(String, f64)> {
 
 /// Extract the final answer of a response.
 pub fn extract(text: &str) -> Option<(String, f64, &'static str)> {
-    if let Some(b) = last_boxed(text) {
-        // The whole expression's value (`2\sqrt{3}` is not 2), else its answer segment.
-        if let Some(v) = super::latex::value(b).or_else(|| segment_value(b)) {
-            return Some((b.trim().to_string(), v, "boxed"));
-        }
+    if let Some(b) = last_boxed(text).filter(|b| !b.trim().is_empty()) {
+        // The whole expression's value (`2\sqrt{3}` is not 2); a structure's
+        // first number is not its value (`(1, 2)` is not 1); else the answer
+        // segment (`18 apples`).
+        let value = match super::latex::is_structured(b) {
+            true => None,
+            false => super::latex::value(b).or_else(|| segment_value(b)),
+        };
         // A boxed answer with no value (`(1, 2)`, `x+1`, `\text{(C)}`) is still the answer.
-        return Some((b.trim().to_string(), f64::NAN, "boxed"));
+        return Some((b.trim().to_string(), value.unwrap_or(f64::NAN), "boxed"));
     }
     if let Some((seg, v)) = last_phrase(text, answer_is_re()) {
         return Some((seg, v, "answer_is"));
@@ -263,6 +266,9 @@ pub fn extract(text: &str) -> Option<(String, f64, &'static str)> {
 /// `#### 18`, `\frac{\sqrt{3}}{2}`, `2^{10}`).
 pub fn gold_value(gold: &str) -> Option<f64> {
     let g = gold_text(gold);
+    if super::latex::is_structured(g) {
+        return None; // `(1, 2)`, `x^2+1`: compared as expressions, never by a first number
+    }
     super::latex::value(g).or_else(|| parse_number(g))
 }
 
@@ -432,6 +438,14 @@ mod tests {
         assert!(check("\\boxed{1+x}", "x+1").correct);
         // Units inside the box still give the number.
         assert!(check("\\boxed{18 apples}", "18").correct);
+        // A structured gold or answer is never its first number.
+        assert!(!check("\\boxed{1}", "(1, 2)").correct);
+        assert!(!check("\\boxed{2}", "x^2+7x+10").correct);
+        assert!(!check("\\boxed{5}", "[-2, 5)").correct);
+        assert!(!check("\\boxed{(1,2)}", "1").correct);
+        assert_eq!(gold_value("(1, 2)"), None);
+        // An empty box is no answer: the stated one counts.
+        assert!(check("\\boxed{}\nThe answer is 18.", "18").correct);
         assert!(check("#### 18", "Natalia sold 48/2 = 24 clips.\n#### 18").correct);
     }
 }
