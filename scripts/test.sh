@@ -13,6 +13,17 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"
 fi
 step() { printf '\n==> %s\n' "$*"; }
+step "Prometheus and promtool (Debian's package, unpacked: no service started)"
+# tests/python/test_prometheus.py runs the real Prometheus against the server.
+PROM_DIR="$FUSECHAT_HOME/tools/prometheus"
+if [ ! -x "$PROM_DIR/usr/bin/prometheus" ]; then
+  deb_dir=$(mktemp -d)
+  (cd "$deb_dir" && { apt-get download prometheus 2>/dev/null || { apt-get update -qq && apt-get download prometheus; }; })
+  mkdir -p "$PROM_DIR" && dpkg-deb -x "$deb_dir"/prometheus_*.deb "$PROM_DIR"
+  rm -rf "$deb_dir"
+fi
+export PATH="$PROM_DIR/usr/bin:$PATH"
+command -v kubectl >/dev/null || echo "note: kubectl is missing: tests/python/test_k8s.py needs it to render k8s/ with kustomize"
 step "Python packages (openai, pytest, transformers, ...)"
 python3 -m pip install -q --disable-pip-version-check -r tests/python/requirements.txt
 

@@ -94,6 +94,18 @@ struct ServeArgs {
     /// given through the environment.
     #[arg(long, env = "FUSECHAT_ADMIN_KEY", hide_env_values = true)]
     admin_key: Option<String>,
+    /// Bearer keys accepted on /v1, comma-separated (replace `auth.api_keys`);
+    /// best given through the environment (a Kubernetes Secret).
+    #[arg(long, env = "FUSECHAT_API_KEYS", hide_env_values = true, value_delimiter = ',')]
+    api_keys: Vec<String>,
+    /// Seconds running requests may take to finish after SIGTERM (overrides
+    /// `listen.shutdown_grace_s`).
+    #[arg(long, env = "FUSECHAT_SHUTDOWN_GRACE_S")]
+    shutdown_grace_s: Option<u64>,
+    /// Check the config (and that every `fetched` name is a fetchable
+    /// model), print what would be served, and exit without serving.
+    #[arg(long)]
+    check_config: bool,
 }
 
 #[derive(Subcommand)]
@@ -195,9 +207,39 @@ fn serve(args: ServeArgs) -> Result<()> {
     if let Some(key) = args.admin_key.filter(|k| !k.is_empty()) {
         config.auth.admin_key = Some(key);
     }
+    let api_keys: Vec<String> = args
+        .api_keys
+        .into_iter()
+        .map(|k| k.trim().to_string())
+        .filter(|k| !k.is_empty())
+        .collect();
+    if !api_keys.is_empty() {
+        config.auth.api_keys = api_keys;
+    }
+    if let Some(grace) = args.shutdown_grace_s {
+        config.listen.shutdown_grace_s = grace;
+    }
     config.validate()?;
     if config.models.is_empty() {
         bail!("no models to serve: give --model ID=PATH or a config with [[models]]");
+    }
+    if let Some(name) = config
+        .models
+        .iter()
+        .filter_map(|m| m.fetched.as_deref())
+        .find(|name| fetch::find(name).is_none())
+    {
+        bail!("`fetched = \"{name}\"` names no fetchable model; `fusechat models list` lists them");
+    }
+    if args.check_config {
+        let ids: Vec<&str> = config.models.iter().map(|m| m.id.as_str()).collect();
+        println!(
+            "fusechat: config ok: would listen on {}:{} and serve {}",
+            config.listen.host,
+            config.listen.port,
+            ids.join(", ")
+        );
+        return Ok(());
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -148,6 +148,7 @@ pub fn under_root(root: &Path, requested: &Path) -> Result<PathBuf, ApiError> {
     request_body = LoadModelRequest,
     responses(
         (status = 200, description = "Loaded (and the alias repointed, if given)", body = LoadedModelInfo),
+        (status = 400, description = "Invalid body", body = ErrorBody),
         (status = 401, description = "Missing or wrong admin key", body = ErrorBody),
         (status = 403, description = "Path outside `admin.model_root`, or no root configured", body = ErrorBody),
         (status = 409, description = "A load of this id is already running", body = ErrorBody),
@@ -275,6 +276,7 @@ pub async fn load_model(
     params(("id" = String, Path, description = "Model id")),
     responses(
         (status = 200, description = "Unloaded"),
+        (status = 401, description = "Missing or wrong admin key", body = ErrorBody),
         (status = 404, description = "No such model", body = ErrorBody),
         (status = 409, description = "An alias points at it (`model_in_use`)", body = ErrorBody),
     ),
@@ -298,6 +300,8 @@ pub async fn unload_model(
     request_body = SetAliasRequest,
     responses(
         (status = 200, body = AliasInfo),
+        (status = 400, description = "Invalid body", body = ErrorBody),
+        (status = 401, description = "Missing or wrong admin key", body = ErrorBody),
         (status = 404, description = "No such model", body = ErrorBody),
         (status = 409, description = "The alias is a model id", body = ErrorBody),
         (status = 503, description = "The model is not ready", body = ErrorBody),
@@ -326,7 +330,11 @@ pub async fn set_alias(
     path = "/admin/aliases/{alias}",
     tag = "admin",
     params(("alias" = String, Path, description = "The alias")),
-    responses((status = 200, description = "Removed"), (status = 404, body = ErrorBody)),
+    responses(
+        (status = 200, description = "Removed"),
+        (status = 401, description = "Missing or wrong admin key", body = ErrorBody),
+        (status = 404, body = ErrorBody),
+    ),
     security(("api_key" = []))
 )]
 pub async fn remove_alias(
@@ -343,7 +351,10 @@ pub async fn remove_alias(
     get,
     path = "/admin/models",
     tag = "admin",
-    responses((status = 200, description = "`{models: [...], aliases: {alias: model}}`")),
+    responses(
+        (status = 200, description = "`{models: [...], aliases: {alias: model}}`"),
+        (status = 401, description = "Missing or wrong admin key", body = ErrorBody),
+    ),
     security(("api_key" = []))
 )]
 pub async fn list(state: web::Data<AppState>) -> HttpResponse {

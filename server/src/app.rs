@@ -1,22 +1,26 @@
 //! Assembling and running the server: routes, API-key checks, HTTP metrics,
-//! and loading the configured models in the background so `/health` answers
-//! at once and `/ready` turns 200 when they are all loaded.
+//! loading the configured models in the background so `/health` answers
+//! at once and `/ready` turns 200 when they are all loaded, and the graceful
+//! stop on SIGTERM (crate::drain).
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use actix_web::body::MessageBody;
+use actix_web::dev::ServerHandle;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::middleware::{from_fn, Next};
 use actix_web::{http::header, web, App, HttpServer};
 
 use crate::config::ServerConfig;
 use crate::engine::{weights_path, LoadedModel};
+use crate::drain::{stop_signal, Drain, Tracked};
 use crate::error::ApiError;
 use crate::{admin, routes};
 use crate::state::{AppState, ModelSlot};
 
-/// Runs the server until it is stopped (SIGINT or SIGTERM: graceful stop).
+/// Runs the server until SIGTERM or SIGINT, then drains: `/ready` 503, new
+/// API requests 503, running ones finish within `listen.shutdown_grace_s`.
 pub async fn serve(config: ServerConfig, home: std::path::PathBuf) -> anyhow::Result<()> {
     let state = web::Data::new(
         AppState::new(config.clone(), home).with_runtime(tokio::runtime::Handle::current()),
@@ -29,6 +33,9 @@ pub async fn serve(config: ServerConfig, home: std::path::PathBuf) -> anyhow::Re
             .wrap(from_fn(count_http))
             .configure(configure)
     })
+    // The stop is ours (drain first), not actix's on the same signals.
+    .disable_signals()
+    .shutdown_timeout(1)
     .bind(address.clone())
     .map_err(|e| anyhow::anyhow!("cannot listen on {}:{}: {e}", address.0, address.1))?;
     if config.listen.workers > 0 {
@@ -39,10 +46,37 @@ pub async fn serve(config: ServerConfig, home: std::path::PathBuf) -> anyhow::Re
         println!("fusechat: listening on http://{addr}");
     }
     let running = server.run();
+    let grace = Duration::from_secs(config.listen.shutdown_grace_s);
+    let stopper = tokio::spawn(stop_on_signal(
+        state.drain.clone(),
+        running.handle(),
+        grace,
+    ));
     let loader = tokio::spawn(load_all(state.into_inner()));
     let result = running.await;
     loader.abort();
+    stopper.abort();
     result.map_err(Into::into)
+}
+
+/// Waits for SIGTERM/SIGINT, then drains and stops the HTTP server.
+async fn stop_on_signal(drain: Arc<Drain>, server: ServerHandle, grace: Duration) {
+    stop_signal().await;
+    drain.begin();
+    let running = drain.in_flight();
+    tracing::info!(running, grace_s = grace.as_secs(), "shutting down: draining");
+    println!(
+        "fusechat: shutting down: /ready is 503, new requests get 503; waiting up to {}s for {running} running request(s)",
+        grace.as_secs()
+    );
+    if drain.wait_idle(grace).await {
+        println!("fusechat: every request finished; stopping");
+    } else {
+        let left = drain.in_flight();
+        tracing::warn!(left, "grace period over; stopping with requests still running");
+        println!("fusechat: grace period over with {left} request(s) still running; stopping");
+    }
+    server.stop(true).await;
 }
 
 /// Loads every configured model, one after the other.
@@ -77,6 +111,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::scope("/v1")
             .wrap(from_fn(require_api_key))
+            .wrap(from_fn(refuse_when_draining))
             .service(
                 web::resource("/chat/completions")
                     .route(web::post().to(routes::chat_completions))
@@ -147,6 +182,22 @@ async fn count_http(
             .observe(started.elapsed().as_secs_f64());
     }
     Ok(response)
+}
+
+/// Counts every `/v1` request until its response body is done, and refuses
+/// new ones once a shutdown has begun.
+async fn refuse_when_draining(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let guard = match req.app_data::<web::Data<AppState>>() {
+        Some(state) => Some(state.drain.enter().ok_or_else(ApiError::draining)?),
+        None => None,
+    };
+    let response = next.call(req).await?;
+    Ok(response
+        .map_into_boxed_body()
+        .map_body(|_, body| Tracked { body, guard }))
 }
 
 /// `/v1` needs `Authorization: Bearer <key>` when `auth.api_keys` is set.

@@ -68,6 +68,11 @@ pub struct ListenConfig {
     /// HTTP worker threads; 0 means one per core.
     #[serde(default)]
     pub workers: usize,
+    /// On SIGTERM, how long running requests and streams may take to finish
+    /// before the server stops anyway (a pod's terminationGracePeriodSeconds
+    /// should be a little longer).
+    #[serde(default = "default_shutdown_grace_s")]
+    pub shutdown_grace_s: u64,
 }
 
 impl Default for ListenConfig {
@@ -76,6 +81,7 @@ impl Default for ListenConfig {
             host: default_host(),
             port: default_port(),
             workers: 0,
+            shutdown_grace_s: default_shutdown_grace_s(),
         }
     }
 }
@@ -86,6 +92,10 @@ fn default_host() -> String {
 
 fn default_port() -> u16 {
     8080
+}
+
+fn default_shutdown_grace_s() -> u64 {
+    30
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -97,6 +97,20 @@ impl ApiError {
         }
     }
 
+    /// The server is shutting down (SIGTERM): a client retries, and the
+    /// Service sends it to another replica.
+    pub fn draining() -> Self {
+        Self {
+            code: Some("server_shutting_down"),
+            retry_after: Some(1),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "This server is shutting down and takes no new requests; retry (another replica will answer).",
+            )
+        }
+    }
+
     pub fn payload_too_large(limit: usize) -> Self {
         Self {
             code: Some("payload_too_large"),

@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod app;
 pub mod config;
+pub mod drain;
 pub mod engine;
 pub mod error;
 pub mod generate;

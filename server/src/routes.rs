@@ -66,7 +66,7 @@ async fn run(state: &AppState, shape: Shape, request: GenerateRequest) -> Result
         (status = 404, description = "Unknown model (`model_not_found`)", body = ErrorBody),
         (status = 413, description = "Body over `limits.max_body_bytes`", body = ErrorBody),
         (status = 429, description = "The model's queue is full; see `Retry-After`", body = ErrorBody),
-        (status = 503, description = "The model is still loading", body = ErrorBody),
+        (status = 503, description = "The model is still loading (`model_not_ready`), or the server is shutting down (`server_shutting_down`); see `Retry-After`", body = ErrorBody),
     ),
     security(("api_key" = []))
 )]
@@ -94,6 +94,7 @@ pub async fn chat_completions(
         (status = 404, description = "Unknown model", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 429, description = "Queue full", body = ErrorBody),
+        (status = 503, description = "The model is still loading, or the server is shutting down; see `Retry-After`", body = ErrorBody),
     ),
     security(("api_key" = []))
 )]
@@ -166,7 +167,8 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok().json(status_body(&state, "ok"))
 }
 
-/// Readiness: 200 once every configured model is loaded, 503 before.
+/// Readiness: 200 once every configured model is loaded, 503 before and
+/// from the moment a shutdown begins.
 #[utoipa::path(
     get,
     path = "/ready",
@@ -174,7 +176,9 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
     responses((status = 200, body = HealthStatus), (status = 503, body = HealthStatus))
 )]
 pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
-    if state.all_ready() {
+    if state.drain.is_draining() {
+        HttpResponse::ServiceUnavailable().json(status_body(&state, "shutting down"))
+    } else if state.all_ready() {
         HttpResponse::Ok().json(status_body(&state, "ready"))
     } else {
         HttpResponse::ServiceUnavailable().json(status_body(&state, "not ready"))

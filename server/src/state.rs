@@ -51,6 +51,8 @@ pub struct AppState {
     loading: Mutex<HashSet<String>>,
     /// The main runtime, where admin loads run (off the HTTP workers).
     pub runtime: Option<tokio::runtime::Handle>,
+    /// Running API requests, and whether the server is shutting down.
+    pub drain: Arc<crate::drain::Drain>,
 }
 
 /// Marks an admin load of one id as running; dropping it clears the mark.
@@ -88,6 +90,7 @@ impl AppState {
             table: RwLock::new(Table { models, aliases }),
             loading: Mutex::new(HashSet::new()),
             runtime: None,
+            drain: Arc::default(),
         }
     }
 

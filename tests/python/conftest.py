@@ -46,6 +46,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float):
+    """Until GET `url` answers 200; fails the test, with the log's tail, when
+    `proc` exits first or `timeout` seconds pass."""
+    deadline = time.time() + timeout
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"{url}: the process exited with {proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.time() > deadline:
+            pytest.fail(f"{url} not ready after {timeout} s:\n{log.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.3)
+
+
 class Server:
     def __init__(self, config_text: str, name: str, timeout: float = 600, args: tuple = ()):
         if not BIN.exists():

@@ -16,8 +16,11 @@ use crate::config_file::{ConfigFile, Embedded};
 /// The embedded default: `config/data-tiny.toml`.
 pub const TINY: &str = include_str!("../../../config/data-tiny.toml");
 
+/// The embedded default's path in the repository.
+pub const DEFAULT_NAME: &str = "config/data-tiny.toml";
+
 const DEFAULT: Embedded = Embedded {
-    name: "config/data-tiny.toml",
+    name: DEFAULT_NAME,
     text: TINY,
 };
 
@@ -706,27 +709,44 @@ impl Config {
     }
 
     pub fn resolve(&self, p: &Path) -> PathBuf {
-        if p.is_absolute() {
-            p.to_path_buf()
-        } else {
-            self.base_dir.join(p)
-        }
+        crate::config_file::resolve(&self.base_dir, p)
     }
 
     /// The pool folder: `prompts.data_dir` from the config's folder. When that
     /// is a relative folder that does not exist (a config copied away from
-    /// the repository, whose `../data` then names nothing),
-    /// `$FUSECHAT_DATA_DIR` says where the pools are instead.
+    /// the repository, or an embedded default run outside a checkout):
+    /// `$FUSECHAT_DATA_DIR` if set, else, when every pool the config reads
+    /// ships with fusechat, the copy compiled into the binary, written out
+    /// to `$FUSECHAT_HOME/data`.
     pub fn data_dir(&self) -> PathBuf {
         let configured = self.resolve(&self.prompts.data_dir);
-        if self.prompts.data_dir.is_relative() && !configured.is_dir() {
-            if let Some(d) = std::env::var_os("FUSECHAT_DATA_DIR").filter(|d| !d.is_empty()) {
+        if !self.prompts.data_dir.is_relative() || configured.is_dir() {
+            return configured;
+        }
+        if let Some(d) = std::env::var_os("FUSECHAT_DATA_DIR").filter(|d| !d.is_empty()) {
+            tracing::info!(
+                "{} does not exist; using $FUSECHAT_DATA_DIR={}",
+                configured.display(),
+                PathBuf::from(&d).display()
+            );
+            return PathBuf::from(d);
+        }
+        if self.pools.iter().all(|p| crate::shipped::ships(&p.file)) {
+            static UNPACKED: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+            let unpacked = UNPACKED.get_or_init(|| match crate::shipped::unpack(&crate::shipped::home()) {
+                Ok(dir) => Some(dir),
+                Err(e) => {
+                    tracing::warn!("{e}");
+                    None
+                }
+            });
+            if let Some(dir) = unpacked {
                 tracing::info!(
-                    "{} does not exist; using $FUSECHAT_DATA_DIR={}",
+                    "{} does not exist; using the prompt pools shipped in the binary ({})",
                     configured.display(),
-                    PathBuf::from(&d).display()
+                    dir.display()
                 );
-                return PathBuf::from(d);
+                return dir.clone();
             }
         }
         configured
@@ -773,7 +793,7 @@ mod tests {
 
     #[test]
     fn every_data_config_in_the_repo_parses() {
-        let dir = embedded_base();
+        let dir = crate::config_file::repository_configs();
         let mut n = 0;
         for e in std::fs::read_dir(&dir).unwrap() {
             let p = e.unwrap().path();

@@ -21,6 +21,7 @@ pub mod prompts;
 pub mod report;
 pub mod sample;
 pub mod score;
+pub mod shipped;
 pub mod store;
 
 pub use config::Config;

@@ -77,6 +77,9 @@ pub struct EvalConfig {
     /// The folder relative paths resolve against (not part of the TOML).
     #[serde(skip)]
     pub base_dir: PathBuf,
+    /// Loaded from the default compiled into the binary (not part of the TOML).
+    #[serde(skip)]
+    pub embedded: bool,
 }
 
 /// One model to evaluate.
@@ -174,10 +177,12 @@ impl EvalConfig {
             ),
             source: e,
         })?;
-        Self::parse(&file.text, &file.base_dir).map_err(|e| match (e, path) {
+        let mut config = Self::parse(&file.text, &file.base_dir).map_err(|e| match (e, path) {
             (EvalError::Config(m), Some(_)) => EvalError::Config(format!("{}: {m}", file.origin)),
             (other, _) => other,
-        })
+        })?;
+        config.embedded = path.is_none();
+        Ok(config)
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -210,11 +215,7 @@ impl EvalConfig {
     }
 
     pub fn resolve(&self, p: &Path) -> PathBuf {
-        if p.is_absolute() {
-            p.to_path_buf()
-        } else {
-            self.base_dir.join(p)
-        }
+        fusechat_data::config_file::resolve(&self.base_dir, p)
     }
 
     pub fn output_dir(&self) -> PathBuf {
@@ -228,6 +229,13 @@ impl EvalConfig {
     /// The data config this evaluation takes its pools and split from.
     pub fn load_data_config(&self) -> Result<fusechat_data::Config> {
         let p = self.data_config_path();
+        // The embedded eval default names the embedded data default; outside
+        // a checkout there is no file of that name, and the binary has it.
+        let embedded_data = fusechat_data::config::DEFAULT_NAME;
+        if self.embedded && !p.exists() && embedded_data.ends_with(&*self.data_config.to_string_lossy()) {
+            return fusechat_data::Config::load(None)
+                .map_err(|e| EvalError::data("loading the embedded data config".to_string(), e));
+        }
         fusechat_data::Config::load(Some(&p))
             .map_err(|e| EvalError::data(format!("loading the data config {}", p.display()), e))
     }
@@ -278,7 +286,7 @@ mod tests {
     #[test]
     fn every_eval_config_in_the_repo_parses() {
         let mut n = 0;
-        for e in std::fs::read_dir(embedded_base()).unwrap() {
+        for e in std::fs::read_dir(fusechat_data::config_file::repository_configs()).unwrap() {
             let p = e.unwrap().path();
             let name = p.file_name().unwrap().to_string_lossy().to_string();
             if name.starts_with("eval-") && name.ends_with(".toml") {

@@ -210,7 +210,7 @@ fn sizes() -> BTreeMap<String, usize> {
 
 fn config(out: &Path, url: &str, models: &[&str], judge: &str) -> EvalConfig {
     let mut c = EvalConfig::load(None).unwrap();
-    c.data_config = fusechat_eval::config::embedded_base().join("data-tiny.toml");
+    c.data_config = fusechat_data::config_file::repository_configs().join("data-tiny.toml");
     c.output = out.to_path_buf();
     c.sizes = sizes();
     c.max_tokens = 64;
@@ -522,7 +522,7 @@ fn kill_9_then_rerun_finishes_without_redoing_work() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
     let cfg = dir.path().join("eval.toml");
-    let data = fusechat_eval::config::embedded_base().join("data-tiny.toml");
+    let data = fusechat_data::config_file::repository_configs().join("data-tiny.toml");
     std::fs::write(
         &cfg,
         format!(

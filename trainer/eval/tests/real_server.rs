@@ -120,7 +120,7 @@ fn eval_on_the_real_server_with_smollm2() {
     let bin = bin();
     let dir = tempfile::tempdir().unwrap();
     let (_server, port) = serve(&bin, dir.path());
-    let data = fusechat_eval::config::embedded_base().join("data-tiny.toml");
+    let data = fusechat_data::config_file::repository_configs().join("data-tiny.toml");
     let out = dir.path().join("eval");
     let cfg = dir.path().join("eval.toml");
     std::fs::write(

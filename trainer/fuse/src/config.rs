@@ -340,11 +340,7 @@ impl FuseConfig {
     }
 
     pub fn resolve(&self, p: &Path) -> PathBuf {
-        if p.is_absolute() {
-            p.to_path_buf()
-        } else {
-            self.base_dir.join(p)
-        }
+        fusechat_data::config_file::resolve(&self.base_dir, p)
     }
 
     /// The run folder, absolute.
