@@ -127,7 +127,28 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                     .route(web::get().to(routes::list_models))
                     .default_service(web::to(routes::method_not_allowed)),
             )
+            .service(
+                web::resource("/models/{model}")
+                    .route(web::get().to(routes::get_model))
+                    .default_service(web::to(routes::method_not_allowed)),
+            )
             .default_service(web::to(routes::not_found)),
+    )
+    // vLLM's tokenizer routes sit outside /v1 (lm-evaluation-harness looks
+    // there), behind the same key and drain as the API.
+    .service(
+        web::resource("/tokenize")
+            .wrap(from_fn(require_api_key))
+            .wrap(from_fn(refuse_when_draining))
+            .route(web::post().to(routes::tokenize))
+            .default_service(web::to(routes::method_not_allowed)),
+    )
+    .service(
+        web::resource("/detokenize")
+            .wrap(from_fn(require_api_key))
+            .wrap(from_fn(refuse_when_draining))
+            .route(web::post().to(routes::detokenize))
+            .default_service(web::to(routes::method_not_allowed)),
     )
     .service(
         web::scope("/admin")

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use either::Either;
 use indexmap::IndexMap;
-use mistralrs::core::{RequestMessage, TokenizationRequest};
+use mistralrs::core::{DetokenizationRequest, RequestMessage, TokenizationRequest};
 use mistralrs::{
     Constraint, GgufModelBuilder, IsqType, Model, ModelDType, MultimodalModelBuilder, NormalRequest,
     Request, Response, SamplingParams, TextModelBuilder, TokenSource, Topology,
@@ -30,6 +30,9 @@ pub enum Prompt {
     Chat(Vec<(String, String)>),
     /// Raw text (`/v1/completions`).
     Text(String),
+    /// Token ids, used as they are: no special token added
+    /// (`/v1/completions`, as lm-evaluation-harness sends them).
+    Tokens(Vec<u32>),
 }
 
 impl Prompt {
@@ -37,9 +40,18 @@ impl Prompt {
     pub fn param(&self) -> &'static str {
         match self {
             Prompt::Chat(_) => "messages",
-            Prompt::Text(_) => "prompt",
+            Prompt::Text(_) | Prompt::Tokens(_) => "prompt",
         }
     }
+}
+
+/// Why a tokenizer request failed.
+#[derive(Debug)]
+pub enum TokenizerError {
+    /// The tokenizer or chat template refused the input: the caller's 400.
+    Refused(String),
+    /// The engine could not be asked.
+    Api(ApiError),
 }
 
 /// One sequence for the engine to generate: one choice of a request.
@@ -63,6 +75,9 @@ pub struct LoadedModel {
     /// How the weights are held (`GET /v1/models`); `None` where the files
     /// could not be read for it.
     pub holding: Option<Holding>,
+    /// Rows of the embedding: token ids at or past it are refused before
+    /// they reach the engine. `None` where the weights do not say.
+    pub vocab_size: Option<usize>,
     engine: Model,
 }
 
@@ -131,6 +146,16 @@ impl LoadedModel {
             Err(e) => {
                 tracing::warn!(model = %config.id, weights = %weights.display(), "cannot tell how the weights are held: {e:#}");
                 None
+            }
+        };
+        let vocab_size = {
+            let kind = kind.clone();
+            match tokio::task::spawn_blocking(move || vocab_size(&kind)).await? {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    tracing::warn!(model = %config.id, "token ids are passed to the engine unchecked: {e:#}");
+                    None
+                }
             }
         };
         let template = config
@@ -212,6 +237,7 @@ impl LoadedModel {
             defaults: config.defaults.clone(),
             admission: Admission::new(config.max_seqs, config.max_waiting),
             holding,
+            vocab_size,
             engine,
         })
     }
@@ -219,28 +245,84 @@ impl LoadedModel {
     /// Number of tokens the prompt takes once rendered (chat template and
     /// special tokens included).
     pub async fn count_prompt_tokens(&self, prompt: &Prompt) -> Result<usize, ApiError> {
-        let (tx, mut rx) = mpsc::channel(1);
+        self.tokenize(prompt, true, true).await.map(|ids| ids.len()).map_err(|e| match e {
+            TokenizerError::Refused(e) => ApiError::invalid_body(
+                format!("the prompt cannot be rendered for this model: {e}"),
+                Some(prompt.param().into()),
+            ),
+            TokenizerError::Api(e) => e,
+        })
+    }
+
+    /// Token ids of a text, or of messages rendered with the chat template
+    /// (`add_generation_prompt` opens the assistant's turn); token ids are
+    /// their own answer.
+    pub async fn tokenize(
+        &self,
+        prompt: &Prompt,
+        add_generation_prompt: bool,
+        add_special_tokens: bool,
+    ) -> Result<Vec<u32>, TokenizerError> {
         let text = match prompt {
             Prompt::Chat(messages) => Either::Left(engine_messages(messages)),
             Prompt::Text(text) => Either::Right(text.clone()),
+            Prompt::Tokens(ids) => return Ok(ids.clone()),
         };
+        let (tx, rx) = mpsc::channel(1);
         let request = Request::Tokenize(TokenizationRequest {
             text,
             tools: None,
-            add_generation_prompt: true,
-            add_special_tokens: true,
+            add_generation_prompt,
+            add_special_tokens,
             enable_thinking: None,
             reasoning_effort: None,
             response: tx,
         });
-        self.send(request).await?;
-        match rx.recv().await {
-            Some(Ok(tokens)) => Ok(tokens.len()),
-            Some(Err(e)) => Err(ApiError::invalid_body(
-                format!("the prompt cannot be rendered for this model: {e}"),
-                Some(prompt.param().into()),
+        self.ask(request, rx).await
+    }
+
+    /// The text of token ids. Ids outside the vocabulary are refused here:
+    /// the tokenizer would skip them without a word.
+    pub async fn detokenize(&self, tokens: Vec<u32>, skip_special_tokens: bool) -> Result<String, TokenizerError> {
+        self.check_token_ids(&tokens, "tokens").map_err(TokenizerError::Api)?;
+        let (tx, rx) = mpsc::channel(1);
+        let request = Request::Detokenize(DetokenizationRequest { tokens, skip_special_tokens, response: tx });
+        self.ask(request, rx).await
+    }
+
+    /// Sends a tokenizer request and waits for its answer in a task of its
+    /// own: the engine treats a reply channel closed before it answers as a
+    /// bug and panics, so the receiver must outlive a client that hangs up.
+    async fn ask<T: Send + 'static>(
+        &self,
+        request: Request,
+        mut rx: mpsc::Receiver<anyhow::Result<T>>,
+    ) -> Result<T, TokenizerError> {
+        let sender = self.sender().map_err(TokenizerError::Api)?;
+        let id = self.id.clone();
+        let answer = tokio::spawn(async move {
+            if sender.send(request).await.is_err() {
+                return Err(TokenizerError::Api(ApiError::internal(format!("engine of `{id}` has stopped"))));
+            }
+            match rx.recv().await {
+                Some(Ok(value)) => Ok(value),
+                Some(Err(e)) => Err(TokenizerError::Refused(e.to_string())),
+                None => Err(TokenizerError::Api(ApiError::internal("the engine dropped a tokenizer request"))),
+            }
+        });
+        answer
+            .await
+            .map_err(|e| TokenizerError::Api(ApiError::internal(format!("tokenizer task failed: {e}"))))?
+    }
+
+    /// Checks token ids against the vocabulary, where it is known.
+    pub fn check_token_ids(&self, ids: &[u32], param: &str) -> Result<(), ApiError> {
+        match self.vocab_size.and_then(|v| ids.iter().find(|&&t| t as usize >= v).map(|t| (t, v))) {
+            Some((bad, vocab)) => Err(ApiError::invalid_param(
+                param,
+                format!("Token id {bad} is outside the vocabulary of model `{}` (ids 0 to {}).", self.id, vocab - 1),
             )),
-            None => Err(ApiError::internal("the engine dropped a tokenization request")),
+            None => Ok(()),
         }
     }
 
@@ -259,6 +341,7 @@ impl LoadedModel {
                 echo_prompt: false,
                 best_of: None,
             },
+            Prompt::Tokens(ids) => RequestMessage::CompletionTokens(ids),
         };
         let request = Request::Normal(Box::new(NormalRequest {
             messages,
@@ -281,13 +364,15 @@ impl LoadedModel {
         Ok(rx)
     }
 
-    async fn send(&self, request: Request) -> Result<(), ApiError> {
-        let sender = self
-            .engine
+    fn sender(&self) -> Result<tokio::sync::mpsc::Sender<Request>, ApiError> {
+        self.engine
             .inner()
             .get_sender(None)
-            .map_err(|e| ApiError::internal(format!("engine of `{}` unavailable: {e}", self.id)))?;
-        sender
+            .map_err(|e| ApiError::internal(format!("engine of `{}` unavailable: {e}", self.id)))
+    }
+
+    async fn send(&self, request: Request) -> Result<(), ApiError> {
+        self.sender()?
             .send(request)
             .await
             .map_err(|_| ApiError::internal(format!("engine of `{}` has stopped", self.id)))
@@ -441,6 +526,32 @@ pub fn gguf_architecture(path: &Path) -> anyhow::Result<String> {
 }
 
 /// sha256 over the weight files, shortened: it names the exact weights.
+/// Rows of the token embedding, as the weights give them.
+fn vocab_size(kind: &WeightsKind) -> anyhow::Result<usize> {
+    match kind {
+        WeightsKind::Gguf { dir, file, .. } => {
+            let path = dir.join(file);
+            let mut reader = std::fs::File::open(&path)?;
+            let content = candle_core::quantized::gguf_file::Content::read(&mut reader)
+                .with_context(|| format!("{} is not a GGUF file", path.display()))?;
+            let embedding = content
+                .tensor_infos
+                .get("token_embd.weight")
+                .context("the GGUF file has no token_embd.weight")?;
+            Ok(embedding.shape.dims()[0])
+        }
+        WeightsKind::Hf { dir, .. } => {
+            let text = std::fs::read_to_string(dir.join("config.json"))?;
+            let config: serde_json::Value = serde_json::from_str(&text)?;
+            config["vocab_size"]
+                .as_u64()
+                .or_else(|| config["text_config"]["vocab_size"].as_u64())
+                .map(|v| v as usize)
+                .context("config.json gives no vocab_size")
+        }
+    }
+}
+
 fn fingerprint(kind: &WeightsKind) -> anyhow::Result<String> {
     let files: Vec<PathBuf> = match kind {
         WeightsKind::Gguf { dir, file, .. } => vec![dir.join(file)],

@@ -55,6 +55,19 @@ impl ApiError {
         }
     }
 
+    /// 400 for a request field this server does not implement.
+    pub fn unsupported_param(param: &str) -> Self {
+        Self {
+            param: Some(param.to_string()),
+            code: Some("unsupported_parameter"),
+            ..Self::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                format!("`{param}` is not supported by this server; leave it out (the README lists the parameters it implements and the ones it accepts and ignores)."),
+            )
+        }
+    }
+
     /// 400 for a body that is not the JSON we expect.
     pub fn invalid_body(message: impl Into<String>, param: Option<String>) -> Self {
         Self {

@@ -14,7 +14,7 @@ use mistralrs::{Constraint, Response, SamplingParams, StopTokens};
 use tokio::sync::mpsc;
 
 use crate::config::Limits;
-use crate::engine::{LoadedModel, SequenceJob};
+use crate::engine::{LoadedModel, Prompt, SequenceJob};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::protocol::{TokenLogprob, TopLogprob, Usage};
@@ -74,9 +74,39 @@ pub async fn start(
     metrics: Arc<Metrics>,
 ) -> Result<Generation, ApiError> {
     let accepted = Instant::now();
-    let prompt_tokens = model.count_prompt_tokens(&req.prompt).await? as u64;
+    let (tx, rx) = mpsc::channel(64 * req.n * req.prompts.len());
+    // Every prompt is admitted on its own: a batch larger than the model's
+    // batch waits in its queue like as many requests would.
+    let started = futures::future::try_join_all(req.prompts.iter().enumerate().map(|(i, prompt)| {
+        let first_index = (i * req.n) as u32;
+        start_prompt(&model, &req, prompt, first_index, limits, &metrics, accepted, tx.clone())
+    }))
+    .await?;
+    Ok(Generation {
+        prompt_tokens: started.iter().sum(),
+        events: rx,
+    })
+}
+
+/// Checks one prompt against the context, waits for its seats and starts
+/// its `n` choices, numbered from `first_index`; returns its token count.
+#[allow(clippy::too_many_arguments)]
+async fn start_prompt(
+    model: &Arc<LoadedModel>,
+    req: &GenerateRequest,
+    prompt: &Prompt,
+    first_index: u32,
+    limits: &Limits,
+    metrics: &Arc<Metrics>,
+    accepted: Instant,
+    tx: mpsc::Sender<Event>,
+) -> Result<u64, ApiError> {
+    let param = prompt.param();
+    if let Prompt::Tokens(ids) = prompt {
+        model.check_token_ids(ids, param)?;
+    }
+    let prompt_tokens = model.count_prompt_tokens(prompt).await? as u64;
     let context = model.max_seq_len as u64;
-    let param = req.prompt.param();
     if prompt_tokens >= context {
         return Err(ApiError::context_length_exceeded(param, format!(
             "This model's maximum context length is {context} tokens. However, your {param} resulted in {prompt_tokens} tokens. Please reduce the length of the {param}."
@@ -121,7 +151,6 @@ pub async fn start(
         first_token_seen: AtomicBool::new(false),
         _seats: seats,
     });
-    let (tx, rx) = mpsc::channel(64 * req.n);
     // OpenAI's default temperature is 1; a model's configured default comes first.
     let temperature = sampling.temperature.unwrap_or(1.0);
     let greedy = sampling.is_greedy();
@@ -134,7 +163,7 @@ pub async fn start(
                 min_p: sampling.min_p,
             };
             // Each choice gets its own stream, derived from the seed.
-            Arc::new(SeededSampler::new(seed.wrapping_add(index as u64), knobs))
+            Arc::new(SeededSampler::new(seed.wrapping_add(first_index as u64 + index as u64), knobs))
                 as Arc<dyn mistralrs::CustomLogitsProcessor>
         });
         let params = SamplingParams {
@@ -157,7 +186,7 @@ pub async fn start(
             dry_params: None,
         };
         let job = SequenceJob {
-            prompt: req.prompt.clone(),
+            prompt: prompt.clone(),
             sampling: params,
             logits_processor: seeded,
             logprobs: req.logprobs.is_some(),
@@ -168,7 +197,7 @@ pub async fn start(
         };
         let engine_rx = model.start(job).await?;
         let choice = ChoiceTask {
-            index: index as u32,
+            index: first_index + index as u32,
             client_logprobs: req.logprobs.is_some(),
             trace: trace.clone(),
             stop: StopFilter::new(req.stop.clone()),
@@ -177,10 +206,7 @@ pub async fn start(
         };
         tokio::spawn(choice.run(engine_rx));
     }
-    Ok(Generation {
-        prompt_tokens,
-        events: rx,
-    })
+    Ok(prompt_tokens)
 }
 
 struct ChoiceTask {

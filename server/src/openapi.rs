@@ -20,6 +20,9 @@ use crate::{admin, routes};
         routes::chat_completions,
         routes::completions,
         routes::list_models,
+        routes::get_model,
+        routes::tokenize,
+        routes::detokenize,
         routes::health,
         routes::ready,
         routes::metrics,
@@ -36,12 +39,14 @@ use crate::{admin, routes};
         ChatCompletion, ChatChoice, AssistantMessage, ChatCompletionChunk, ChunkChoice, ChunkDelta,
         ChoiceLogprobs, TokenLogprob, TopLogprob, Usage, Completion, CompletionChoice,
         CompletionLogprobs, ModelList, ModelCard, HealthStatus, ErrorBody, ErrorDetail,
+        TokenizeRequest, TokenizeResponse, DetokenizeRequest, DetokenizeResponse,
         admin::LoadModelRequest, admin::LoadedModelInfo, admin::SetAliasRequest, admin::AliasInfo,
     )),
     modifiers(&BearerAuth),
     tags(
         (name = "openai", description = "The OpenAI API"),
         (name = "ops", description = "Health, readiness, metrics"),
+        (name = "tokenizer", description = "vLLM's tokenizer routes"),
         (name = "admin", description = "Hot-swap: load, alias, unload (admin key)"),
     )
 )]

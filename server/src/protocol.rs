@@ -29,13 +29,47 @@ pub struct ChatCompletionRequest {
     pub stream_options: Option<StreamOptions>,
     /// Free-form end-user id; accepted and ignored.
     pub user: Option<String>,
+    /// Every other field: refused (400 naming it) unless it is one of
+    /// [`IGNORED_FIELDS`].
+    #[serde(flatten)]
+    #[schema(ignore)]
+    pub other: Other,
+}
+
+/// Request fields that change nothing about an answer and are accepted and
+/// ignored, as the README's parameter table lists them. Any other field the
+/// server does not implement is a 400 naming it: a client must not believe
+/// it asked for something it did not get.
+pub const IGNORED_FIELDS: &[&str] = &["metadata", "store", "service_tier"];
+
+/// The fields of a request body that its type does not name.
+pub type Other = std::collections::BTreeMap<String, serde_json::Value>;
+
+/// The first field of `other` that asks for something this server does not
+/// do: not one of [`IGNORED_FIELDS`], and not empty (`null`, `{}` or `[]`
+/// asks for nothing, as clients that send every field do).
+pub fn unsupported_field(other: &Other) -> Option<&str> {
+    other
+        .iter()
+        .find(|(k, v)| {
+            let empty = match v {
+                serde_json::Value::Null => true,
+                serde_json::Value::Object(m) => m.is_empty(),
+                serde_json::Value::Array(a) => a.is_empty(),
+                _ => false,
+            };
+            !empty && !IGNORED_FIELDS.contains(&k.as_str())
+        })
+        .map(|(k, _)| k.as_str())
 }
 
 /// `POST /v1/completions` body.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct CompletionRequest {
     pub model: String,
-    /// The text to continue: a string, or a list holding exactly one string.
+    /// What to continue: a string, a list of strings, a list of token ids,
+    /// or a list of token-id lists. Each prompt gets `n` choices, indexed
+    /// `prompt_index * n + choice`.
     pub prompt: PromptInput,
     #[serde(flatten)]
     pub sampling: SamplingRequest,
@@ -47,6 +81,9 @@ pub struct CompletionRequest {
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
     pub user: Option<String>,
+    #[serde(flatten)]
+    #[schema(ignore)]
+    pub other: Other,
 }
 
 /// Sampling fields shared by both endpoints.
@@ -94,17 +131,23 @@ impl StopSequences {
 #[serde(untagged)]
 pub enum PromptInput {
     Text(String),
-    Batch(Vec<String>),
+    Texts(Vec<String>),
+    Tokens(Vec<u32>),
+    TokenLists(Vec<Vec<u32>>),
 }
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct StreamOptions {
     /// Send a last chunk with `usage` and no choices.
     #[serde(default)]
     pub include_usage: bool,
 }
 
+/// One turn. Fields other than these (`tool_calls`, `tool_call_id`, ...)
+/// are refused, naming the message.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct ChatMessage {
     /// `system`, `developer`, `user`, `assistant` or `tool`.
     pub role: String,
@@ -121,6 +164,7 @@ pub enum MessageContent {
 }
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct ContentPart {
     #[serde(rename = "type")]
     pub kind: String,
@@ -136,11 +180,56 @@ pub enum ResponseFormat {
 }
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct JsonSchemaFormat {
     pub name: Option<String>,
+    /// Accepted; the model is not shown it.
+    pub description: Option<String>,
     #[schema(value_type = Object)]
     pub schema: Option<serde_json::Value>,
     pub strict: Option<bool>,
+}
+
+/// `POST /tokenize` body, as vLLM takes it: a `prompt`, or `messages`
+/// rendered with the model's chat template.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct TokenizeRequest {
+    pub model: String,
+    /// Text to tokenize (give this or `messages`).
+    pub prompt: Option<String>,
+    /// A conversation to render and tokenize (give this or `prompt`).
+    pub messages: Option<Vec<ChatMessage>>,
+    /// `messages` only: open the assistant's turn at the end (default true).
+    pub add_generation_prompt: Option<bool>,
+    /// Add the tokenizer's special tokens (BOS): default true for `prompt`,
+    /// false for `messages` (the template writes them).
+    pub add_special_tokens: Option<bool>,
+    #[serde(flatten)]
+    #[schema(ignore)]
+    pub other: Other,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct TokenizeResponse {
+    pub count: usize,
+    /// The model's context length in tokens.
+    pub max_model_len: usize,
+    pub tokens: Vec<u32>,
+}
+
+/// `POST /detokenize` body, as vLLM takes it.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct DetokenizeRequest {
+    pub model: String,
+    pub tokens: Vec<u32>,
+    #[serde(flatten)]
+    #[schema(ignore)]
+    pub other: Other,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct DetokenizeResponse {
+    pub prompt: String,
 }
 
 // ---------------------------------------------------------------- responses

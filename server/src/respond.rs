@@ -27,12 +27,15 @@ pub struct Header {
     pub created: u64,
     pub model: String,
     pub fingerprint: String,
-    /// Completions with `echo`: the prompt goes before the text.
-    pub echo: Option<String>,
+    /// Completions with `echo`: per prompt, the text that goes before each
+    /// of its choices (empty without `echo`).
+    echo: Vec<String>,
+    /// Choices per prompt: choice `i` belongs to prompt `i / n`.
+    n: usize,
 }
 
 impl Header {
-    pub fn new(shape: Shape, model: String, fingerprint: String, echo: Option<String>) -> Self {
+    pub fn new(shape: Shape, model: String, fingerprint: String, echo: Vec<String>, n: usize) -> Self {
         let prefix = match shape {
             Shape::Chat => "chatcmpl",
             Shape::Completion => "cmpl",
@@ -46,7 +49,13 @@ impl Header {
             model,
             fingerprint,
             echo,
+            n: n.max(1),
         }
+    }
+
+    /// The echoed prompt before choice `index`, if `echo` was asked.
+    fn echo(&self, index: usize) -> Option<&str> {
+        self.echo.get(index / self.n).map(String::as_str)
     }
 }
 
@@ -110,16 +119,16 @@ pub async fn collect(
             usage,
         }),
         Shape::Completion => serde_json::to_value(Completion {
-            id: header.id,
+            id: header.id.clone(),
             object: "text_completion",
             created: header.created,
-            model: header.model,
-            system_fingerprint: header.fingerprint,
+            model: header.model.clone(),
+            system_fingerprint: header.fingerprint.clone(),
             choices: choices
                 .into_iter()
                 .enumerate()
                 .map(|(i, c)| {
-                    let echo = header.echo.clone().unwrap_or_default();
+                    let echo = header.echo(i).unwrap_or_default().to_string();
                     CompletionChoice {
                         index: i as u32,
                         logprobs: want_logprobs.then(|| legacy_logprobs(&c.logprobs, echo.len())),
@@ -149,7 +158,7 @@ pub fn stream(
         for index in 0..n as u32 {
             let opening = match shape {
                 Shape::Chat => Some(chat_chunk(&header, index, ChunkDelta { role: Some("assistant"), content: Some(String::new()) }, None, None)),
-                Shape::Completion => header.echo.clone().map(|p| completion_chunk(&header, index, p, None, None)),
+                Shape::Completion => header.echo(index as usize).map(|p| completion_chunk(&header, index, p.to_string(), None, None)),
             };
             if let Some(chunk) = opening {
                 yield Ok::<Bytes, actix_web::Error>(sse(&chunk));

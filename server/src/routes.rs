@@ -4,11 +4,12 @@
 use actix_web::{http::header, web, HttpRequest, HttpResponse};
 use futures::StreamExt;
 
+use crate::engine::{LoadedModel, Prompt, TokenizerError};
 use crate::error::{ApiError, ErrorBody};
 use crate::generate;
 use crate::protocol::{
-    ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, HealthStatus, ModelCard,
-    ModelList,
+    ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, DetokenizeRequest,
+    DetokenizeResponse, HealthStatus, ModelCard, ModelList, TokenizeRequest, TokenizeResponse,
 };
 use crate::respond::{self, Header, Shape};
 use crate::state::{AppState, ModelSlot};
@@ -37,19 +38,45 @@ async fn read_body(req: &HttpRequest, mut payload: web::Payload, limit: usize) -
 
 async fn run(state: &AppState, shape: Shape, request: GenerateRequest) -> Result<HttpResponse, ApiError> {
     let model = state.model(&request.model)?;
-    let echo = match (&request.prompt, request.echo) {
-        (crate::engine::Prompt::Text(p), true) => Some(p.clone()),
-        _ => None,
-    };
+    let echo = if request.echo { echoed_prompts(&model, &request.prompts).await? } else { Vec::new() };
     // The concrete model answers (as OpenAI names the snapshot behind an alias).
-    let header = Header::new(shape, model.id.clone(), model.fingerprint.clone(), echo);
-    let (n, stream, include_usage, want_logprobs) =
-        (request.n, request.stream, request.include_usage, request.logprobs.is_some());
+    let header = Header::new(shape, model.id.clone(), model.fingerprint.clone(), echo, request.n);
+    let (n, stream, include_usage, want_logprobs) = (
+        request.n * request.prompts.len(),
+        request.stream,
+        request.include_usage,
+        request.logprobs.is_some(),
+    );
     let generation = generate::start(model, request, &state.config.limits, state.metrics.clone()).await?;
     if stream {
         Ok(respond::stream(shape, header, n, generation, include_usage))
     } else {
         respond::collect(shape, header, n, generation, want_logprobs).await
+    }
+}
+
+/// The text `echo` puts before each prompt's choices: the prompt itself, or
+/// what its token ids decode to.
+async fn echoed_prompts(model: &LoadedModel, prompts: &[Prompt]) -> Result<Vec<String>, ApiError> {
+    let mut texts = Vec::with_capacity(prompts.len());
+    for prompt in prompts {
+        texts.push(match prompt {
+            Prompt::Text(text) => text.clone(),
+            Prompt::Tokens(ids) => model
+                .detokenize(ids.clone(), false)
+                .await
+                .map_err(|e| tokenizer_error(e, "prompt"))?,
+            Prompt::Chat(_) => String::new(),
+        });
+    }
+    Ok(texts)
+}
+
+/// A tokenizer's refusal is the caller's 400 on `param`.
+fn tokenizer_error(e: TokenizerError, param: &str) -> ApiError {
+    match e {
+        TokenizerError::Refused(why) => ApiError::invalid_param(param, why),
+        TokenizerError::Api(e) => e,
     }
 }
 
@@ -109,6 +136,78 @@ pub async fn completions(
     run(&state, Shape::Completion, request).await
 }
 
+/// Token ids of a prompt, or of messages rendered with the model's chat
+/// template (vLLM's route and shape).
+#[utoipa::path(
+    post,
+    path = "/tokenize",
+    tag = "tokenizer",
+    request_body = TokenizeRequest,
+    responses(
+        (status = 200, body = TokenizeResponse),
+        (status = 400, description = "Neither or both of `prompt` and `messages`, or an unsupported field", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 404, description = "Unknown model", body = ErrorBody),
+        (status = 413, body = ErrorBody),
+        (status = 503, description = "The model is still loading, or the server is shutting down", body = ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn tokenize(state: web::Data<AppState>, req: HttpRequest, payload: web::Payload) -> Result<HttpResponse, ApiError> {
+    let body = read_body(&req, payload, state.config.limits.max_body_bytes).await?;
+    let parsed: TokenizeRequest = validation::parse_body(&body)?;
+    validation::refuse_unsupported(&parsed.other)?;
+    let (prompt, param, add_generation_prompt, add_special_tokens) = match (parsed.prompt, parsed.messages) {
+        (Some(text), None) => {
+            if parsed.add_generation_prompt.is_some() {
+                return Err(ApiError::invalid_param("add_generation_prompt", "`add_generation_prompt` goes with `messages`."));
+            }
+            (Prompt::Text(text), "prompt", false, parsed.add_special_tokens.unwrap_or(true))
+        }
+        (None, Some(messages)) => (
+            Prompt::Chat(validation::chat_messages(messages)?),
+            "messages",
+            parsed.add_generation_prompt.unwrap_or(true),
+            parsed.add_special_tokens.unwrap_or(false),
+        ),
+        _ => return Err(ApiError::invalid_param("prompt", "Give `prompt` or `messages`, one of them.")),
+    };
+    let model = state.model(&parsed.model)?;
+    let tokens = model
+        .tokenize(&prompt, add_generation_prompt, add_special_tokens)
+        .await
+        .map_err(|e| tokenizer_error(e, param))?;
+    Ok(HttpResponse::Ok().json(TokenizeResponse { count: tokens.len(), max_model_len: model.max_seq_len, tokens }))
+}
+
+/// The text of token ids (vLLM's route and shape).
+#[utoipa::path(
+    post,
+    path = "/detokenize",
+    tag = "tokenizer",
+    request_body = DetokenizeRequest,
+    responses(
+        (status = 200, body = DetokenizeResponse),
+        (status = 400, description = "A token id outside the vocabulary, or an unsupported field", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 404, description = "Unknown model", body = ErrorBody),
+        (status = 413, body = ErrorBody),
+        (status = 503, description = "The model is still loading, or the server is shutting down", body = ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn detokenize(state: web::Data<AppState>, req: HttpRequest, payload: web::Payload) -> Result<HttpResponse, ApiError> {
+    let body = read_body(&req, payload, state.config.limits.max_body_bytes).await?;
+    let parsed: DetokenizeRequest = validation::parse_body(&body)?;
+    validation::refuse_unsupported(&parsed.other)?;
+    let model = state.model(&parsed.model)?;
+    let prompt = model
+        .detokenize(parsed.tokens, false)
+        .await
+        .map_err(|e| tokenizer_error(e, "tokens"))?;
+    Ok(HttpResponse::Ok().json(DetokenizeResponse { prompt }))
+}
+
 /// Lists the models served here.
 #[utoipa::path(
     get,
@@ -118,6 +217,29 @@ pub async fn completions(
     security(("api_key" = []))
 )]
 pub async fn list_models(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok().json(ModelList { object: "list", data: model_cards(&state) })
+}
+
+/// One model or alias, as `GET /v1/models` lists it.
+#[utoipa::path(
+    get,
+    path = "/v1/models/{model}",
+    tag = "openai",
+    params(("model" = String, Path, description = "Model id or alias")),
+    responses((status = 200, body = ModelCard), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("api_key" = []))
+)]
+pub async fn get_model(state: web::Data<AppState>, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let id = path.into_inner();
+    model_cards(&state)
+        .into_iter()
+        .find(|card| card.id == id)
+        .map(|card| HttpResponse::Ok().json(card))
+        .ok_or_else(|| ApiError::model_not_found(&id))
+}
+
+/// Every configured model, then every alias.
+fn model_cards(state: &AppState) -> Vec<ModelCard> {
     let data = state
         .slots()
         .into_iter()
@@ -158,7 +280,7 @@ pub async fn list_models(state: web::Data<AppState>) -> HttpResponse {
             weights,
         });
     }
-    HttpResponse::Ok().json(ModelList { object: "list", data })
+    data
 }
 
 /// Liveness: the process answers.

@@ -8,15 +8,16 @@ use crate::config::{Limits, SamplingDefaults};
 use crate::engine::Prompt;
 use crate::error::ApiError;
 use crate::protocol::{
-    ChatCompletionRequest, CompletionRequest, MessageContent, PromptInput, ResponseFormat,
-    SamplingRequest,
+    unsupported_field, ChatCompletionRequest, ChatMessage, CompletionRequest, MessageContent, Other, PromptInput,
+    ResponseFormat, SamplingRequest,
 };
 
 /// A request that passed validation, for either endpoint.
 #[derive(Debug, Clone)]
 pub struct GenerateRequest {
     pub model: String,
-    pub prompt: Prompt,
+    /// One or more (completions take a list); each gets `n` choices.
+    pub prompts: Vec<Prompt>,
     pub n: usize,
     pub sampling: Sampling,
     /// As asked; `None` means "as much as the defaults and the context allow".
@@ -99,6 +100,9 @@ pub fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
             serde_json::error::Category::Data if path == "." => {
                 format!("The request body does not match the schema: {inner}")
             }
+            serde_json::error::Category::Data if inner.to_string().contains("untagged enum PromptInput") => {
+                format!("`{path}` must be a string, a list of strings, a list of token ids, or a list of token-id lists.")
+            }
             serde_json::error::Category::Data => format!("Invalid value for `{path}`: {inner}"),
         };
         ApiError::invalid_body(message, param)
@@ -106,51 +110,14 @@ pub fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
 }
 
 pub fn validate_chat(req: ChatCompletionRequest, limits: &Limits) -> Result<GenerateRequest, ApiError> {
+    refuse_unsupported(&req.other)?;
     if req.messages.is_empty() {
         return Err(ApiError::invalid_param(
             "messages",
             "`messages` is empty; send at least one message.",
         ));
     }
-    let mut messages = Vec::with_capacity(req.messages.len());
-    for (i, m) in req.messages.into_iter().enumerate() {
-        let role = match m.role.as_str() {
-            "system" | "user" | "assistant" | "tool" => m.role,
-            "developer" => "system".to_string(),
-            other => {
-                return Err(ApiError::invalid_param(
-                    &format!("messages[{i}].role"),
-                    format!("`{other}` is not a role; use system, developer, user, assistant or tool."),
-                ))
-            }
-        };
-        let content = match m.content {
-            Some(MessageContent::Text(text)) => text,
-            Some(MessageContent::Parts(parts)) => {
-                let mut text = String::new();
-                for (j, part) in parts.into_iter().enumerate() {
-                    match (part.kind.as_str(), part.text) {
-                        ("text", Some(t)) => text.push_str(&t),
-                        (kind, _) => {
-                            return Err(ApiError::invalid_param(
-                                &format!("messages[{i}].content[{j}]"),
-                                format!("content parts of type `{kind}` are not supported by these text models; send `text` parts."),
-                            ))
-                        }
-                    }
-                }
-                text
-            }
-            None if role == "assistant" => String::new(),
-            None => {
-                return Err(ApiError::invalid_param(
-                    &format!("messages[{i}].content"),
-                    "`content` is required for this role.",
-                ))
-            }
-        };
-        messages.push((role, content));
-    }
+    let messages = chat_messages(req.messages)?;
     let logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
         (false, Some(_)) => {
             return Err(ApiError::invalid_param(
@@ -190,7 +157,7 @@ pub fn validate_chat(req: ChatCompletionRequest, limits: &Limits) -> Result<Gene
     )?;
     Ok(GenerateRequest {
         model: req.model,
-        prompt: Prompt::Chat(messages),
+        prompts: vec![Prompt::Chat(messages)],
         logprobs,
         json_schema,
         stream,
@@ -200,19 +167,70 @@ pub fn validate_chat(req: ChatCompletionRequest, limits: &Limits) -> Result<Gene
     })
 }
 
+/// The turns of a conversation as (role, text), `developer` read as
+/// `system`; a 400 naming the message that cannot be.
+pub fn chat_messages(input: Vec<ChatMessage>) -> Result<Vec<(String, String)>, ApiError> {
+    let mut messages = Vec::with_capacity(input.len());
+    for (i, m) in input.into_iter().enumerate() {
+        let role = match m.role.as_str() {
+            "system" | "user" | "assistant" | "tool" => m.role,
+            "developer" => "system".to_string(),
+            other => {
+                return Err(ApiError::invalid_param(
+                    &format!("messages[{i}].role"),
+                    format!("`{other}` is not a role; use system, developer, user, assistant or tool."),
+                ))
+            }
+        };
+        let content = match m.content {
+            Some(MessageContent::Text(text)) => text,
+            Some(MessageContent::Parts(parts)) => {
+                let mut text = String::new();
+                for (j, part) in parts.into_iter().enumerate() {
+                    match (part.kind.as_str(), part.text) {
+                        ("text", Some(t)) => text.push_str(&t),
+                        (kind, _) => {
+                            return Err(ApiError::invalid_param(
+                                &format!("messages[{i}].content[{j}]"),
+                                format!("content parts of type `{kind}` are not supported by these text models; send `text` parts."),
+                            ))
+                        }
+                    }
+                }
+                text
+            }
+            None if role == "assistant" => String::new(),
+            None => {
+                return Err(ApiError::invalid_param(
+                    &format!("messages[{i}].content"),
+                    "`content` is required for this role.",
+                ))
+            }
+        };
+        messages.push((role, content));
+    }
+    Ok(messages)
+}
+
 pub fn validate_completion(req: CompletionRequest, limits: &Limits) -> Result<GenerateRequest, ApiError> {
-    let prompt = match req.prompt {
-        PromptInput::Text(text) => text,
-        PromptInput::Batch(mut list) if list.len() == 1 => list.remove(0),
-        PromptInput::Batch(_) => {
-            return Err(ApiError::invalid_param(
-                "prompt",
-                "Send one prompt per request (a string, or a list of exactly one string).",
-            ))
-        }
+    refuse_unsupported(&req.other)?;
+    let prompts: Vec<Prompt> = match req.prompt {
+        PromptInput::Text(text) => vec![Prompt::Text(text)],
+        PromptInput::Texts(list) => list.into_iter().map(Prompt::Text).collect(),
+        PromptInput::Tokens(ids) => vec![Prompt::Tokens(ids)],
+        PromptInput::TokenLists(lists) => lists.into_iter().map(Prompt::Tokens).collect(),
     };
-    if prompt.is_empty() {
-        return Err(ApiError::invalid_param("prompt", "`prompt` is empty."));
+    if prompts.is_empty() {
+        return Err(ApiError::invalid_param("prompt", "`prompt` is an empty list."));
+    }
+    let empty = prompts.iter().position(|p| match p {
+        Prompt::Text(t) => t.is_empty(),
+        Prompt::Tokens(ids) => ids.is_empty(),
+        Prompt::Chat(_) => false,
+    });
+    if let Some(i) = empty {
+        let param = if prompts.len() == 1 { "prompt".to_string() } else { format!("prompt[{i}]") };
+        return Err(ApiError::invalid_param(&param, format!("`{param}` is empty.")));
     }
     let logprobs = match req.logprobs {
         Some(k) if k > 5 => {
@@ -220,12 +238,20 @@ pub fn validate_completion(req: CompletionRequest, limits: &Limits) -> Result<Ge
         }
         other => other.map(|k| k as usize),
     };
+    if req.echo == Some(true) && logprobs.is_some() {
+        // What harnesses ask this for is the prompt's own log-probabilities;
+        // answering with the completion's alone would score them wrongly.
+        return Err(ApiError::invalid_param(
+            "echo",
+            "`echo` with `logprobs` (the prompt's log-probabilities) is not implemented here yet; drop one of them.",
+        ));
+    }
     let stream = req.stream.unwrap_or(false);
     let include_usage = stream_usage(stream, req.stream_options.map(|o| o.include_usage))?;
     let common = validate_common(req.sampling, req.max_tokens, "max_tokens", limits)?;
     Ok(GenerateRequest {
         model: req.model,
-        prompt: Prompt::Text(prompt),
+        prompts,
         logprobs,
         json_schema: None,
         stream,
@@ -233,6 +259,14 @@ pub fn validate_completion(req: CompletionRequest, limits: &Limits) -> Result<Ge
         echo: req.echo.unwrap_or(false),
         ..common
     })
+}
+
+/// A 400 naming the first field that asks for what this server does not do.
+pub fn refuse_unsupported(other: &Other) -> Result<(), ApiError> {
+    match unsupported_field(other) {
+        Some(field) => Err(ApiError::unsupported_param(field)),
+        None => Ok(()),
+    }
 }
 
 fn stream_usage(stream: bool, include_usage: Option<bool>) -> Result<bool, ApiError> {
@@ -323,7 +357,7 @@ fn validate_common(
     }
     Ok(GenerateRequest {
         model: String::new(),
-        prompt: Prompt::Text(String::new()),
+        prompts: Vec::new(),
         n: n as usize,
         sampling: Sampling {
             temperature: s.temperature,
@@ -370,7 +404,7 @@ mod tests {
         let r = chat(base()).unwrap();
         assert_eq!(r.n, 1);
         assert!(!r.stream);
-        assert!(matches!(r.prompt, Prompt::Chat(ref m) if m == &[("user".to_string(), "hi".to_string())]));
+        assert!(matches!(&r.prompts[..], [Prompt::Chat(m)] if m == &[("user".to_string(), "hi".to_string())]));
     }
 
     #[test]
@@ -424,7 +458,7 @@ mod tests {
         );
         b["stop"] = serde_json::json!("END");
         let r = chat(b).unwrap();
-        assert!(matches!(r.prompt, Prompt::Chat(ref m) if m[0].1 == "ab"));
+        assert!(matches!(&r.prompts[..], [Prompt::Chat(m)] if m[0].1 == "ab"));
         assert_eq!(r.stop, vec!["END".to_string()]);
     }
 
@@ -436,5 +470,57 @@ mod tests {
         assert_eq!(merged.temperature, Some(0.0));
         assert_eq!(merged.top_p, Some(0.8));
         assert!(merged.is_greedy());
+    }
+
+    fn completion(body: serde_json::Value) -> Result<GenerateRequest, ApiError> {
+        let req: CompletionRequest = parse_body(body.to_string().as_bytes())?;
+        validate_completion(req, &Limits::default())
+    }
+
+    #[test]
+    fn a_field_the_server_does_not_implement_is_named_not_dropped() {
+        for (field, value) in [
+            ("tools", serde_json::json!([{"type": "function", "function": {"name": "f"}}])),
+            ("logit_bias", serde_json::json!({"42": 5})),
+            ("functions", serde_json::json!([{"name": "f"}])),
+            ("made_up", serde_json::json!(1)),
+        ] {
+            let err = chat(with(field, value)).unwrap_err();
+            assert_eq!((err.status.as_u16(), err.param.as_deref(), err.code), (400, Some(field), Some("unsupported_parameter")));
+        }
+        // Harmless fields, and fields that ask for nothing, pass.
+        for (field, value) in [
+            ("metadata", serde_json::json!({"run": "a"})),
+            ("store", serde_json::json!(false)),
+            ("user", serde_json::json!("u1")),
+            ("tools", serde_json::json!([])),
+            ("logit_bias", serde_json::json!(null)),
+        ] {
+            assert!(chat(with(field, value.clone())).is_ok(), "{field}={value}");
+        }
+        let err = chat(with("messages", serde_json::json!([{"role": "assistant", "content": null, "tool_calls": []}]))).unwrap_err();
+        assert_eq!(err.status.as_u16(), 400);
+        assert!(err.message.contains("tool_calls"), "{}", err.message);
+        let err = completion(serde_json::json!({"model": "m", "prompt": "x", "best_of": 3})).unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("best_of"));
+    }
+
+    #[test]
+    fn completions_take_text_token_ids_and_lists_of_either() {
+        let prompts = |prompt: serde_json::Value| completion(serde_json::json!({"model": "m", "prompt": prompt})).map(|r| r.prompts);
+        assert!(matches!(&prompts(serde_json::json!("a")).unwrap()[..], [Prompt::Text(t)] if t == "a"));
+        assert!(matches!(&prompts(serde_json::json!(["a", "b"])).unwrap()[..], [Prompt::Text(a), Prompt::Text(b)] if a == "a" && b == "b"));
+        assert!(matches!(&prompts(serde_json::json!([1, 2, 3])).unwrap()[..], [Prompt::Tokens(t)] if t == &[1, 2, 3]));
+        assert!(matches!(&prompts(serde_json::json!([[1], [2, 3]])).unwrap()[..], [Prompt::Tokens(a), Prompt::Tokens(b)] if a == &[1] && b == &[2, 3]));
+        for (bad, param) in [
+            (serde_json::json!([]), "prompt"),
+            (serde_json::json!(""), "prompt"),
+            (serde_json::json!(["a", ""]), "prompt[1]"),
+            (serde_json::json!([[1], []]), "prompt[1]"),
+        ] {
+            let err = prompts(bad.clone()).unwrap_err();
+            assert_eq!(err.param.as_deref(), Some(param), "{bad}: {}", err.message);
+        }
+        assert_eq!(prompts(serde_json::json!([-1])).unwrap_err().status.as_u16(), 400);
     }
 }
