@@ -317,7 +317,8 @@ impl LoadedModel {
 
     /// Checks token ids against the vocabulary, where it is known.
     pub fn check_token_ids(&self, ids: &[u32], param: &str) -> Result<(), ApiError> {
-        match self.vocab_size.and_then(|v| ids.iter().find(|&&t| t as usize >= v).map(|t| (t, v))) {
+        let vocab = self.vocab_size.filter(|&v| v > 0);
+        match vocab.and_then(|v| ids.iter().find(|&&t| t as usize >= v).map(|t| (t, v))) {
             Some((bad, vocab)) => Err(ApiError::invalid_param(
                 param,
                 format!("Token id {bad} is outside the vocabulary of model `{}` (ids 0 to {}).", self.id, vocab - 1),

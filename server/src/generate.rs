@@ -74,34 +74,76 @@ pub async fn start(
     metrics: Arc<Metrics>,
 ) -> Result<Generation, ApiError> {
     let accepted = Instant::now();
-    let (tx, rx) = mpsc::channel(64 * req.n * req.prompts.len());
-    // Every prompt is admitted on its own: a batch larger than the model's
-    // batch waits in its queue like as many requests would.
-    let started = futures::future::try_join_all(req.prompts.iter().enumerate().map(|(i, prompt)| {
+    // Every prompt is checked before any seat is taken, and all the seats
+    // are taken at once: a batch that started some prompts and then waited
+    // for seats would hold seats its own unread output keeps from freeing.
+    let mut planned = Vec::with_capacity(req.prompts.len());
+    for (i, prompt) in req.prompts.iter().enumerate() {
+        let param = match req.prompts.len() {
+            1 => prompt.param().to_string(),
+            _ => format!("{}[{i}]", prompt.param()),
+        };
+        planned.push(plan(&model, &req, prompt, &param, limits).await?);
+    }
+    let sequences = req.n * req.prompts.len();
+    let seats = model.admission.admit(sequences).await.map_err(|refused| match refused {
+        Refused::QueueFull => ApiError::overloaded(&model.id, 1),
+        Refused::TooManySequences { max } if req.prompts.len() > 1 => ApiError::invalid_param(
+            "prompt",
+            format!(
+                "{} prompts × `n` {} is {sequences} sequences, more than the {max} model `{}` runs at once; send fewer prompts per request.",
+                req.prompts.len(),
+                req.n,
+                model.id
+            ),
+        ),
+        Refused::TooManySequences { max } => ApiError::invalid_param(
+            "n",
+            format!("`n` is larger than the {max} sequences model `{}` runs at once.", model.id),
+        ),
+    })?;
+    metrics
+        .queue_time
+        .with_label_values(&[&model.id])
+        .observe(seats.queued_for.as_secs_f64());
+    let prompt_tokens: u64 = planned.iter().map(|p| p.prompt_tokens).sum();
+    metrics
+        .prompt_tokens
+        .with_label_values(&[&model.id])
+        .inc_by(prompt_tokens);
+    let trace = Arc::new(RequestTrace {
+        model: model.clone(),
+        metrics: metrics.clone(),
+        accepted,
+        first_token_seen: AtomicBool::new(false),
+        _seats: seats,
+    });
+    let (tx, rx) = mpsc::channel(64 * sequences);
+    for (i, (prompt, plan)) in req.prompts.iter().zip(planned).enumerate() {
         let first_index = (i * req.n) as u32;
-        start_prompt(&model, &req, prompt, first_index, limits, &metrics, accepted, tx.clone())
-    }))
-    .await?;
+        start_choices(&model, &req, prompt, plan, first_index, &trace, &tx).await?;
+    }
     Ok(Generation {
-        prompt_tokens: started.iter().sum(),
+        prompt_tokens,
         events: rx,
     })
 }
 
-/// Checks one prompt against the context, waits for its seats and starts
-/// its `n` choices, numbered from `first_index`; returns its token count.
-#[allow(clippy::too_many_arguments)]
-async fn start_prompt(
-    model: &Arc<LoadedModel>,
+/// A prompt checked against the model: its length and the tokens its
+/// choices may generate.
+struct Plan {
+    prompt_tokens: u64,
+    max_tokens: u64,
+}
+
+/// Token ids against the vocabulary, the prompt's length against the context.
+async fn plan(
+    model: &LoadedModel,
     req: &GenerateRequest,
     prompt: &Prompt,
-    first_index: u32,
+    param: &str,
     limits: &Limits,
-    metrics: &Arc<Metrics>,
-    accepted: Instant,
-    tx: mpsc::Sender<Event>,
-) -> Result<u64, ApiError> {
-    let param = prompt.param();
+) -> Result<Plan, ApiError> {
     if let Prompt::Tokens(ids) = prompt {
         model.check_token_ids(ids, param)?;
     }
@@ -126,31 +168,21 @@ async fn start_prompt(
             .unwrap_or(limits.max_tokens)
             .min(context - prompt_tokens),
     };
+    Ok(Plan { prompt_tokens, max_tokens })
+}
 
-    let seats = model.admission.admit(req.n).await.map_err(|refused| match refused {
-        Refused::QueueFull => ApiError::overloaded(&model.id, 1),
-        Refused::TooManySequences { max } => ApiError::invalid_param(
-            "n",
-            format!("`n` is larger than the {max} sequences model `{}` runs at once.", model.id),
-        ),
-    })?;
-    metrics
-        .queue_time
-        .with_label_values(&[&model.id])
-        .observe(seats.queued_for.as_secs_f64());
-    metrics
-        .prompt_tokens
-        .with_label_values(&[&model.id])
-        .inc_by(prompt_tokens);
-
+/// Starts a prompt's `n` choices, numbered from `first_index`.
+async fn start_choices(
+    model: &Arc<LoadedModel>,
+    req: &GenerateRequest,
+    prompt: &Prompt,
+    plan: Plan,
+    first_index: u32,
+    trace: &Arc<RequestTrace>,
+    tx: &mpsc::Sender<Event>,
+) -> Result<(), ApiError> {
+    let Plan { prompt_tokens, max_tokens } = plan;
     let sampling = req.sampling.with_defaults(&model.defaults);
-    let trace = Arc::new(RequestTrace {
-        model: model.clone(),
-        metrics: metrics.clone(),
-        accepted,
-        first_token_seen: AtomicBool::new(false),
-        _seats: seats,
-    });
     // OpenAI's default temperature is 1; a model's configured default comes first.
     let temperature = sampling.temperature.unwrap_or(1.0);
     let greedy = sampling.is_greedy();
@@ -162,8 +194,10 @@ async fn start_prompt(
                 top_p: sampling.top_p,
                 min_p: sampling.min_p,
             };
-            // Each choice gets its own stream, derived from the seed.
-            Arc::new(SeededSampler::new(seed.wrapping_add(first_index as u64 + index as u64), knobs))
+            // Each choice of a prompt gets its own stream, derived from the
+            // seed; the same prompt and seed answer alike wherever it sits
+            // in a list.
+            Arc::new(SeededSampler::new(seed.wrapping_add(index as u64), knobs))
                 as Arc<dyn mistralrs::CustomLogitsProcessor>
         });
         let params = SamplingParams {
@@ -206,7 +240,7 @@ async fn start_prompt(
         };
         tokio::spawn(choice.run(engine_rx));
     }
-    Ok(prompt_tokens)
+    Ok(())
 }
 
 struct ChoiceTask {

@@ -163,8 +163,9 @@ pub enum MessageContent {
     Parts(Vec<ContentPart>),
 }
 
+/// A part of a message's content. Parts other than `text` (images, audio)
+/// are refused by their `type`, whatever else they carry.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct ContentPart {
     #[serde(rename = "type")]
     pub kind: String,

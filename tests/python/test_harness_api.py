@@ -136,3 +136,24 @@ def test_fields_the_server_does_not_implement_are_named(server):
     r = c.chat.completions.create(model=SMOL, messages=ask, max_tokens=2, metadata={"run": "x"}, store=False,
                                   user="u1")
     assert r.choices[0].message.content is not None
+
+
+def test_a_batch_takes_all_its_seats_at_once_or_is_refused(server):
+    """Nine prompts for a model that runs eight sequences (the fixture's
+    max_seqs): refused at once, naming `prompt`, never started in part and
+    left waiting for seats its own unread output holds."""
+    c = client(server)
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model=SMOL, prompt=[PROMPT] * 9, max_tokens=200, timeout=30)
+    assert e.value.body["param"] == "prompt"
+    # Eight fit, and the model still answers afterwards.
+    r = c.completions.create(model=SMOL, prompt=[PROMPT] * 8, max_tokens=4, temperature=0)
+    assert len(r.choices) == 8 and len({ch.text for ch in r.choices}) == 1
+
+
+def test_a_seeded_prompt_answers_alike_wherever_it_sits_in_a_list(server):
+    c = client(server)
+    alone = c.completions.create(model=SMOL, prompt=PROMPT, max_tokens=12, temperature=1.0, seed=7)
+    listed = c.completions.create(model=SMOL, prompt=["One, two, three,", PROMPT], max_tokens=12, temperature=1.0,
+                                  seed=7)
+    assert listed.choices[1].text == alone.choices[0].text
