@@ -46,16 +46,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float):
+def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float, not_ready=None):
     """Until GET `url` answers 200; fails the test, with the log's tail, when
-    `proc` exits first or `timeout` seconds pass."""
+    `proc` exits first or `timeout` seconds pass. `not_ready(response)`, if
+    given, sees every other answer and may fail the test at once."""
     deadline = time.time() + timeout
     while True:
         if proc.poll() is not None:
             pytest.fail(f"{url}: the process exited with {proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
         try:
-            if httpx.get(url, timeout=2).status_code == 200:
+            r = httpx.get(url, timeout=2)
+            if r.status_code == 200:
                 return
+            if not_ready is not None:
+                not_ready(r)
         except httpx.TransportError:
             pass
         if time.time() > deadline:
@@ -85,21 +89,12 @@ class Server:
             [str(BIN), "serve", "--config", str(config), *args],
             stdout=self.log, stderr=subprocess.STDOUT, env=env,
         )
-        deadline = time.time() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                pytest.fail(f"server exited with {self.proc.returncode}:\n{self.tail()}")
-            try:
-                r = httpx.get(self.base + "/ready", timeout=2)
-                if r.status_code == 200:
-                    break
-                if any(v.startswith("failed") for v in r.json()["models"].values()):
-                    pytest.fail(f"a model failed to load: {r.text}\n{self.tail()}")
-            except httpx.TransportError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"server not ready after {timeout}s:\n{self.tail()}")
-            time.sleep(0.5)
+
+        def no_failed_model(r: httpx.Response):
+            if any(v.startswith("failed") for v in r.json()["models"].values()):
+                pytest.fail(f"a model failed to load: {r.text}\n{self.tail()}")
+
+        wait_ready(self.base + "/ready", self.proc, self.log_path, timeout, no_failed_model)
 
     def tail(self, n: int = 60) -> str:
         self.log.flush()
