@@ -7,6 +7,7 @@ use fusechat_train::data::OnBadInput;
 use fusechat_train::dpo::{self, DpoOptions};
 use fusechat_train::loss::{Preference, PreferenceLoss};
 use fusechat_train::memory::{parameter_count, ForwardShape, Kept, MemoryPlan};
+use fusechat_train::precision::WeightDtype;
 use fusechat_train::settings::{Stage, StageOptions, StageSettings};
 use fusechat_train::sft::{self, SftOptions};
 use fusechat_train::trainer::{Resume, RunSummary};
@@ -60,9 +61,21 @@ pub struct CommonArgs {
     /// Checkpoints kept in OUT/checkpoints.
     #[arg(long, default_value_t = 2)]
     keep_checkpoints: usize,
-    /// Weights of OUT/final: f32 (keeps small updates) or bf16 (half the size).
-    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
-    save_dtype: String,
+    /// Weights of OUT/final: f32 (keeps small updates) or bf16 (half the size)
+    /// [default: the dtype the run trains in].
+    #[arg(long, value_parser = ["f32", "bf16"])]
+    save_dtype: Option<String>,
+    /// What the weights, activations and gradients are kept in: f32, or bf16
+    /// (half the memory; norms, softmax and the loss still in f32, AdamW's
+    /// moments in f32). bf16 is for GPUs: this CPU has no bf16 arithmetic, so
+    /// there it runs, slower than f32, for checks [default: f32].
+    #[arg(long)]
+    dtype: Option<WeightDtype>,
+    /// With --dtype bf16: the optimizer updates f32 copies of the weights
+    /// (4 more bytes a parameter), so updates smaller than bf16's spacing
+    /// accumulate instead of rounding away.
+    #[arg(long)]
+    master_weights: bool,
     /// Discard the checkpoints in OUT and start over (default: resume from the newest).
     #[arg(long)]
     fresh: bool,
@@ -123,6 +136,8 @@ impl CommonArgs {
             lora_alpha: l.lora_alpha,
             lora_targets: l.lora_targets.clone(),
             gradient_checkpointing: self.gradient_checkpointing,
+            dtype: self.dtype,
+            master_weights: self.master_weights,
         }
     }
 
@@ -138,7 +153,7 @@ impl CommonArgs {
         if !lora && self.merge {
             bail!("--merge merges LoRA adapters: add --lora (or --lora-rank R)");
         }
-        if lora && !self.merge && self.save_dtype != "f32" {
+        if lora && !self.merge && self.save_dtype.is_some() {
             bail!(
                 "--save-dtype is the dtype of OUT/final, which a LoRA run writes only with \
                  --merge (the adapter is saved in f32, as peft saves it): add --merge"
@@ -148,11 +163,10 @@ impl CommonArgs {
         t.merge = self.merge;
         t.checkpoint_every = self.checkpoint_every;
         t.keep_checkpoints = self.keep_checkpoints;
-        t.save_dtype = if self.save_dtype == "bf16" {
-            candle_core::DType::BF16
-        } else {
-            candle_core::DType::F32
-        };
+        t.save_dtype = self.save_dtype.as_deref().map(|d| match d {
+            "bf16" => candle_core::DType::BF16,
+            _ => candle_core::DType::F32,
+        });
         t.resume = if self.fresh {
             Resume::Fresh
         } else {
@@ -214,10 +228,13 @@ pub struct MemoryArgs {
     /// token as learned (the worst case of --max-len).
     #[arg(long, default_value_t = 1024)]
     max_len: usize,
-    /// Bytes per value of weights, gradients, AdamW moments and activations:
-    /// f32 (what the trainer runs in) or bf16 (half; on paper for now).
-    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
-    dtype: String,
+    /// The run's --dtype: f32, or bf16 (weights, gradients and activations
+    /// in half the bytes; AdamW's moments stay f32).
+    #[arg(long, default_value = "f32")]
+    dtype: WeightDtype,
+    /// The run's --master-weights (with bf16: f32 copies of the weights).
+    #[arg(long)]
+    master_weights: bool,
     /// The CPU's fused kernels (attention scores recomputed in the backward
     /// pass, LoRA updates accumulated in place) instead of the composed ops
     /// other devices run.
@@ -245,25 +262,26 @@ pub fn memory(args: MemoryArgs) -> Result<()> {
         lens: vec![args.max_len; args.batch],
         learned: args.batch * args.max_len,
     };
-    let bytes = if args.dtype == "bf16" { 2 } else { 4 };
     let kept = match (args.cpu, args.gradient_checkpointing) {
         (true, false) => Kept::FUSED,
         (true, true) => Kept::FUSED.recomputing(),
         (false, false) => Kept::COMPOSED,
         (false, true) => Kept::COMPOSED.recomputing(),
     };
-    let lora = StageSettings {
+    let train = StageSettings {
         lora: args.lora.lora,
         lora_rank: args.lora.lora_rank,
         lora_alpha: args.lora.lora_alpha,
         lora_targets: args.lora.lora_targets.clone(),
+        dtype: Some(args.dtype),
+        master_weights: args.master_weights,
         ..Default::default()
     }
     .resolve(Stage::Sft)
     .map_err(|e| anyhow::anyhow!(e.flag()))?
-    .train
-    .lora;
-    let (what, plan) = match lora {
+    .train;
+    let precision = train.precision;
+    let (what, plan) = match train.lora {
         Some(lora) => (
             format!(
                 "LoRA rank {} on {} ({} adapter parameters)",
@@ -275,11 +293,11 @@ pub fn memory(args: MemoryArgs) -> Result<()> {
                     .join(","),
                 lora.parameter_count(&config)
             ),
-            MemoryPlan::lora(&config, &lora, bytes, &shape, kept),
+            MemoryPlan::lora(&config, &lora, precision, &shape, kept),
         ),
         None => (
             "full fine-tuning".to_string(),
-            MemoryPlan::full_fine_tune(&config, bytes, &shape, kept),
+            MemoryPlan::full_fine_tune(&config, precision, &shape, kept),
         ),
     };
     println!(
@@ -291,7 +309,7 @@ pub fn memory(args: MemoryArgs) -> Result<()> {
         } else {
             ""
         },
-        args.dtype,
+        precision.describe(),
         args.batch,
         args.max_len
     );

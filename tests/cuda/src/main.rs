@@ -2,7 +2,9 @@
 //! the three architectures, SmolLM2's tokenizer and template) on the CPU and
 //! on the GPU must give the same losses and weights; then the time of one
 //! SFT step of a SmolLM2-135M-shaped model (random weights, timing only) on
-//! the GPU. Usage: fusechat-cuda-check WORKDIR TOKENIZER_DIR (a folder with SmolLM2's
+//! the GPU. Then the same in bf16 (weights, activations, gradients; f32
+//! master weights and moments): a LoRA SFT run and a DPO run, CPU against GPU
+//! within bf16's rounding. Usage: fusechat-cuda-check WORKDIR TOKENIZER_DIR (a folder with SmolLM2's
 //! tokenizer.json and tokenizer_config.json). Built and staged by
 //! scripts/cuda_check.sh; run on the GPU machine by tests/cuda/run.sh.
 use std::path::{Path, PathBuf};
@@ -11,7 +13,10 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use fusechat_train::data::OnBadInput;
-use fusechat_train::model::{Architecture, CausalLm, ModelConfig};
+use fusechat_train::dpo::{dpo, DpoOptions};
+use fusechat_train::loss::{Preference, PreferenceLoss};
+use fusechat_train::model::{Architecture, CausalLm, LoraConfig, ModelConfig};
+use fusechat_train::precision::Precision;
 use fusechat_train::sft::{sft, SftOptions};
 use fusechat_train::trainer::{Resume, TrainOptions};
 
@@ -28,7 +33,7 @@ fn options(steps: usize, micro: usize) -> TrainOptions {
         seed: 42,
         checkpoint_every: 0,
         keep_checkpoints: 1,
-        save_dtype: DType::F32,
+        save_dtype: Some(DType::F32),
         resume: Resume::default(),
         ..TrainOptions::default()
     }
@@ -90,15 +95,38 @@ fn curve(out: &Path) -> Result<Vec<(f64, f64)>> {
 
 type Run = (Vec<(f64, f64)>, Vec<(String, Vec<f32>)>);
 
-/// The CPU and GPU runs agree: every step's loss and gradient norm to 1e-4
-/// (relative), every final weight to 1e-5, while training moved the weights
-/// by far more than that. NaN anywhere fails.
+/// How close the CPU and GPU runs must be, and how far training must have
+/// moved the weights for that to mean something: f32 runs to 1e-4 (loss and
+/// gradient norm, relative) and 1e-5 (weights), moved by 1e-4 or more; bf16
+/// runs round every product, in another order on each device, so to 2e-2 and
+/// 1e-2 (one bf16 step of a weight near 1 is 3.9e-3 to 7.8e-3), moved by
+/// 2e-2 or more (their learning rate is ten times the f32 runs').
+struct Tolerance {
+    curve: f64,
+    weights: f32,
+    moved: f32,
+}
+
+const F32_TOLERANCE: Tolerance = Tolerance {
+    curve: 1e-4,
+    weights: 1e-5,
+    moved: 1e-4,
+};
+const BF16_TOLERANCE: Tolerance = Tolerance {
+    curve: 2e-2,
+    weights: 1e-2,
+    moved: 2e-2,
+};
+
+/// The CPU and GPU runs agree within `tol`, while training moved the weights
+/// by more than that. NaN anywhere fails.
 fn compare(
     initial: &[(String, Vec<f32>)],
     cpu: &Run,
     gpu: &Run,
+    tol: &Tolerance,
 ) -> std::result::Result<String, String> {
-    let close = |a: f64, b: f64| (a - b).abs() <= 1e-4 * a.abs().max(1.0);
+    let close = |a: f64, b: f64| (a - b).abs() <= tol.curve * a.abs().max(1.0);
     if cpu.0.len() != gpu.0.len() || cpu.0.is_empty() {
         return Err(format!(
             "{} steps on the CPU, {} on the GPU",
@@ -143,11 +171,98 @@ fn compare(
         "{} steps, losses {:.6} / {:.6} (CPU / GPU), weights moved up to {moved:.2e}, CPU and GPU weights apart by {apart:.2e}",
         cpu.0.len(), cpu.0.last().unwrap().0, gpu.0.last().unwrap().0
     );
-    if apart <= 1e-5 && moved >= 1e-4 {
+    if apart <= tol.weights && moved >= tol.moved {
         Ok(line)
     } else {
         Err(line)
     }
+}
+
+fn dpo_data(work: &Path, rows: usize) -> Result<PathBuf> {
+    let path = work.join(format!("dpo-{rows}.jsonl"));
+    let mut s = String::new();
+    for a in 0..rows {
+        s.push_str(&serde_json::json!({
+            "prompt": format!("What is {a} plus {}?", a + 30),
+            "chosen": format!("{a} + {} = {}. The answer is {}.", a + 30, 2 * a + 30, 2 * a + 30),
+            "rejected": format!("The answer is {}.", 3 * a),
+        }).to_string());
+        s.push('\n');
+    }
+    std::fs::write(&path, s)?;
+    Ok(path)
+}
+
+/// bf16 with f32 master weights on both devices: a LoRA SFT run (adapters on
+/// every linear layer, merged into OUT/final) and a DPO run of a tiny llama.
+fn bf16_checks(work: &Path, tok: &Path, gpu: &Device, sft_data: &Path) -> Result<bool> {
+    let mut cfg = ModelConfig::tiny(Architecture::Llama);
+    cfg.vocab_size = 49152;
+    cfg.max_position_embeddings = Some(512);
+    let model = folder(work, "bf16", cfg, tok)?;
+    let pairs = dpo_data(work, 8)?;
+    let bf16 = |lora: bool| TrainOptions {
+        precision: Precision::Bf16 {
+            master_weights: true,
+        },
+        lora: lora.then(|| {
+            LoraConfig::new(8, 16.0, LoraConfig::parse_targets("all-linear").unwrap()).unwrap()
+        }),
+        merge: lora,
+        lr: 1e-2,
+        ..options(3, 4)
+    };
+    let mut ok = true;
+    for stage in ["lora-sft", "dpo"] {
+        let mut finals = vec![];
+        for (dev_name, dev) in [("cpu", Device::Cpu), ("cuda", gpu.clone())] {
+            let out = work.join("bf16").join(format!("{stage}-{dev_name}"));
+            let t = Instant::now();
+            let s = if stage == "dpo" {
+                dpo(
+                    &DpoOptions {
+                        model: model.clone(),
+                        data: pairs.clone(),
+                        out,
+                        max_len: 128,
+                        on_bad_input: OnBadInput::default(),
+                        preference: Preference::new(PreferenceLoss::Sigmoid, 0.5, 0.0)?,
+                        train: TrainOptions {
+                            micro_batch: 2,
+                            ..bf16(false)
+                        },
+                    },
+                    &dev,
+                )?
+            } else {
+                sft(
+                    &SftOptions {
+                        model: model.clone(),
+                        data: sft_data.to_path_buf(),
+                        out,
+                        max_len: 128,
+                        on_bad_input: OnBadInput::default(),
+                        train: bf16(true),
+                    },
+                    &dev,
+                )?
+            };
+            println!(
+                "bf16 {stage} {dev_name}: {} steps, last loss {:?}, {:.2} s",
+                s.steps,
+                s.last_loss,
+                t.elapsed().as_secs_f64()
+            );
+            finals.push((curve(&s.out)?, weights(&s.final_dir)?));
+        }
+        let verdict = compare(&weights(&model)?, &finals[0], &finals[1], &BF16_TOLERANCE);
+        ok &= verdict.is_ok();
+        match verdict {
+            Ok(line) => println!("bf16 {stage}: {line}: SAME"),
+            Err(line) => println!("bf16 {stage}: {line}: DIFFERENT"),
+        }
+    }
+    Ok(ok)
 }
 
 fn main() -> Result<()> {
@@ -191,13 +306,14 @@ fn main() -> Result<()> {
             finals.push((curve(&s.out)?, weights(&s.final_dir)?));
         }
         let initial = weights(&model)?;
-        let verdict = compare(&initial, &finals[0], &finals[1]);
+        let verdict = compare(&initial, &finals[0], &finals[1], &F32_TOLERANCE);
         ok &= verdict.is_ok();
         match verdict {
             Ok(line) => println!("{name}: {line}: SAME"),
             Err(line) => println!("{name}: {line}: DIFFERENT"),
         }
     }
+    ok &= bf16_checks(&work, &tok, &gpu, &small)?;
     // Speed: a SmolLM2-135M-shaped llama (random weights), batch 4 x ~512 tokens.
     let mut cfg = ModelConfig::tiny(Architecture::Llama);
     cfg.vocab_size = 49152;

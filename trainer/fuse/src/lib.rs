@@ -384,7 +384,7 @@ fn run_options(mut stage: StageOptions) -> StageOptions {
     let t = &mut stage.train;
     t.checkpoint_every = 10;
     t.keep_checkpoints = 1;
-    t.save_dtype = candle_core::DType::F32;
+    t.save_dtype = None;
     t.merge = t.lora.is_some();
     t.resume = Resume::SameRunOrStartOver;
     stage

@@ -1,6 +1,7 @@
 //! Checkpoints a killed run resumes from: `OUT/checkpoints/step-NNNNNNN/`
 //! holding the trainable weights (f32: the model, or its LoRA adapters in
-//! peft's folder format), the optimizer state, and `state.json` (step,
+//! peft's folder format), the optimizer state (AdamW's moments, and the f32
+//! master weights of a bf16 run that keeps them), and `state.json` (step,
 //! seed, data position, the run's key). Written into a hidden temporary
 //! folder, every file fsynced, then renamed into place and the parent
 //! fsynced: a folder named `step-*` is always complete.

@@ -214,9 +214,14 @@ pub fn dpo(options: &DpoOptions, device: &Device) -> Result<RunSummary> {
     let model = trainer::load_model(&options.model, &options.train, device)?;
     let model_hash = fingerprint::model_folder(&options.model)?;
     std::fs::create_dir_all(&options.out).map_err(io(&options.out))?;
-    let reference_key = fingerprint::json(&serde_json::json!({
+    let mut reference_key = serde_json::json!({
         "model": model_hash, "data": data.sha256, "max_len": options.max_len,
-    }));
+    });
+    if !options.train.precision.is_f32() {
+        // bf16 log-probabilities differ from f32 ones in the last digits.
+        reference_key["dtype"] = format!("{:?}", model.dtype()).into();
+    }
+    let reference_key = fingerprint::json(&reference_key);
     // Before any step: the model is still the frozen reference.
     let reference = reference_logps(
         &model,

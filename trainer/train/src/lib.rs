@@ -22,6 +22,7 @@ pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod optim;
+pub mod precision;
 pub mod schedule;
 pub mod settings;
 pub mod sft;

@@ -7,13 +7,14 @@
 //! parameter dtype, AdamW's two moments, candle's autograd keeping every
 //! intermediate tensor of the forward pass alive until the backward pass):
 //!
-//! - weights, gradients: one value per parameter each;
-//! - optimizer: AdamW's first and second moments, two values per parameter;
+//! - weights, gradients: one value per parameter each, in the run's dtype;
+//! - optimizer: AdamW's first and second moments, two f32 values per
+//!   parameter, and the f32 master weights when a bf16 run keeps them;
 //! - activations, per layer and token: the tensors the layer creates (norms,
 //!   projections, rotary halves, the attention's per-sequence scores and
 //!   probabilities, the gated feed-forward), counted from the layer code;
-//! - logits: the learned positions' vocabulary rows, their gradient and the
-//!   log-softmax backward's copy;
+//! - logits: the learned positions' vocabulary rows, and the f32 copy and
+//!   gradient the log-softmax works on;
 //! - backward: what the backward pass holds on top, at its peak: about two
 //!   layers' activation gradients and the vocabulary-wide gradients of the
 //!   embedding and output layer before they are summed.
@@ -29,6 +30,7 @@ use std::fmt;
 
 use crate::error::{Result, TrainError};
 use crate::model::{LoraConfig, ModelConfig};
+use crate::precision::Precision;
 
 /// The largest forward pass of a run: the lengths of the sequences it packs
 /// and how many of its positions are learned (reach the vocabulary).
@@ -101,12 +103,11 @@ pub struct MemoryPlan {
 }
 
 impl MemoryPlan {
-    /// Full fine-tuning of a model with `config` whose parameters have
-    /// `dtype_bytes` bytes each, for one forward pass of `shape` keeping
-    /// what `kept` says.
+    /// Full fine-tuning of a model with `config` in `precision`, for one
+    /// forward pass of `shape` keeping what `kept` says.
     pub fn full_fine_tune(
         config: &ModelConfig,
-        dtype_bytes: u64,
+        precision: Precision,
         shape: &ForwardShape,
         kept: Kept,
     ) -> Self {
@@ -142,12 +143,13 @@ impl MemoryPlan {
             true => per_layer * layers,
             false => h * tokens * layers + per_layer,
         };
+        let dtype_bytes = precision.bytes();
         Self {
             weights: params * dtype_bytes,
             gradients: params * dtype_bytes,
-            optimizer: 2 * params * dtype_bytes,
+            optimizer: optimizer_bytes(params, precision),
             activations: (blocks + 2 * h * tokens) * dtype_bytes,
-            logits: 3 * vocab * shape.learned as u64 * dtype_bytes,
+            logits: vocab * shape.learned as u64 * (dtype_bytes + 2 * F32_BYTES),
             backward: (2 * per_layer + 2 * vocab * h) * dtype_bytes,
         }
     }
@@ -159,11 +161,12 @@ impl MemoryPlan {
     pub fn lora(
         config: &ModelConfig,
         lora: &LoraConfig,
-        dtype_bytes: u64,
+        precision: Precision,
         shape: &ForwardShape,
         kept: Kept,
     ) -> Self {
-        let full = Self::full_fine_tune(config, dtype_bytes, shape, kept);
+        let full = Self::full_fine_tune(config, precision, shape, kept);
+        let dtype_bytes = precision.bytes();
         let adapters = lora.parameter_count(config);
         let tokens: u64 = shape.lens.iter().map(|&n| n as u64).sum();
         // Per token and adapted layer, composed: x A^T (rank), its product with B^T
@@ -184,7 +187,7 @@ impl MemoryPlan {
         Self {
             weights: full.weights + adapters * dtype_bytes,
             gradients: adapters * dtype_bytes,
-            optimizer: 2 * adapters * dtype_bytes,
+            optimizer: optimizer_bytes(adapters, precision),
             activations: full.activations + per_token * tokens * layers * dtype_bytes,
             logits: full.logits,
             backward: full.backward - vocab_grads * dtype_bytes,
@@ -218,7 +221,7 @@ impl fmt::Display for MemoryPlan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "weights {}, gradients {}, AdamW moments {}, activations {}, logits {}, backward {}; \
+            "weights {}, gradients {}, optimizer state {}, activations {}, logits {}, backward {}; \
              total {}",
             gb(self.weights),
             gb(self.gradients),
@@ -229,6 +232,15 @@ impl fmt::Display for MemoryPlan {
             gb(self.total())
         )
     }
+}
+
+const F32_BYTES: u64 = 4;
+
+/// AdamW's two f32 moments per trained parameter, and its f32 master copy
+/// when the run keeps one.
+fn optimizer_bytes(params: u64, precision: Precision) -> u64 {
+    let copies = if precision.master_weights() { 3 } else { 2 };
+    copies * params * F32_BYTES
 }
 
 fn gb(bytes: u64) -> String {
@@ -318,8 +330,8 @@ mod tests {
             learned: 100,
         };
         let lora = LoraConfig::default();
-        let full = MemoryPlan::full_fine_tune(&config, 4, &shape, Kept::COMPOSED);
-        let plan = MemoryPlan::lora(&config, &lora, 4, &shape, Kept::COMPOSED);
+        let full = MemoryPlan::full_fine_tune(&config, Precision::F32, &shape, Kept::COMPOSED);
+        let plan = MemoryPlan::lora(&config, &lora, Precision::F32, &shape, Kept::COMPOSED);
         let adapters = lora.parameter_count(&config);
         let model = CausalLm::random(config.clone(), &candle_core::Device::Cpu, 1)
             .unwrap()
@@ -330,8 +342,8 @@ mod tests {
         assert_eq!(plan.optimizer, 8 * adapters);
         assert_eq!(plan.weights, full.weights + 4 * adapters);
         assert!(plan.activations > full.activations);
-        let fused = MemoryPlan::lora(&config, &lora, 4, &shape, Kept::FUSED);
-        let full_fused = MemoryPlan::full_fine_tune(&config, 4, &shape, Kept::FUSED);
+        let fused = MemoryPlan::lora(&config, &lora, Precision::F32, &shape, Kept::FUSED);
+        let full_fused = MemoryPlan::full_fine_tune(&config, Precision::F32, &shape, Kept::FUSED);
         assert_eq!(fused.activations, full_fused.activations);
         // On SmolLM2-135M's shapes the frozen weights save far more than the
         // adapters' activations cost (on the tiny config they need not).
@@ -343,8 +355,8 @@ mod tests {
         ) = (49152, 576, 1536);
         (smollm2.num_hidden_layers, smollm2.num_attention_heads) = (30, 9);
         (smollm2.num_key_value_heads, smollm2.head_dim) = (Some(3), Some(64));
-        let full = MemoryPlan::full_fine_tune(&smollm2, 4, &shape, Kept::COMPOSED);
-        let plan = MemoryPlan::lora(&smollm2, &LoraConfig::default(), 4, &shape, Kept::COMPOSED);
+        let full = MemoryPlan::full_fine_tune(&smollm2, Precision::F32, &shape, Kept::COMPOSED);
+        let plan = MemoryPlan::lora(&smollm2, &LoraConfig::default(), Precision::F32, &shape, Kept::COMPOSED);
         assert!(2 * plan.total() < full.total(), "{plan} vs {full}");
     }
 
@@ -356,13 +368,36 @@ mod tests {
     }
 
     #[test]
+    fn bf16_halves_weights_and_activations_not_the_optimizer() {
+        let config = ModelConfig::tiny(Architecture::Llama);
+        let shape = ForwardShape {
+            lens: vec![64; 4],
+            learned: 100,
+        };
+        let f32 = MemoryPlan::full_fine_tune(&config, Precision::F32, &shape, Kept::COMPOSED);
+        let plain = Precision::Bf16 {
+            master_weights: false,
+        };
+        let bf16 = MemoryPlan::full_fine_tune(&config, plain, &shape, Kept::COMPOSED);
+        assert_eq!(2 * bf16.weights, f32.weights);
+        assert_eq!(2 * bf16.gradients, f32.gradients);
+        assert_eq!(2 * bf16.activations, f32.activations);
+        assert_eq!(bf16.optimizer, f32.optimizer, "AdamW moments stay f32");
+        let masters = Precision::Bf16 {
+            master_weights: true,
+        };
+        let with_masters = MemoryPlan::full_fine_tune(&config, masters, &shape, Kept::COMPOSED);
+        assert_eq!(with_masters.optimizer - bf16.optimizer, f32.weights);
+    }
+
+    #[test]
     fn a_plan_larger_than_the_memory_is_refused_with_its_numbers() {
         let config = ModelConfig::tiny(Architecture::Llama);
         let shape = ForwardShape {
             lens: vec![64; 4],
             learned: 100,
         };
-        let plan = MemoryPlan::full_fine_tune(&config, 4, &shape, Kept::COMPOSED);
+        let plan = MemoryPlan::full_fine_tune(&config, Precision::F32, &shape, Kept::COMPOSED);
         assert_eq!(plan.optimizer, 2 * plan.weights);
         plan.check_fits(plan.total(), "this machine").unwrap();
         let err = plan
@@ -379,10 +414,10 @@ mod tests {
             lens: vec![128; 4],
             learned: 100,
         };
-        let longer = MemoryPlan::full_fine_tune(&config, 4, &longer_shape, Kept::COMPOSED);
+        let longer = MemoryPlan::full_fine_tune(&config, Precision::F32, &longer_shape, Kept::COMPOSED);
         assert!(longer.activations > 2 * plan.activations);
-        let fused = MemoryPlan::full_fine_tune(&config, 4, &shape, Kept::FUSED);
-        let fused_longer = MemoryPlan::full_fine_tune(&config, 4, &longer_shape, Kept::FUSED);
+        let fused = MemoryPlan::full_fine_tune(&config, Precision::F32, &shape, Kept::FUSED);
+        let fused_longer = MemoryPlan::full_fine_tune(&config, Precision::F32, &longer_shape, Kept::FUSED);
         assert!(fused.activations < plan.activations);
         assert!(fused_longer.activations <= 2 * fused.activations);
     }

@@ -11,6 +11,11 @@
 //! would allocate and fill about ten parameter-sized temporaries per step
 //! (5 GB of fresh memory a step on SmolLM2-135M); other devices run that
 //! composition.
+//!
+//! bf16 weights keep their moments in f32 (a bf16 second moment underflows
+//! and rounds the update), and the update is computed in f32 from an f32
+//! master copy of the weight when the run keeps one, or from the bf16 weight
+//! itself; the result is rounded into the model.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -19,6 +24,9 @@ use candle_core::{CpuStorage, DType, Device, InplaceOp2, Layout, Shape, Tensor, 
 use rayon::prelude::*;
 
 use crate::error::{Result, TrainError};
+
+/// The prefix of the master weights' names in the optimizer state.
+const MASTER: &str = "master";
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamWConfig {
@@ -54,12 +62,25 @@ enum Moments {
         v: Vec<f32>,
         shape: Shape,
     },
-    /// Anything else: the tensor-op composition.
-    Tensors { m: Tensor, v: Tensor },
+    /// Anything else: the tensor-op composition, in f32 (f64 for f64
+    /// weights), with the master copy of a bf16 weight if kept.
+    Tensors {
+        m: Tensor,
+        v: Tensor,
+        master: Option<Tensor>,
+    },
+}
+
+/// The dtype the update of a `dtype` weight is computed and kept in.
+fn update_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::F64 => DType::F64,
+        _ => DType::F32,
+    }
 }
 
 impl Moments {
-    fn zeros(param: &Var) -> Result<Self> {
+    fn zeros(param: &Var, master_weights: bool) -> Result<Self> {
         Ok(if param.device().is_cpu() && param.dtype() == DType::F32 {
             let n = param.elem_count();
             Moments::Host {
@@ -68,9 +89,16 @@ impl Moments {
                 shape: param.shape().clone(),
             }
         } else {
+            let dtype = update_dtype(param.dtype());
+            let zeros = || Tensor::zeros(param.shape(), dtype, param.device());
+            let master = match master_weights && param.dtype() != dtype {
+                true => Some(param.as_tensor().to_dtype(dtype)?),
+                false => None,
+            };
             Moments::Tensors {
-                m: param.as_tensor().zeros_like()?,
-                v: param.as_tensor().zeros_like()?,
+                m: zeros()?,
+                v: zeros()?,
+                master,
             }
         })
     }
@@ -81,7 +109,7 @@ impl Moments {
                 Tensor::from_slice(m, shape, &Device::Cpu)?,
                 Tensor::from_slice(v, shape, &Device::Cpu)?,
             ),
-            Moments::Tensors { m, v } => (m.clone(), v.clone()),
+            Moments::Tensors { m, v, .. } => (m.clone(), v.clone()),
         })
     }
 
@@ -93,8 +121,9 @@ impl Moments {
                 let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                 *(if second { v } else { m }) = values;
             }
-            Moments::Tensors { m, v } => {
-                *(if second { v } else { m }) = t.to_device(param.device())?;
+            Moments::Tensors { m, v, .. } => {
+                let dtype = update_dtype(param.dtype());
+                *(if second { v } else { m }) = t.to_dtype(dtype)?.to_device(param.device())?;
             }
         }
         Ok(())
@@ -102,13 +131,19 @@ impl Moments {
 }
 
 impl AdamW {
-    pub fn new(params: &[(String, Var)], config: AdamWConfig) -> Result<Self> {
+    /// `master_weights`: keep an f32 copy of every bf16 (or f16) weight and
+    /// update that (f32 and f64 weights are their own masters).
+    pub fn new(
+        params: &[(String, Var)],
+        config: AdamWConfig,
+        master_weights: bool,
+    ) -> Result<Self> {
         Ok(Self {
             config,
             steps: 0,
             moments: params
                 .iter()
-                .map(|(_, v)| Moments::zeros(v))
+                .map(|(_, v)| Moments::zeros(v, master_weights))
                 .collect::<Result<_>>()?,
         })
     }
@@ -138,7 +173,7 @@ impl AdamW {
         let bias1 = 1.0 - beta1.powi(t);
         let bias2 = 1.0 - beta2.powi(t);
         for (((_, param), grad), moments) in params.iter().zip(grads).zip(&mut self.moments) {
-            let (m, v) = match moments {
+            let (m, v, master) = match moments {
                 Moments::Host { m, v, .. } if grad.dtype() == DType::F32 => {
                     // Gradients come from the backward pass as it left them (a
                     // transposed or broadcast view is possible).
@@ -162,36 +197,46 @@ impl AdamW {
                         grad.dtype()
                     )))
                 }
-                Moments::Tensors { m, v } => (m, v),
+                Moments::Tensors { m, v, master } => (m, v, master),
             };
-            let scaled;
-            let grad = if grad_scale == 1.0 {
-                grad
-            } else {
-                scaled = (grad * grad_scale)?;
-                &scaled
-            };
-            *m = ((&*m * beta1)? + (grad * (1.0 - beta1))?)?;
+            let dtype = m.dtype();
+            let grad = (grad.to_dtype(dtype)? * grad_scale)?;
+            *m = ((&*m * beta1)? + (&grad * (1.0 - beta1))?)?;
             *v = ((&*v * beta2)? + (grad.sqr()? * (1.0 - beta2))?)?;
             let denom = ((&*v / bias2)?.sqrt()? + eps)?;
             let update = (m.div(&denom)? * (lr / bias1))?;
-            let decayed = if weight_decay > 0.0 {
-                (param.as_tensor() * (1.0 - lr * weight_decay))?
-            } else {
-                param.as_tensor().clone()
+            let weight = match master {
+                Some(w) => w.clone(),
+                None => param.as_tensor().to_dtype(dtype)?,
             };
-            param.set(&(decayed - update)?)?;
+            let decayed = if weight_decay > 0.0 {
+                (weight * (1.0 - lr * weight_decay))?
+            } else {
+                weight
+            };
+            let updated = (decayed - update)?;
+            param.set(&updated.to_dtype(param.dtype())?)?;
+            if let Some(w) = master {
+                *w = updated;
+            }
         }
         Ok(())
     }
 
-    /// The state as named tensors (`exp_avg.NAME`, `exp_avg_sq.NAME`).
+    /// The state as named tensors (`exp_avg.NAME`, `exp_avg_sq.NAME`, and
+    /// `master.NAME` for the master weights).
     pub fn state(&self, params: &[(String, Var)]) -> Result<HashMap<String, Tensor>> {
         let mut map = HashMap::new();
         for ((name, _), moments) in params.iter().zip(&self.moments) {
             let (m, v) = moments.tensors()?;
             map.insert(format!("exp_avg.{name}"), m);
             map.insert(format!("exp_avg_sq.{name}"), v);
+            if let Moments::Tensors {
+                master: Some(w), ..
+            } = moments
+            {
+                map.insert(format!("{MASTER}.{name}"), w.clone());
+            }
         }
         Ok(map)
     }
@@ -217,6 +262,16 @@ impl AdamW {
                     )));
                 }
                 moments.set(second, tensor, var)?;
+            }
+            if let Moments::Tensors {
+                master: Some(w), ..
+            } = moments
+            {
+                let key = format!("{MASTER}.{name}");
+                let tensor = state.remove(&key).ok_or_else(|| {
+                    TrainError::Config(format!("optimizer state lacks {key}: the checkpoint was written without master weights; pass --fresh or choose another --out"))
+                })?;
+                *w = tensor.to_dtype(w.dtype())?.to_device(w.device())?;
             }
         }
         self.steps = steps;
@@ -342,7 +397,7 @@ mod tests {
             )
             .unwrap();
             let params = vec![("w".to_string(), var.clone())];
-            let mut opt = AdamW::new(&params, config).unwrap();
+            let mut opt = AdamW::new(&params, config, false).unwrap();
             for step in 0..5 {
                 let grad: Vec<f32> = (0..n)
                     .map(|i| (((i + step * 31) * 104_729 % 2000) as f32 - 1000.0) / 500.0)
@@ -377,7 +432,7 @@ mod tests {
         let dev = Device::Cpu;
         let var = Var::from_tensor(&Tensor::new(&[1.0f32, -2.0, 0.5], &dev).unwrap()).unwrap();
         let params = vec![("w".to_string(), var.clone())];
-        let mut opt = AdamW::new(&params, AdamWConfig::default()).unwrap();
+        let mut opt = AdamW::new(&params, AdamWConfig::default(), false).unwrap();
         let grad = Tensor::new(&[0.3f32, -4.0, 1e-3], &dev).unwrap();
         opt.step(&params, &[grad], 0.01, 1.0).unwrap();
         let got = var.as_tensor().to_vec1::<f32>().unwrap();
@@ -396,10 +451,86 @@ mod tests {
             weight_decay: 0.5,
             ..AdamWConfig::default()
         };
-        let mut opt = AdamW::new(&params, config).unwrap();
+        let mut opt = AdamW::new(&params, config, false).unwrap();
         let zero = Tensor::zeros(2, DType::F32, &dev).unwrap();
         opt.step(&params, &[zero], 0.1, 1.0).unwrap();
         // No gradient: only the decay, p * (1 - lr * wd).
         assert_eq!(var.as_tensor().to_vec1::<f32>().unwrap(), vec![0.95, 0.95]);
+    }
+
+    /// 100 steps of lr 1e-4 on weights of 1.0: each step moves a weight by
+    /// 1e-4, under half of bf16's spacing at 1.0 (2^-7 = 0.0078), so plain
+    /// bf16 weights never move while f32 masters move 0.01 in all and their
+    /// rounding shows it.
+    #[test]
+    fn master_weights_keep_updates_smaller_than_a_bf16_step() {
+        let dev = Device::Cpu;
+        let run = |master: bool| -> (f32, HashMap<String, Tensor>) {
+            let var = Var::ones(4, DType::BF16, &dev).unwrap();
+            let params = vec![("w".to_string(), var.clone())];
+            let mut opt = AdamW::new(&params, AdamWConfig::default(), master).unwrap();
+            let grad = Tensor::ones(4, DType::BF16, &dev).unwrap();
+            for _ in 0..100 {
+                opt.step(&params, &[grad.clone()], 1e-4, 1.0).unwrap();
+            }
+            let w = var.as_tensor().to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+            (w[0], opt.state(&params).unwrap())
+        };
+        let (plain, plain_state) = run(false);
+        assert_eq!(plain, 1.0, "updates below half a bf16 step round away");
+        assert_eq!(plain_state["exp_avg.w"].dtype(), DType::F32);
+        assert!(!plain_state.contains_key("master.w"));
+        let (mastered, state) = run(true);
+        let master = state["master.w"].to_vec1::<f32>().unwrap()[0];
+        assert!((master - 0.99).abs() < 1e-5, "master {master}");
+        assert_eq!(mastered, half::bf16::from_f32(master).to_f32());
+        assert!(mastered < 1.0);
+    }
+
+    /// A run with master weights restored from its state continues exactly.
+    #[test]
+    fn master_weights_are_part_of_the_state() {
+        let dev = Device::Cpu;
+        let grad = Tensor::new(&[0.5f32, -1.0, 2.0], &dev)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let fresh = || {
+            let w = Tensor::new(&[0.3f32, -0.7, 1.1], &dev).unwrap();
+            let var = Var::from_tensor(&w.to_dtype(DType::BF16).unwrap()).unwrap();
+            let params = vec![("w".to_string(), var)];
+            let opt = AdamW::new(&params, AdamWConfig::default(), true).unwrap();
+            (params, opt)
+        };
+        let (params, mut straight) = fresh();
+        for _ in 0..6 {
+            straight.step(&params, &[grad.clone()], 1e-3, 1.0).unwrap();
+        }
+        let want = straight.state(&params).unwrap()["master.w"]
+            .to_vec1::<f32>()
+            .unwrap();
+
+        let (params, mut first) = fresh();
+        for _ in 0..3 {
+            first.step(&params, &[grad.clone()], 1e-3, 1.0).unwrap();
+        }
+        let saved = first.state(&params).unwrap();
+        let (resumed_params, mut resumed) = fresh();
+        resumed_params[0].1.set(params[0].1.as_tensor()).unwrap();
+        let mut without_master = saved.clone();
+        without_master.remove("master.w");
+        let err = resumed
+            .restore(&resumed_params, without_master, 3)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("master.w"), "{err}");
+        resumed.restore(&resumed_params, saved, 3).unwrap();
+        for _ in 0..3 {
+            resumed.step(&resumed_params, &[grad.clone()], 1e-3, 1.0).unwrap();
+        }
+        let got = resumed.state(&resumed_params).unwrap()["master.w"]
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(got, want);
     }
 }

@@ -8,6 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::model::LoraConfig;
+use crate::precision::{Precision, WeightDtype};
 use crate::trainer::TrainOptions;
 
 /// The stage a run trains, for the defaults that differ between them.
@@ -82,6 +83,11 @@ pub struct StageSettings {
     /// activations.
     #[serde(default, skip_serializing_if = "is_false")]
     pub gradient_checkpointing: bool,
+    /// The weights', activations' and gradients' dtype: f32 or bf16.
+    pub dtype: Option<WeightDtype>,
+    /// With bf16: the optimizer keeps f32 copies of the weights.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub master_weights: bool,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -185,9 +191,21 @@ impl StageSettings {
             seed: self.seed.unwrap_or(DEFAULT_SEED),
             lora: self.lora_config()?,
             gradient_checkpointing: self.gradient_checkpointing,
+            precision: self.precision()?,
             ..TrainOptions::default()
         };
         Ok(StageOptions { train, max_len })
+    }
+
+    fn precision(&self) -> Result<Precision, InvalidSetting> {
+        match (self.dtype.unwrap_or_default(), self.master_weights) {
+            (WeightDtype::F32, false) => Ok(Precision::F32),
+            (WeightDtype::F32, true) => Err(InvalidSetting::new(
+                "master_weights",
+                "keeps f32 copies of bf16 weights: it needs dtype bf16 (f32 weights are their own masters)",
+            )),
+            (WeightDtype::Bf16, master_weights) => Ok(Precision::Bf16 { master_weights }),
+        }
     }
 
     /// peft's LoRA defaults for whatever is not set, when any LoRA value is.
@@ -299,6 +317,25 @@ mod tests {
         let lora = s.resolve(Stage::Sft).unwrap().train.lora.unwrap();
         assert_eq!((lora.rank(), lora.alpha()), (16, 8.0));
         assert_eq!(lora.targets(), LoraConfig::default().targets());
+    }
+
+    #[test]
+    fn master_weights_need_bf16() {
+        let f32_masters = StageSettings {
+            master_weights: true,
+            ..Default::default()
+        };
+        let err = f32_masters.resolve(Stage::Sft).unwrap_err();
+        assert_eq!(err.setting, "master_weights");
+        assert!(err.flag().starts_with("--master-weights keeps"), "{}", err.flag());
+        let s: StageSettings = toml::from_str("dtype = \"bf16\"\nmaster_weights = true").unwrap();
+        assert_eq!(
+            s.resolve(Stage::Dpo).unwrap().train.precision,
+            Precision::Bf16 {
+                master_weights: true
+            }
+        );
+        assert!(toml::from_str::<StageSettings>("dtype = \"fp16\"").is_err());
     }
 
     #[test]

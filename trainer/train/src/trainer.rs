@@ -24,6 +24,7 @@ use crate::memory::{self, ForwardShape, MemoryPlan};
 use crate::metrics::{self, MetricsLog};
 use crate::model::{CausalLm, LoraConfig};
 use crate::optim::{AdamW, AdamWConfig};
+use crate::precision::Precision;
 use crate::schedule::CosineSchedule;
 
 /// Settings of the loop itself (the objective has its own).
@@ -42,6 +43,9 @@ pub struct TrainOptions {
     /// Train LoRA adapters on the frozen model instead of the model itself.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lora: Option<LoraConfig>,
+    /// f32, or bf16 with or without f32 master weights.
+    #[serde(skip_serializing_if = "Precision::is_f32")]
+    pub precision: Precision,
     // Not part of the run's identity:
     /// Recompute each block in the backward pass (same gradients, less memory).
     #[serde(skip)]
@@ -50,8 +54,9 @@ pub struct TrainOptions {
     pub checkpoint_every: usize,
     #[serde(skip)]
     pub keep_checkpoints: usize,
+    /// Weights of OUT/final; `None`: the dtype the run trained in.
     #[serde(skip)]
-    pub save_dtype: DType,
+    pub save_dtype: Option<DType>,
     /// Under LoRA, also write `OUT/final` with the adapters merged into the model (the
     /// adapters alone are always written to `OUT/adapter`).
     #[serde(skip)]
@@ -89,10 +94,11 @@ impl Default for TrainOptions {
             max_grad_norm: 1.0,
             seed: 42,
             lora: None,
+            precision: Precision::F32,
             gradient_checkpointing: false,
             checkpoint_every: 50,
             keep_checkpoints: 2,
-            save_dtype: DType::F32,
+            save_dtype: None,
             merge: false,
             resume: Resume::SameRunOnly,
         }
@@ -323,7 +329,14 @@ impl RunInputs<'_> {
 /// The model a run trains, loaded from `dir`: under LoRA its weights frozen
 /// and adapters added, drawn from the run's seed; checkpointed if asked.
 pub fn load_model(dir: &Path, options: &TrainOptions, device: &Device) -> Result<CausalLm> {
-    let model = CausalLm::load(dir, device)?;
+    if device.is_cpu() && !options.precision.is_f32() {
+        tracing::warn!(
+            "training in {} on the CPU: it has no bf16 arithmetic, so this runs slower than f32 \
+             (bf16 is for GPUs; on the CPU it is there to check a run before it goes to one)",
+            options.precision.describe()
+        );
+    }
+    let model = CausalLm::load_with_dtype(dir, device, options.precision.dtype())?;
     let mut model = match &options.lora {
         Some(lora) => model.with_lora(lora.clone(), options.seed)?,
         None => model,
@@ -337,14 +350,15 @@ pub fn load_model(dir: &Path, options: &TrainOptions, device: &Device) -> Result
 /// they are already held).
 fn check_memory(model: &CausalLm, objective: &dyn Objective, options: &TrainOptions) -> Result<()> {
     let shape = objective.largest_forward(options.micro_batch);
-    let bytes = model.dtype().size_in_bytes() as u64;
+    let precision = options.precision;
     let kept = model.kept();
     let plan = match model.lora() {
-        Some(lora) => MemoryPlan::lora(model.config(), lora, bytes, &shape, kept),
-        None => MemoryPlan::full_fine_tune(model.config(), bytes, &shape, kept),
+        Some(lora) => MemoryPlan::lora(model.config(), lora, precision, &shape, kept),
+        None => MemoryPlan::full_fine_tune(model.config(), precision, &shape, kept),
     };
     tracing::info!(
-        "memory estimate (largest micro-batch: {} sequences, {} tokens): {plan}",
+        "memory estimate ({}, largest micro-batch: {} sequences, {} tokens): {plan}",
+        precision.describe(),
         shape.lens.len(),
         shape.lens.iter().sum::<usize>()
     );
@@ -380,6 +394,7 @@ pub fn run(
             weight_decay: options.weight_decay,
             ..AdamWConfig::default()
         },
+        options.precision.master_weights(),
     )?;
 
     let (start, resumed_from) = match start_point(model, options, out, run_key, total)? {
@@ -632,7 +647,7 @@ fn write_results(
     let (result_dir, _) = result(model, out, options);
     if result_dir == final_dir(out) {
         write_folder(&result_dir, inputs.source, &provenance, |dir| {
-            Ok(model.save(dir, options.save_dtype)?)
+            Ok(model.save(dir, options.save_dtype.unwrap_or(options.precision.dtype()))?)
         })?;
     } else if final_dir(out).exists() {
         let stale = final_dir(out);

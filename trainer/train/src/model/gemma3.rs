@@ -119,11 +119,12 @@ impl Gemma3 {
         };
         let (theta, scaling) = config.rope_global().map_err(|m| w.config_error(m))?;
         let head_dim = config.head_dim();
-        // transformers multiplies by `hidden_size**0.5` cast to the weight dtype; the
-        // trainer's weights are f32 (or f64 in tests), so the f32 value is used.
+        // transformers multiplies by `hidden_size**0.5` cast to the weight dtype.
+        let root = (config.hidden_size as f64).sqrt();
         let embed_scale = match embed.dtype() {
-            candle_core::DType::F64 => (config.hidden_size as f64).sqrt(),
-            _ => (config.hidden_size as f32).sqrt() as f64,
+            candle_core::DType::F64 => root,
+            candle_core::DType::BF16 => half::bf16::from_f64(root).to_f64(),
+            _ => root as f32 as f64,
         };
         Ok(Self {
             embed,

@@ -29,7 +29,7 @@ impl Linear {
         if let Some(adapter) = &self.adapter {
             return adapter.forward(x, &self.weight, self.bias.as_ref(), fused);
         }
-        let y = x.matmul(&self.weight.t()?)?;
+        let y = ops::matmul(x, &self.weight.t()?)?;
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
@@ -230,13 +230,13 @@ pub(crate) fn attention(
     let q = q.reshape((b * kv, rep * s, d))?;
     let k = k.reshape((b * kv, s, d))?;
     let v = v.reshape((b * kv, s, d))?;
-    let mut scores = q.matmul(&k.t()?)?; // (b*kv, rep*s, s)
+    let mut scores = ops::matmul(&q, &k.t()?)?; // (b*kv, rep*s, s)
     if let Some(cap) = softcap {
         scores = ((scores / cap)?.tanh()? * cap)?;
     }
     let scores = scores.reshape((b * h, s, s))?;
     let probs = ops::causal_softmax(&scores, window, fused)?.reshape((b * kv, rep * s, s))?;
-    let out = probs.matmul(&v)?; // (b*kv, rep*s, d) = (b, h, s, d)
+    let out = ops::matmul(&probs, &v)?; // (b*kv, rep*s, d) = (b, h, s, d)
     out.reshape((b, h, s, d))?
         .transpose(1, 2)?
         .contiguous()?
@@ -324,7 +324,7 @@ pub(crate) fn output_logits(
         None => x,
     };
     let x = norm.forward(&x, fused)?;
-    let mut logits = x.matmul(&lm_head.t()?)?;
+    let mut logits = ops::matmul(&x, &lm_head.t()?)?;
     if let Some(cap) = softcap {
         logits = ((logits / cap)?.tanh()? * cap)?;
     }

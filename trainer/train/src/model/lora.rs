@@ -17,7 +17,7 @@ type Result<T> = candle_core::Result<T>;
 use serde::{Deserialize, Serialize};
 
 use super::config::ModelConfig;
-use super::ops::{fusable, gemm, input, Real};
+use super::ops::{fusable, gemm, input, matmul, Real};
 
 /// A linear layer of a decoder block that LoRA can adapt, by its Hugging Face name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -251,18 +251,18 @@ impl Adapter {
             };
             return x.contiguous()?.apply_op3(&self.a, &self.b, op);
         }
-        let y = x.matmul(&weight.t()?)?;
+        let y = matmul(x, &weight.t()?)?;
         let y = match bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         };
         // The scale on the rank-wide product, not on the output-wide one.
-        y + (x.matmul(&self.a.t()?)? * self.scale)?.matmul(&self.b.t()?)?
+        y + matmul(&(matmul(x, &self.a.t()?)? * self.scale)?, &self.b.t()?)?
     }
 
     /// `W + scale B A`: the weight that computes what `W` and the adapter compute together.
     pub fn merged(&self, weight: &Tensor) -> Result<Tensor> {
-        weight + (self.b.matmul(&self.a)? * self.scale)?
+        weight + (matmul(&self.b, &self.a)? * self.scale)?
     }
 }
 

@@ -295,7 +295,8 @@ impl CausalLm {
         Self::load_with_dtype(dir, device, DType::F32)
     }
 
-    /// [`CausalLm::load`] into `dtype` variables (F32 for training; F64 for exact checks).
+    /// [`CausalLm::load`] into `dtype` variables (F32 or BF16 for training; F64 for exact
+    /// checks).
     pub fn load_with_dtype(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
         check_param_dtype(dtype)?;
         let config_path = dir.join("config.json");
@@ -835,9 +836,9 @@ impl std::fmt::Debug for CausalLm {
 
 fn check_param_dtype(dtype: DType) -> Result<()> {
     match dtype {
-        DType::F32 | DType::F64 => Ok(()),
+        DType::F32 | DType::BF16 | DType::F64 => Ok(()),
         other => Err(ModelError::InvalidConfig(format!(
-            "parameters must be F32 (or F64 for checks), not {other:?}; save() converts to bf16"
+            "parameters must be F32 or BF16 (or F64 for checks), not {other:?}"
         ))),
     }
 }

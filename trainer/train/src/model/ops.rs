@@ -179,6 +179,26 @@ pub(super) unsafe fn gemm<T: Real>(
 }
 
 /// Whether `t` can take the fused CPU path.
+/// `a.matmul(b)`, and on the CPU for bf16 or f16 operands the product of
+/// their f32 values rounded to their dtype: candle's CPU product has no bf16
+/// kernel, and a GPU's bf16 product (cuBLAS) also accumulates in f32 and
+/// rounds the result once, so the CPU computes what the GPU does.
+pub(crate) fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    match half_precision(a) {
+        Some(narrow) if a.device().is_cpu() => a
+            .to_dtype(DType::F32)?
+            .matmul(&b.to_dtype(DType::F32)?)?
+            .to_dtype(narrow),
+        _ => a.matmul(b),
+    }
+}
+
+/// The dtype of a bf16 or f16 tensor, whose reductions (norms, softmax,
+/// log-softmax) run in f32.
+fn half_precision(t: &Tensor) -> Option<DType> {
+    matches!(t.dtype(), DType::BF16 | DType::F16).then(|| t.dtype())
+}
+
 pub(super) fn fusable(t: &Tensor) -> bool {
     t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
 }
@@ -229,6 +249,10 @@ pub(crate) fn causal_softmax(
             "causal_softmax: scores must be square, got {:?}",
             scores.dims()
         );
+    }
+    if let Some(narrow) = half_precision(scores) {
+        // As transformers' eager attention: the softmax in f32.
+        return causal_softmax(&scores.to_dtype(DType::F32)?, window, fused)?.to_dtype(narrow);
     }
     if fused && fusable(scores) {
         return scores.contiguous()?.apply_op1(CausalSoftmax { window });
@@ -557,6 +581,11 @@ impl CustomOp3 for GatedGrad {
 
 /// `x / sqrt(mean(x^2, last dim) + eps) * w` for `x: (…, d)`, `w: (d)`.
 pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, fused: bool) -> Result<Tensor> {
+    if let Some(narrow) = half_precision(x) {
+        // As transformers: normalised in f32, scaled by the weight, rounded back.
+        let w = w.to_dtype(DType::F32)?;
+        return rms_norm(&x.to_dtype(DType::F32)?, &w, eps, fused)?.to_dtype(narrow);
+    }
     let d = x.dim(D::Minus1)?;
     if fused && fusable(x) && x.dtype() == w.dtype() && w.dims() == [d] {
         return x.contiguous()?.apply_op2(&w.contiguous()?, RmsNorm { eps });
@@ -988,6 +1017,10 @@ pub fn token_logprobs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
         );
     }
     let targets = targets.to_dtype(DType::U32)?;
+    if half_precision(logits).is_some() {
+        // The log-softmax of bf16 logits in f32; the loss stays f32.
+        return token_logprobs(&logits.to_dtype(DType::F32)?, &targets);
+    }
     if fusable(logits) {
         let t: Vec<u32> = targets.flatten_all()?.to_vec1()?;
         if let Some(bad) = t.iter().find(|&&t| t as usize >= v) {
