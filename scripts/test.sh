@@ -60,5 +60,12 @@ if [ ! -x "$FUSECHAT_ALPACA_VENV/bin/alpaca_eval" ]; then
   python3 -m venv "$FUSECHAT_ALPACA_VENV"
   "$FUSECHAT_ALPACA_VENV/bin/pip" install -q --disable-pip-version-check alpaca-eval==0.6.6
 fi
+step "lm-evaluation-harness in its own venv (tests/python/test_lm_eval.py)"
+export FUSECHAT_LMEVAL_VENV="${FUSECHAT_LMEVAL_VENV:-$FUSECHAT_HOME/lmeval-venv}"
+if [ ! -x "$FUSECHAT_LMEVAL_VENV/bin/lm_eval" ]; then
+  # System site packages: torch and transformers are not installed twice.
+  python3 -m venv --system-site-packages "$FUSECHAT_LMEVAL_VENV"
+  "$FUSECHAT_LMEVAL_VENV/bin/pip" install -q --disable-pip-version-check "lm-eval[api]==0.4.13"
+fi
 step "transformers on the imported folders, the server with openai and curl"
 python3 -m pytest -q -p no:cacheprovider tests/python "$@"

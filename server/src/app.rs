@@ -144,6 +144,13 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .default_service(web::to(routes::method_not_allowed)),
     )
     .service(
+        web::resource("/tokenizer_info")
+            .wrap(from_fn(require_api_key))
+            .wrap(from_fn(refuse_when_draining))
+            .route(web::get().to(routes::tokenizer_info))
+            .default_service(web::to(routes::method_not_allowed)),
+    )
+    .service(
         web::resource("/detokenize")
             .wrap(from_fn(require_api_key))
             .wrap(from_fn(refuse_when_draining))

@@ -58,7 +58,8 @@ pub enum TokenizerError {
 pub struct SequenceJob {
     pub prompt: Prompt,
     pub sampling: SamplingParams,
-    pub logits_processor: Option<Arc<dyn mistralrs::CustomLogitsProcessor>>,
+    /// Applied in order: `logit_bias`, then the seeded sampler.
+    pub logits_processors: Vec<Arc<dyn mistralrs::CustomLogitsProcessor>>,
     pub logprobs: bool,
     pub constraint: Constraint,
 }
@@ -78,6 +79,10 @@ pub struct LoadedModel {
     /// Rows of the embedding: token ids at or past it are refused before
     /// they reach the engine. `None` where the weights do not say.
     pub vocab_size: Option<usize>,
+    /// tokenizer_config.json of the tokenizer the engine uses, with the
+    /// served chat template (`GET /tokenizer_info`); `None` where mistralrs
+    /// builds the tokenizer from a GGUF itself.
+    pub tokenizer_config: Option<serde_json::Map<String, serde_json::Value>>,
     engine: Model,
 }
 
@@ -158,6 +163,7 @@ impl LoadedModel {
                 }
             }
         };
+        let tokenizer_config = tokenizer_config(&kind, config.chat_template.as_deref());
         let template = config
             .chat_template
             .as_ref()
@@ -238,6 +244,7 @@ impl LoadedModel {
             admission: Admission::new(config.max_seqs, config.max_waiting),
             holding,
             vocab_size,
+            tokenizer_config,
             engine,
         })
     }
@@ -327,6 +334,69 @@ impl LoadedModel {
         }
     }
 
+    /// The logits the model gives at every position of a prompt, in one
+    /// prefill with no generation: `(prompt token ids, logits (ids, vocab))`,
+    /// the row at position `i` being the distribution of token `i + 1`.
+    pub async fn prompt_logits(&self, prompt: &Prompt) -> Result<(Vec<u32>, mistralrs::Tensor), ApiError> {
+        let (tx, mut rx) = mpsc::channel(1);
+        let messages = match prompt {
+            Prompt::Text(text) => RequestMessage::Completion {
+                text: text.clone(),
+                echo_prompt: false,
+                best_of: None,
+            },
+            Prompt::Tokens(ids) => RequestMessage::CompletionTokens(ids.clone()),
+            Prompt::Chat(_) => {
+                return Err(ApiError::internal("prompt log-probabilities are for completions prompts"))
+            }
+        };
+        let request = Request::Normal(Box::new(NormalRequest {
+            messages,
+            sampling_params: SamplingParams::deterministic(),
+            response: tx,
+            return_logprobs: false,
+            is_streaming: false,
+            id: 0,
+            constraint: Constraint::None,
+            suffix: None,
+            tools: None,
+            tool_choice: None,
+            logits_processors: None,
+            return_raw_logits: true,
+            web_search_options: None,
+            model_id: None,
+            truncate_sequence: false,
+        }));
+        let sender = self.sender()?;
+        let id = self.id.clone();
+        // Waited for in a task of its own, as `ask` does: the receiver must
+        // outlive a client that hangs up before the engine answers.
+        let answer = tokio::spawn(async move {
+            if sender.send(request).await.is_err() {
+                return Err(ApiError::internal(format!("engine of `{id}` has stopped")));
+            }
+            match rx.recv().await {
+                Some(Response::Raw { logits_chunks, tokens }) => {
+                    let logits = mistralrs::Tensor::cat(&logits_chunks, 0)
+                        .and_then(|l| l.narrow(0, 0, tokens.len()))
+                        .and_then(|l| l.to_dtype(mistralrs::DType::F32))
+                        .map_err(|e| ApiError::internal(format!("prompt logits: {e}")))?;
+                    Ok((tokens, logits))
+                }
+                Some(Response::ValidationError(e)) => Err(ApiError::invalid_body(e.to_string(), None)),
+                Some(Response::InternalError(e)) => Err(ApiError::internal(format!("engine error: {e}"))),
+                Some(Response::ModelError(e, _)) | Some(Response::CompletionModelError(e, _)) => {
+                    Err(ApiError::internal(format!("model error: {e}")))
+                }
+                Some(_) => Err(ApiError::internal("unexpected engine response to a prompt-logits request")),
+                None => Err(ApiError::internal("the engine dropped a prompt-logits request")),
+            }
+        });
+        answer
+            .await
+            .map_err(|e| ApiError::internal(format!("prompt-logits task failed: {e}")))?
+    }
+
     /// Starts one sequence; its chunks arrive on the returned receiver.
     /// Dropping the receiver cancels the sequence.
     pub async fn start(&self, job: SequenceJob) -> Result<mpsc::Receiver<Response>, ApiError> {
@@ -355,7 +425,7 @@ impl LoadedModel {
             suffix: None,
             tools: None,
             tool_choice: None,
-            logits_processors: job.logits_processor.map(|p| vec![p]),
+            logits_processors: (!job.logits_processors.is_empty()).then_some(job.logits_processors),
             return_raw_logits: false,
             web_search_options: None,
             model_id: None,
@@ -524,6 +594,34 @@ pub fn gguf_architecture(path: &Path) -> anyhow::Result<String> {
         .to_string()
         .context("general.architecture is not a string")?;
     Ok(arch.clone())
+}
+
+/// tokenizer_config.json of the folder the engine reads its tokenizer from,
+/// its `chat_template` replaced by the configured template file if any. A
+/// file that cannot be read leaves the route without it, logged.
+fn tokenizer_config(
+    kind: &WeightsKind,
+    template: Option<&Path>,
+) -> Option<serde_json::Map<String, serde_json::Value>> {
+    let dir = match kind {
+        WeightsKind::Gguf { tokenizer, .. } => tokenizer.as_deref()?,
+        WeightsKind::Hf { dir, .. } => dir,
+    };
+    let read = || -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
+        let path = dir.join("tokenizer_config.json");
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let mut config: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(&text).with_context(|| format!("{} is not a JSON object", path.display()))?;
+        if let Some(template) = template {
+            let text = std::fs::read_to_string(template)
+                .with_context(|| format!("reading {}", template.display()))?;
+            config.insert("chat_template".into(), text.into());
+        }
+        Ok(config)
+    };
+    read()
+        .map_err(|e| tracing::warn!("GET /tokenizer_info will have no tokenizer config: {e:#}"))
+        .ok()
 }
 
 /// sha256 over the weight files, shortened: it names the exact weights.

@@ -98,6 +98,14 @@ impl ApiError {
         }
     }
 
+    /// 404 for something the model does not have (e.g. a tokenizer config).
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self {
+            code: Some("not_found"),
+            ..Self::new(StatusCode::NOT_FOUND, "invalid_request_error", message)
+        }
+    }
+
     pub fn model_not_ready(model: &str, state: &str) -> Self {
         Self {
             code: Some("model_not_ready"),

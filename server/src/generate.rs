@@ -16,8 +16,10 @@ use tokio::sync::mpsc;
 use crate::config::Limits;
 use crate::engine::{LoadedModel, Prompt, SequenceJob};
 use crate::error::ApiError;
+use crate::logit_bias::LogitBias;
 use crate::metrics::Metrics;
-use crate::protocol::{TokenLogprob, TopLogprob, Usage};
+use crate::prompt_logprobs;
+use crate::protocol::{CompletionLogprobs, TokenLogprob, TopLogprob, Usage};
 use crate::queue::{Refused, Seats};
 use crate::seeded::{SamplingKnobs, SeededSampler};
 use crate::stop::StopFilter;
@@ -45,6 +47,9 @@ pub enum Event {
 /// A started generation: metadata known up front plus the event stream.
 pub struct Generation {
     pub prompt_tokens: u64,
+    /// With `echo` and `logprobs`: each prompt's own log-probabilities, in
+    /// the order of the prompts; empty otherwise.
+    pub prompt_logprobs: Vec<CompletionLogprobs>,
     pub events: mpsc::Receiver<Event>,
 }
 
@@ -74,6 +79,8 @@ pub async fn start(
     metrics: Arc<Metrics>,
 ) -> Result<Generation, ApiError> {
     let accepted = Instant::now();
+    let biased: Vec<u32> = req.logit_bias.keys().copied().collect();
+    model.check_token_ids(&biased, "logit_bias")?;
     // Every prompt is checked before any seat is taken, and all the seats
     // are taken at once: a batch that started some prompts and then waited
     // for seats would hold seats its own unread output keeps from freeing.
@@ -118,15 +125,55 @@ pub async fn start(
         first_token_seen: AtomicBool::new(false),
         _seats: seats,
     });
+    // Scored together: the engine runs prompts of one length in one step.
+    let prompt_logprobs = match (req.echo, req.logprobs) {
+        (true, Some(top)) => {
+            futures::future::try_join_all(req.prompts.iter().map(|p| prompt_logprobs::of_prompt(&model, p, top)))
+                .await?
+        }
+        _ => Vec::new(),
+    };
     let (tx, rx) = mpsc::channel(64 * sequences);
     for (i, (prompt, plan)) in req.prompts.iter().zip(planned).enumerate() {
         let first_index = (i * req.n) as u32;
+        if plan.max_tokens == 0 {
+            finish_unstarted(&model, &metrics, &req, plan, first_index, &tx).await;
+            continue;
+        }
         start_choices(&model, &req, prompt, plan, first_index, &trace, &tx).await?;
     }
     Ok(Generation {
         prompt_tokens,
+        prompt_logprobs,
         events: rx,
     })
+}
+
+/// `max_tokens: 0` (with `echo`): the prompt's choices end at once, having
+/// generated nothing.
+async fn finish_unstarted(
+    model: &LoadedModel,
+    metrics: &Metrics,
+    req: &GenerateRequest,
+    plan: Plan,
+    first_index: u32,
+    tx: &mpsc::Sender<Event>,
+) {
+    for index in 0..req.n as u32 {
+        metrics
+            .requests_finished
+            .with_label_values(&[&model.id, "length"])
+            .inc();
+        let usage = Usage {
+            prompt_tokens: plan.prompt_tokens,
+            completion_tokens: 0,
+            total_tokens: plan.prompt_tokens,
+        };
+        // The channel holds 64 events a sequence: this cannot wait.
+        let _ = tx
+            .send(Event::Finished { index: first_index + index, reason: "length", usage })
+            .await;
+    }
 }
 
 /// A prompt checked against the model: its length and the tokens its
@@ -148,6 +195,9 @@ async fn plan(
         model.check_token_ids(ids, param)?;
     }
     let prompt_tokens = model.count_prompt_tokens(prompt).await? as u64;
+    if req.echo && req.logprobs.is_some() {
+        prompt_logprobs::check_size(prompt_tokens, model.vocab_size, param)?;
+    }
     let context = model.max_seq_len as u64;
     if prompt_tokens >= context {
         return Err(ApiError::context_length_exceeded(param, format!(
@@ -186,6 +236,9 @@ async fn start_choices(
     // OpenAI's default temperature is 1; a model's configured default comes first.
     let temperature = sampling.temperature.unwrap_or(1.0);
     let greedy = sampling.is_greedy();
+    let bias = (!req.logit_bias.is_empty()).then(|| {
+        Arc::new(LogitBias::new(req.logit_bias.clone())) as Arc<dyn mistralrs::CustomLogitsProcessor>
+    });
     for index in 0..req.n {
         let seeded = req.seed.filter(|_| !greedy).map(|seed| {
             let knobs = SamplingKnobs {
@@ -222,7 +275,7 @@ async fn start_choices(
         let job = SequenceJob {
             prompt: prompt.clone(),
             sampling: params,
-            logits_processor: seeded,
+            logits_processors: bias.iter().cloned().chain(seeded).collect(),
             logprobs: req.logprobs.is_some(),
             constraint: match &req.json_schema {
                 Some(schema) => Constraint::JsonSchema(schema.clone()),

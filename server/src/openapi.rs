@@ -23,6 +23,7 @@ use crate::{admin, routes};
         routes::get_model,
         routes::tokenize,
         routes::detokenize,
+        routes::tokenizer_info,
         routes::health,
         routes::ready,
         routes::metrics,

@@ -109,6 +109,10 @@ pub struct SamplingRequest {
     pub stop: Option<StopSequences>,
     /// Same seed, same parameters and same prompt: same output.
     pub seed: Option<i64>,
+    /// Token id (as a string) to a number from -100 to 100 added to its logit
+    /// before a token is chosen (-100 bans it, 100 all but forces it).
+    #[schema(value_type = Option<Object>)]
+    pub logit_bias: Option<std::collections::BTreeMap<String, f32>>,
 }
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]
@@ -195,7 +199,9 @@ pub struct JsonSchemaFormat {
 /// rendered with the model's chat template.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct TokenizeRequest {
-    pub model: String,
+    /// The model whose tokenizer to use; may be left out when the server
+    /// serves one model.
+    pub model: Option<String>,
     /// Text to tokenize (give this or `messages`).
     pub prompt: Option<String>,
     /// A conversation to render and tokenize (give this or `prompt`).
@@ -221,7 +227,8 @@ pub struct TokenizeResponse {
 /// `POST /detokenize` body, as vLLM takes it.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct DetokenizeRequest {
-    pub model: String,
+    /// As for `/tokenize`.
+    pub model: Option<String>,
     pub tokens: Vec<u32>,
     #[serde(flatten)]
     #[schema(ignore)]
@@ -231,6 +238,14 @@ pub struct DetokenizeRequest {
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct DetokenizeResponse {
     pub prompt: String,
+}
+
+/// `GET /tokenizer_info?model=ID`.
+#[derive(Debug, Clone, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct TokenizerInfoQuery {
+    /// The model; may be left out when the server serves one.
+    pub model: Option<String>,
 }
 
 // ---------------------------------------------------------------- responses
@@ -350,14 +365,27 @@ pub struct CompletionChoice {
     pub logprobs: Option<CompletionLogprobs>,
 }
 
-/// The legacy completions log-probability layout.
+/// The legacy completions log-probability layout. With `echo` the prompt's
+/// tokens come first; the prompt's first token has `null` entries (nothing
+/// precedes it).
 #[derive(Debug, Clone, Default, Serialize, ToSchema)]
 pub struct CompletionLogprobs {
     pub tokens: Vec<String>,
-    pub token_logprobs: Vec<f32>,
+    pub token_logprobs: Vec<Option<f32>>,
     #[schema(value_type = Vec<Object>)]
-    pub top_logprobs: Vec<std::collections::BTreeMap<String, f32>>,
+    pub top_logprobs: Vec<Option<std::collections::BTreeMap<String, f32>>>,
     pub text_offset: Vec<usize>,
+}
+
+impl CompletionLogprobs {
+    /// `self` followed by `more`, whose text offsets start at `offset`.
+    pub fn extended(mut self, more: CompletionLogprobs, offset: usize) -> CompletionLogprobs {
+        self.tokens.extend(more.tokens);
+        self.token_logprobs.extend(more.token_logprobs);
+        self.top_logprobs.extend(more.top_logprobs);
+        self.text_offset.extend(more.text_offset.into_iter().map(|o| o + offset));
+        self
+    }
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]

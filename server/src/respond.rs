@@ -129,9 +129,10 @@ pub async fn collect(
                 .enumerate()
                 .map(|(i, c)| {
                     let echo = header.echo(i).unwrap_or_default().to_string();
+                    let prompt = generation.prompt_logprobs.get(i / header.n).cloned().unwrap_or_default();
                     CompletionChoice {
                         index: i as u32,
-                        logprobs: want_logprobs.then(|| legacy_logprobs(&c.logprobs, echo.len())),
+                        logprobs: want_logprobs.then(|| prompt.extended(legacy_logprobs(&c.logprobs), echo.len())),
                         text: echo + &c.text,
                         finish_reason: Some(c.finish.unwrap_or("stop").to_string()),
                     }
@@ -158,7 +159,10 @@ pub fn stream(
         for index in 0..n as u32 {
             let opening = match shape {
                 Shape::Chat => Some(chat_chunk(&header, index, ChunkDelta { role: Some("assistant"), content: Some(String::new()) }, None, None)),
-                Shape::Completion => header.echo(index as usize).map(|p| completion_chunk(&header, index, p.to_string(), None, None)),
+                Shape::Completion => header.echo(index as usize).map(|p| {
+                    let prompt = generation.prompt_logprobs.get(index as usize / header.n).cloned();
+                    completion_chunk(&header, index, p.to_string(), None, prompt)
+                }),
             };
             if let Some(chunk) = opening {
                 yield Ok::<Bytes, actix_web::Error>(sse(&chunk));
@@ -170,7 +174,7 @@ pub fn stream(
                 Some(Event::Piece { index, text, logprob }) => match shape {
                     Shape::Chat => chat_chunk(&header, index, ChunkDelta { role: None, content: Some(text) }, None, logprob.map(|l| ChoiceLogprobs { content: vec![l] })),
                     Shape::Completion => {
-                        let logprobs = logprob.map(|l| legacy_logprobs(&[l], 0));
+                        let logprobs = logprob.map(|l| legacy_logprobs(&[l]));
                         completion_chunk(&header, index, text, None, logprobs)
                     }
                 },
@@ -278,21 +282,22 @@ fn completion_chunk(
     .unwrap_or_default()
 }
 
-/// The legacy completions layout of log-probabilities.
-fn legacy_logprobs(tokens: &[TokenLogprob], offset: usize) -> CompletionLogprobs {
+/// The legacy completions layout of generated tokens' log-probabilities,
+/// text offsets from 0.
+fn legacy_logprobs(tokens: &[TokenLogprob]) -> CompletionLogprobs {
     let mut out = CompletionLogprobs::default();
-    let mut at = offset;
+    let mut at = 0;
     for t in tokens {
         out.text_offset.push(at);
         at += t.token.len();
         out.tokens.push(t.token.clone());
-        out.token_logprobs.push(t.logprob);
-        out.top_logprobs.push(
+        out.token_logprobs.push(Some(t.logprob));
+        out.top_logprobs.push(Some(
             t.top_logprobs
                 .iter()
                 .map(|a| (a.token.clone(), a.logprob))
                 .collect::<BTreeMap<_, _>>(),
-        );
+        ));
     }
     out
 }

@@ -10,6 +10,7 @@ use crate::generate;
 use crate::protocol::{
     ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, DetokenizeRequest,
     DetokenizeResponse, HealthStatus, ModelCard, ModelList, TokenizeRequest, TokenizeResponse,
+    TokenizerInfoQuery,
 };
 use crate::respond::{self, Header, Shape};
 use crate::state::{AppState, ModelSlot};
@@ -172,7 +173,7 @@ pub async fn tokenize(state: web::Data<AppState>, req: HttpRequest, payload: web
         ),
         _ => return Err(ApiError::invalid_param("prompt", "Give `prompt` or `messages`, one of them.")),
     };
-    let model = state.model(&parsed.model)?;
+    let model = state.model_or_only(parsed.model.as_deref())?;
     let tokens = model
         .tokenize(&prompt, add_generation_prompt, add_special_tokens)
         .await
@@ -200,12 +201,50 @@ pub async fn detokenize(state: web::Data<AppState>, req: HttpRequest, payload: w
     let body = read_body(&req, payload, state.config.limits.max_body_bytes).await?;
     let parsed: DetokenizeRequest = validation::parse_body(&body)?;
     validation::refuse_unsupported(&parsed.other)?;
-    let model = state.model(&parsed.model)?;
+    let model = state.model_or_only(parsed.model.as_deref())?;
     let prompt = model
         .detokenize(parsed.tokens, false)
         .await
         .map_err(|e| tokenizer_error(e, "tokens"))?;
     Ok(HttpResponse::Ok().json(DetokenizeResponse { prompt }))
+}
+
+/// The model's tokenizer configuration (vLLM's route; lm-evaluation-harness
+/// reads the special tokens and the chat template from it).
+#[utoipa::path(
+    get,
+    path = "/tokenizer_info",
+    tag = "tokenizer",
+    params(TokenizerInfoQuery),
+    responses(
+        (status = 200, description = "tokenizer_config.json as the engine uses it: `tokenizer_class`, the special tokens as strings, `chat_template`, `model_max_length` (the served context)", body = Object),
+        (status = 400, description = "No `model` while several are served", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 404, description = "Unknown model, or a model whose tokenizer mistralrs builds from its GGUF (no tokenizer config to give)", body = ErrorBody),
+        (status = 503, description = "The model is still loading, or the server is shutting down", body = ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn tokenizer_info(
+    state: web::Data<AppState>,
+    query: web::Query<TokenizerInfoQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let model = state.model_or_only(query.model.as_deref())?;
+    let mut info = model.tokenizer_config.clone().ok_or_else(|| {
+        ApiError::not_found(format!(
+            "Model `{}` has no tokenizer config: its tokenizer is built by the engine from the GGUF file.",
+            model.id
+        ))
+    })?;
+    // Special tokens as strings (tokenizer_config.json may give objects).
+    for key in ["bos_token", "eos_token", "pad_token", "unk_token"] {
+        if let Some(content) = info.get(key).and_then(|v| v.get("content")).cloned() {
+            info.insert(key.into(), content);
+        }
+    }
+    info.entry("tokenizer_class").or_insert_with(|| "PreTrainedTokenizerFast".into());
+    info.insert("model_max_length".into(), model.max_seq_len.into());
+    Ok(HttpResponse::Ok().json(info))
 }
 
 /// Lists the models served here.

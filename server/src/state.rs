@@ -121,6 +121,29 @@ impl AppState {
         }
     }
 
+    /// The named model, or with no name the one model this server serves
+    /// (the tokenizer routes of vLLM, which serves one, take no model; a
+    /// harness built for them sends none).
+    pub fn model_or_only(&self, name: Option<&str>) -> Result<Arc<LoadedModel>, ApiError> {
+        if let Some(name) = name {
+            return self.model(name);
+        }
+        let only = {
+            let table = self.table.read().expect("model table lock");
+            match table.models.len() {
+                1 => table.models.keys().next().cloned(),
+                _ => None,
+            }
+        };
+        match only {
+            Some(id) => self.model(&id),
+            None => Err(ApiError::invalid_param(
+                "model",
+                "This server serves several models: name one in `model`.",
+            )),
+        }
+    }
+
     pub fn slots(&self) -> Vec<(String, ModelSlot)> {
         let table = self.table.read().expect("model table lock");
         table

@@ -27,6 +27,9 @@ pub struct GenerateRequest {
     /// `Some(k)`: return log-probabilities with the top `k` alternatives.
     pub logprobs: Option<usize>,
     pub json_schema: Option<serde_json::Value>,
+    /// Added to these tokens' logits (checked against the vocabulary when
+    /// the model is known).
+    pub logit_bias: std::collections::HashMap<u32, f32>,
     pub stream: bool,
     pub include_usage: bool,
     pub echo: bool,
@@ -238,17 +241,17 @@ pub fn validate_completion(req: CompletionRequest, limits: &Limits) -> Result<Ge
         }
         other => other.map(|k| k as usize),
     };
-    if req.echo == Some(true) && logprobs.is_some() {
-        // What harnesses ask this for is the prompt's own log-probabilities;
-        // answering with the completion's alone would score them wrongly.
-        return Err(ApiError::invalid_param(
-            "echo",
-            "`echo` with `logprobs` (the prompt's log-probabilities) is not implemented here yet; drop one of them.",
-        ));
-    }
+    let echo = req.echo.unwrap_or(false);
     let stream = req.stream.unwrap_or(false);
     let include_usage = stream_usage(stream, req.stream_options.map(|o| o.include_usage))?;
-    let common = validate_common(req.sampling, req.max_tokens, "max_tokens", limits)?;
+    // `max_tokens: 0` asks for the echoed prompt alone (its log-probabilities
+    // are what a harness scores), as vLLM allows it.
+    let scoring_only = echo && req.max_tokens == Some(0);
+    let max_tokens = if scoring_only { None } else { req.max_tokens };
+    let mut common = validate_common(req.sampling, max_tokens, "max_tokens", limits)?;
+    if scoring_only {
+        common.max_tokens = Some(0);
+    }
     Ok(GenerateRequest {
         model: req.model,
         prompts,
@@ -256,7 +259,7 @@ pub fn validate_completion(req: CompletionRequest, limits: &Limits) -> Result<Ge
         json_schema: None,
         stream,
         include_usage,
-        echo: req.echo.unwrap_or(false),
+        echo,
         ..common
     })
 }
@@ -345,6 +348,19 @@ fn validate_common(
             ));
         }
     }
+    let mut logit_bias = std::collections::HashMap::new();
+    for (key, &value) in s.logit_bias.iter().flatten() {
+        let id: u32 = key.trim().parse().map_err(|_| {
+            ApiError::invalid_param("logit_bias", format!("`logit_bias` keys are token ids; `{key}` is not one."))
+        })?;
+        if !(-100.0..=100.0).contains(&value) {
+            return Err(ApiError::invalid_param(
+                "logit_bias",
+                format!("`logit_bias` values must be -100 to 100; token {id} has {value}."),
+            ));
+        }
+        logit_bias.insert(id, value);
+    }
     let stop = s.stop.map(|s| s.into_vec()).unwrap_or_default();
     if stop.len() > limits.max_stop_sequences {
         return Err(ApiError::invalid_param(
@@ -374,6 +390,7 @@ fn validate_common(
         seed: s.seed.map(|s| s as u64),
         logprobs: None,
         json_schema: None,
+        logit_bias,
         stream: false,
         include_usage: false,
         echo: false,
@@ -481,7 +498,6 @@ mod tests {
     fn a_field_the_server_does_not_implement_is_named_not_dropped() {
         for (field, value) in [
             ("tools", serde_json::json!([{"type": "function", "function": {"name": "f"}}])),
-            ("logit_bias", serde_json::json!({"42": 5})),
             ("functions", serde_json::json!([{"name": "f"}])),
             ("made_up", serde_json::json!(1)),
         ] {
@@ -495,6 +511,7 @@ mod tests {
             ("user", serde_json::json!("u1")),
             ("tools", serde_json::json!([])),
             ("logit_bias", serde_json::json!(null)),
+            ("logit_bias", serde_json::json!({"42": -100, " 7": 2.5})),
         ] {
             assert!(chat(with(field, value.clone())).is_ok(), "{field}={value}");
         }
@@ -503,6 +520,24 @@ mod tests {
         assert!(err.message.contains("tool_calls"), "{}", err.message);
         let err = completion(serde_json::json!({"model": "m", "prompt": "x", "best_of": 3})).unwrap_err();
         assert_eq!(err.param.as_deref(), Some("best_of"));
+    }
+
+    #[test]
+    fn logit_bias_takes_token_ids_and_bounded_numbers() {
+        let req = chat(with("logit_bias", serde_json::json!({"42": -100, "7": 2.5}))).unwrap();
+        assert_eq!(req.logit_bias, std::collections::HashMap::from([(42, -100.0), (7, 2.5)]));
+        for bad in [serde_json::json!({"x": 1}), serde_json::json!({"-1": 1}), serde_json::json!({"3": 101})] {
+            let err = chat(with("logit_bias", bad.clone())).unwrap_err();
+            assert_eq!(err.param.as_deref(), Some("logit_bias"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn echo_with_logprobs_and_max_tokens_zero_score_the_prompt() {
+        let req = completion(serde_json::json!({"model": "m", "prompt": "x", "echo": true, "logprobs": 1, "max_tokens": 0})).unwrap();
+        assert_eq!((req.echo, req.logprobs, req.max_tokens), (true, Some(1), Some(0)));
+        let err = completion(serde_json::json!({"model": "m", "prompt": "x", "max_tokens": 0})).unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("max_tokens"));
     }
 
     #[test]

@@ -1,8 +1,11 @@
 """What benchmark harnesses and tokenizer-aware clients send, driven by the
 official `openai` package and plain HTTP: completions from token ids and
-from lists of prompts (one group of choices per prompt, in order), vLLM's
-`/tokenize` and `/detokenize`, `GET /v1/models/{id}`, and every request field
-the server does not implement answered 400 naming it, never dropped."""
+from lists of prompts (one group of choices per prompt, in order), the
+prompt's own log-probabilities with `echo` and `logprobs`, `logit_bias`,
+vLLM's `/tokenize`, `/detokenize` and `/tokenizer_info`, `GET
+/v1/models/{id}`, and every request field the server does not implement
+answered 400 naming it, never dropped. (lm-evaluation-harness itself runs
+against the server in test_lm_eval.py.)"""
 
 import httpx
 import openai
@@ -77,11 +80,84 @@ def test_echo_puts_each_prompt_before_its_choices(server):
         texts = [ch.text for ch in r.choices]
         assert texts[0].startswith(PROMPT) and texts[1].startswith(other), texts
     assert [ch.text for ch in by_ids.choices] == [ch.text for ch in by_text.choices]
-    # The prompt's own log-probabilities are not computed yet: asking for
-    # them is refused, not answered with the completion's alone.
-    with pytest.raises(openai.BadRequestError) as e:
-        c.completions.create(model=SMOL, prompt=PROMPT, max_tokens=1, echo=True, logprobs=1)
-    assert e.value.body["param"] == "echo"
+
+
+@pytest.mark.parametrize("model", [SMOL, GEMMA])
+def test_echo_with_logprobs_scores_every_prompt_token(server, model):
+    """As vLLM answers lm-evaluation-harness: one entry per prompt token, the
+    first null; `max_tokens` 0 scores the prompt alone, 1 adds the generated
+    token after the same prompt entries; a list of prompts is scored each."""
+    c = client(server)
+    ids = tokenize(server, model=model, prompt=PROMPT, add_special_tokens=False)["tokens"]
+    scored = c.completions.create(model=model, prompt=ids, max_tokens=0, echo=True, logprobs=2)
+    lp = scored.choices[0].logprobs
+    assert scored.choices[0].text == PROMPT and scored.choices[0].finish_reason == "length"
+    assert scored.usage.completion_tokens == 0 and scored.usage.prompt_tokens == len(ids)
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(ids)
+    assert "".join(lp.tokens) == PROMPT
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(v < 0 for v in lp.token_logprobs[1:])
+    for token, value, top in zip(lp.tokens[1:], lp.token_logprobs[1:], lp.top_logprobs[1:]):
+        # The two likeliest tokens plus the prompt's own; none likelier than the best.
+        assert token in top and top[token] == value and 2 <= len(top) <= 3
+        assert max(top.values()) >= value
+    # " Paris" after "The capital of France is" is likelier than most words.
+    one_more = c.completions.create(model=model, prompt=ids, max_tokens=1, echo=True, logprobs=2, temperature=0)
+    lp1 = one_more.choices[0].logprobs
+    assert len(lp1.tokens) == len(ids) + 1
+    assert lp1.token_logprobs[: len(ids)] == lp.token_logprobs
+    assert lp1.text_offset[len(ids)] == len(PROMPT)
+    assert one_more.choices[0].text == PROMPT + lp1.tokens[-1]
+    # The generated token is the greedy one: the best of the last row.
+    assert lp1.token_logprobs[-1] == max(lp1.top_logprobs[-1].values())
+
+    other = "One, two, three,"
+    both = c.completions.create(model=model, prompt=[PROMPT, other], max_tokens=0, echo=True, logprobs=0)
+    assert [ch.text for ch in both.choices] == [PROMPT, other]
+    assert [len(ch.logprobs.tokens) for ch in both.choices] == [
+        len(tokenize(server, model=model, prompt=p)["tokens"]) for p in (PROMPT, other)
+    ]
+
+    chunks = list(c.completions.create(model=model, prompt=ids, max_tokens=1, echo=True, logprobs=2,
+                                       temperature=0, stream=True))
+    first = chunks[0].choices[0]
+    assert first.text == PROMPT and first.logprobs.token_logprobs == lp.token_logprobs
+
+
+def test_logit_bias_bans_and_forces_tokens(server):
+    """-100 removes the greedy token, 100 makes a chosen one the answer, with
+    the engine's sampling and with seeded sampling alike."""
+    c = client(server)
+    ids = tokenize(server, model=SMOL, prompt=PROMPT, add_special_tokens=False)["tokens"]
+    plain = c.completions.create(model=SMOL, prompt=ids, max_tokens=1, temperature=0, logprobs=1)
+    greedy = plain.choices[0].text
+    greedy_id = tokenize(server, model=SMOL, prompt=greedy, add_special_tokens=False)["tokens"][0]
+    banned = c.completions.create(model=SMOL, prompt=ids, max_tokens=1, temperature=0,
+                                  logit_bias={str(greedy_id): -100})
+    assert banned.choices[0].text != greedy
+    forced_id = tokenize(server, model=SMOL, prompt=" banana", add_special_tokens=False)["tokens"][0]
+    for kwargs in ({"temperature": 0}, {"temperature": 1.0, "seed": 3}, {"temperature": 1.0}):
+        forced = c.completions.create(model=SMOL, prompt=ids, max_tokens=1, logit_bias={str(forced_id): 100}, **kwargs)
+        assert forced.choices[0].text == " banana", kwargs
+    for bias, why in [({"abc": 1}, "not a token id"), ({str(forced_id): 500}, "out of range"), ({"999999999": 1}, "outside the vocabulary")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            c.completions.create(model=SMOL, prompt=ids, max_tokens=1, logit_bias=bias)
+        assert e.value.body["param"] == "logit_bias", why
+
+
+def test_tokenizer_info_gives_the_special_tokens_and_template(server):
+    r = httpx.get(server.base + "/tokenizer_info", params={"model": SMOL}, timeout=60)
+    assert r.status_code == 200, r.text
+    info = r.json()
+    assert info["eos_token"] == "<|im_end|>" and "<|im_start|>" in info["chat_template"]
+    assert info["tokenizer_class"] and info["model_max_length"] > 0
+    # Its eos token is one token, as lm-evaluation-harness takes it.
+    assert len(tokenize(server, model=SMOL, prompt=info["eos_token"], add_special_tokens=False)["tokens"]) == 1
+    # Three models are served here: which one must be said.
+    r = httpx.get(server.base + "/tokenizer_info", timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model", r.text
+    r = httpx.post(server.base + "/tokenize", json={"prompt": "x"}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model", r.text
 
 
 def test_tokenize_renders_messages_as_chat_does_and_detokenize_reverses(server):
@@ -125,7 +201,6 @@ def test_fields_the_server_does_not_implement_are_named(server):
     c = client(server)
     ask = [{"role": "user", "content": "Hi"}]
     for kwargs, param in [
-        ({"logit_bias": {"42": 10}}, "logit_bias"),
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}, "tools"),
         ({"extra_body": {"guided_choice": ["a", "b"]}}, "guided_choice"),
     ]:

@@ -109,24 +109,27 @@ pub async fn send_raw_responses(
     input_seqs: &mut [&mut Sequence],
     logits_chunks: Vec<Vec<Tensor>>,
 ) -> candle_core::Result<()> {
-    let logits_chunks = if logits_chunks.len() == 1 {
-        logits_chunks[0].clone()
-    } else {
-        candle_core::bail!("Raw response only supports batch size of 1.");
-    };
-    assert_eq!(input_seqs.len(), 1);
+    // fusechat: every sequence of the step gets its own logits (upstream
+    // answered a batch of one only, and failed the step otherwise).
+    if logits_chunks.len() != input_seqs.len() {
+        candle_core::bail!(
+            "{} sequences, raw logits for {}",
+            input_seqs.len(),
+            logits_chunks.len()
+        );
+    }
+    for (seq, chunks) in input_seqs.iter_mut().zip(logits_chunks) {
+        let seq = &mut **seq;
+        seq.add_raw_choice_to_group(chunks);
 
-    let seq = &mut *input_seqs[0];
+        let group = seq.get_mut_group();
+        group
+            .maybe_send_raw_done_response(seq.responder())
+            .await
+            .map_err(candle_core::Error::msg)?;
 
-    seq.add_raw_choice_to_group(logits_chunks);
-
-    let group = seq.get_mut_group();
-    group
-        .maybe_send_raw_done_response(seq.responder())
-        .await
-        .map_err(candle_core::Error::msg)?;
-
-    seq.set_state(SequenceState::Done(StopReason::Length(0)));
+        seq.set_state(SequenceState::Done(StopReason::Length(0)));
+    }
 
     Ok(())
 }

@@ -68,9 +68,12 @@ pub trait BucketingManager<Backer: FcfsBacker>: Send + Sync {
     ) -> BucketedSeqs<Backer>;
 }
 
-// (cache length, (has_imgs && is_prompt), sequence offset)
+// (cache length, (has_imgs && is_prompt), sequence offset, returns raw logits)
 // Bucket by that metric for images because if we are not a prompt, then this doesn't apply
-type BucketKey = (usize, bool, usize);
+// fusechat: a step either returns every sequence's raw logits or samples every
+// one (the engine asserts it), so prompts that ask for raw logits (scoring a
+// prompt) are never batched with prompts that generate.
+type BucketKey = (usize, bool, usize, bool);
 
 /// fusechat: with `ragged_decode`, every decoding sequence goes into one bucket
 /// whatever its length (the KV caches are left-padded to the longest and the
@@ -88,12 +91,13 @@ impl FixedBucketingManager {
         if self.ragged_decode && seq.is_completion() {
             // The offset where a prompt's prefill resumed plays no part
             // in decoding.
-            return (usize::MAX, false, 0);
+            return (usize::MAX, false, 0, false);
         }
         (
             seq.len(),
             seq.images().is_some() && seq.is_prompt(),
             seq.token_offset(),
+            seq.return_raw_logits,
         )
     }
 }
@@ -130,7 +134,7 @@ impl<Backer: FcfsBacker> BucketingManager<Backer> for FixedBucketingManager {
             // Allow the min seqs to catch up.
             let min = *seq_buckets
                 .keys()
-                .min_by_key(|(x, _, _)| *x)
+                .min_by_key(|(x, _, _, _)| *x)
                 .expect("No sequence buckets.");
             // fusechat: with ragged decoding, prompts first (shortest first),
             // as in vLLM and TGI: a request is prefilled as soon as it is
@@ -145,7 +149,7 @@ impl<Backer: FcfsBacker> BucketingManager<Backer> for FixedBucketingManager {
             let max_wait = if min.2 > 0 { 1 } else { MAX_DECODE_WAIT };
             let waited_decode = seq_buckets
                 .iter()
-                .find(|((len, _, _), seqs)| {
+                .find(|((len, _, _, _), seqs)| {
                     self.ragged_decode
                         && *len == usize::MAX
                         && seqs
