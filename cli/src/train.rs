@@ -61,8 +61,10 @@ pub struct CommonArgs {
     /// Checkpoints kept in OUT/checkpoints.
     #[arg(long, default_value_t = 2)]
     keep_checkpoints: usize,
-    /// Weights of OUT/final: f32 (keeps small updates) or bf16 (half the size)
-    /// [default: the dtype the run trains in].
+    /// Weights of OUT/final: f32 or bf16 (half the size) [default: the dtype
+    /// the run trains in]. A bf16 run's final folder holds the model it
+    /// computed with (the master weights, if kept, rounded to bf16); the
+    /// masters themselves are in the checkpoints.
     #[arg(long, value_parser = ["f32", "bf16"])]
     save_dtype: Option<String>,
     /// What the weights, activations and gradients are kept in: f32, or bf16

@@ -27,12 +27,41 @@ use crate::queue::Admission;
 #[derive(Debug, Clone)]
 pub enum Prompt {
     /// A conversation, rendered with the model's chat template.
-    Chat(Vec<(String, String)>),
+    Chat(Conversation),
     /// Raw text (`/v1/completions`).
     Text(String),
     /// Token ids, used as they are: no special token added
     /// (`/v1/completions`, as lm-evaluation-harness sends them).
     Tokens(Vec<u32>),
+}
+
+/// The turns of a chat and the tools its template renders.
+#[derive(Debug, Clone, Default)]
+pub struct Conversation {
+    pub turns: Vec<Turn>,
+    pub tools: Vec<mistralrs::Tool>,
+}
+
+/// One turn as the chat template gets it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Turn {
+    pub role: String,
+    pub content: String,
+    /// An assistant turn's calls, `{id, type, function: {name, arguments}}`
+    /// with the arguments as an object (what chat templates expect).
+    pub tool_calls: Vec<serde_json::Map<String, serde_json::Value>>,
+    /// A tool turn's call id.
+    pub tool_call_id: Option<String>,
+}
+
+impl Turn {
+    pub fn new(role: &str, content: &str) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+            ..Default::default()
+        }
+    }
 }
 
 impl Prompt {
@@ -62,6 +91,9 @@ pub struct SequenceJob {
     pub logits_processors: Vec<Arc<dyn mistralrs::CustomLogitsProcessor>>,
     pub logprobs: bool,
     pub constraint: Constraint,
+    /// With tools in the conversation: whether the engine parses the answer
+    /// for calls (`Auto`) or not (`None`).
+    pub tool_choice: mistralrs::ToolChoice,
 }
 
 /// A model loaded into its own engine, ready for requests.
@@ -83,6 +115,10 @@ pub struct LoadedModel {
     /// served chat template (`GET /tokenizer_info`); `None` where mistralrs
     /// builds the tokenizer from a GGUF itself.
     pub tokenizer_config: Option<serde_json::Map<String, serde_json::Value>>,
+    /// The tokenizer.json the engine loads, read here too: turning thousands
+    /// of token ids into text one engine request each would stall decoding.
+    /// `None` where mistralrs builds the tokenizer from a GGUF itself.
+    pub tokenizer: Option<Arc<tokenizers::Tokenizer>>,
     engine: Model,
 }
 
@@ -164,6 +200,13 @@ impl LoadedModel {
             }
         };
         let tokenizer_config = tokenizer_config(&kind, config.chat_template.as_deref());
+        let tokenizer = tokenizer_dir(&kind).and_then(|dir| {
+            let path = dir.join("tokenizer.json");
+            tokenizers::Tokenizer::from_file(&path)
+                .map_err(|e| tracing::warn!("{}: {e}; prompt tokens will be detokenized by the engine", path.display()))
+                .ok()
+                .map(Arc::new)
+        });
         let template = config
             .chat_template
             .as_ref()
@@ -245,8 +288,25 @@ impl LoadedModel {
             holding,
             vocab_size,
             tokenizer_config,
+            tokenizer,
             engine,
         })
+    }
+
+    /// The chat template the engine renders with, as tokenizer_config.json
+    /// gives it (several named templates joined), where it is known.
+    pub fn chat_template(&self) -> Option<String> {
+        match self.tokenizer_config.as_ref()?.get("chat_template")? {
+            serde_json::Value::String(t) => Some(t.clone()),
+            serde_json::Value::Array(named) => Some(
+                named
+                    .iter()
+                    .filter_map(|t| t.get("template").and_then(|t| t.as_str()))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            ),
+            _ => None,
+        }
     }
 
     /// Number of tokens the prompt takes once rendered (chat template and
@@ -270,15 +330,15 @@ impl LoadedModel {
         add_generation_prompt: bool,
         add_special_tokens: bool,
     ) -> Result<Vec<u32>, TokenizerError> {
-        let text = match prompt {
-            Prompt::Chat(messages) => Either::Left(engine_messages(messages)),
-            Prompt::Text(text) => Either::Right(text.clone()),
+        let (text, tools) = match prompt {
+            Prompt::Chat(chat) => (Either::Left(engine_messages(&chat.turns)), engine_tools(&chat.tools)),
+            Prompt::Text(text) => (Either::Right(text.clone()), None),
             Prompt::Tokens(ids) => return Ok(ids.clone()),
         };
         let (tx, rx) = mpsc::channel(1);
         let request = Request::Tokenize(TokenizationRequest {
             text,
-            tools: None,
+            tools,
             add_generation_prompt,
             add_special_tokens,
             enable_thinking: None,
@@ -401,12 +461,16 @@ impl LoadedModel {
     /// Dropping the receiver cancels the sequence.
     pub async fn start(&self, job: SequenceJob) -> Result<mpsc::Receiver<Response>, ApiError> {
         let (tx, rx) = mpsc::channel(64);
+        let mut tools = None;
         let messages = match job.prompt {
-            Prompt::Chat(messages) => RequestMessage::Chat {
-                messages: engine_messages(&messages),
-                enable_thinking: None,
-                reasoning_effort: None,
-            },
+            Prompt::Chat(chat) => {
+                tools = engine_tools(&chat.tools);
+                RequestMessage::Chat {
+                    messages: engine_messages(&chat.turns),
+                    enable_thinking: None,
+                    reasoning_effort: None,
+                }
+            }
             Prompt::Text(text) => RequestMessage::Completion {
                 text,
                 echo_prompt: false,
@@ -423,8 +487,8 @@ impl LoadedModel {
             id: 0,
             constraint: job.constraint,
             suffix: None,
-            tools: None,
-            tool_choice: None,
+            tool_choice: tools.as_ref().map(|_| job.tool_choice.clone()),
+            tools,
             logits_processors: (!job.logits_processors.is_empty()).then_some(job.logits_processors),
             return_raw_logits: false,
             web_search_options: None,
@@ -450,16 +514,29 @@ impl LoadedModel {
     }
 }
 
-fn engine_messages(messages: &[(String, String)]) -> Vec<IndexMap<String, mistralrs::MessageContent>> {
-    messages
+fn engine_messages(turns: &[Turn]) -> Vec<IndexMap<String, mistralrs::MessageContent>> {
+    turns
         .iter()
-        .map(|(role, content)| {
+        .map(|turn| {
             let mut m = IndexMap::new();
-            m.insert("role".to_string(), Either::Left(role.clone()));
-            m.insert("content".to_string(), Either::Left(content.clone()));
+            m.insert("role".to_string(), Either::Left(turn.role.clone()));
+            m.insert("content".to_string(), Either::Left(turn.content.clone()));
+            if !turn.tool_calls.is_empty() {
+                let calls = turn.tool_calls.iter().map(|c| c.clone().into_iter().collect()).collect();
+                m.insert("tool_calls".to_string(), Either::Right(calls));
+            }
+            if let Some(id) = &turn.tool_call_id {
+                m.insert("tool_call_id".to_string(), Either::Left(id.clone()));
+            }
             m
         })
         .collect()
+}
+
+/// The tools a chat template renders; none is `None` (the template's own
+/// branch without tools).
+fn engine_tools(tools: &[mistralrs::Tool]) -> Option<Vec<mistralrs::Tool>> {
+    (!tools.is_empty()).then(|| tools.to_vec())
 }
 
 /// Where the weights of a configured model are on disk, fetching the
@@ -596,6 +673,14 @@ pub fn gguf_architecture(path: &Path) -> anyhow::Result<String> {
     Ok(arch.clone())
 }
 
+/// The folder the engine reads its tokenizer from, where it is a folder.
+fn tokenizer_dir(kind: &WeightsKind) -> Option<&Path> {
+    match kind {
+        WeightsKind::Gguf { tokenizer, .. } => tokenizer.as_deref(),
+        WeightsKind::Hf { dir, .. } => Some(dir),
+    }
+}
+
 /// tokenizer_config.json of the folder the engine reads its tokenizer from,
 /// its `chat_template` replaced by the configured template file if any. A
 /// file that cannot be read leaves the route without it, logged.
@@ -603,10 +688,7 @@ fn tokenizer_config(
     kind: &WeightsKind,
     template: Option<&Path>,
 ) -> Option<serde_json::Map<String, serde_json::Value>> {
-    let dir = match kind {
-        WeightsKind::Gguf { tokenizer, .. } => tokenizer.as_deref()?,
-        WeightsKind::Hf { dir, .. } => dir,
-    };
+    let dir = tokenizer_dir(kind)?;
     let read = || -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
         let path = dir.join("tokenizer_config.json");
         let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;

@@ -19,7 +19,8 @@ use crate::error::ApiError;
 use crate::logit_bias::LogitBias;
 use crate::metrics::Metrics;
 use crate::prompt_logprobs;
-use crate::protocol::{CompletionLogprobs, TokenLogprob, TopLogprob, Usage};
+use crate::protocol::{CompletionLogprobs, TokenLogprob, ToolCall, TopLogprob, Usage};
+use crate::tools::{self, TemplateSupport};
 use crate::queue::{Refused, Seats};
 use crate::seeded::{SamplingKnobs, SeededSampler};
 use crate::stop::StopFilter;
@@ -34,6 +35,8 @@ pub enum Event {
         text: String,
         logprob: Option<TokenLogprob>,
     },
+    /// Choice `index` called tools (its answer ends with `tool_calls`).
+    ToolCalls { index: u32, calls: Vec<ToolCall> },
     /// Choice `index` ended.
     Finished {
         index: u32,
@@ -81,6 +84,9 @@ pub async fn start(
     let accepted = Instant::now();
     let biased: Vec<u32> = req.logit_bias.keys().copied().collect();
     model.check_token_ids(&biased, "logit_bias")?;
+    if let Some(t) = &req.tools {
+        TemplateSupport::of(model.chat_template().as_deref()).check(&model.id, &t.mode)?;
+    }
     // Every prompt is checked before any seat is taken, and all the seats
     // are taken at once: a batch that started some prompts and then waited
     // for seats would hold seats its own unread output keeps from freeing.
@@ -125,14 +131,14 @@ pub async fn start(
         first_token_seen: AtomicBool::new(false),
         _seats: seats,
     });
-    // Scored together: the engine runs prompts of one length in one step.
-    let prompt_logprobs = match (req.echo, req.logprobs) {
-        (true, Some(top)) => {
-            futures::future::try_join_all(req.prompts.iter().map(|p| prompt_logprobs::of_prompt(&model, p, top)))
-                .await?
+    // One prompt at a time: each holds its logits (up to
+    // `prompt_logprobs::MAX_LOGITS_BYTES`) while it is scored.
+    let mut scored_prompts = Vec::new();
+    if let (true, Some(top)) = (req.echo, req.logprobs) {
+        for prompt in &req.prompts {
+            scored_prompts.push(prompt_logprobs::of_prompt(&model, prompt, top).await?);
         }
-        _ => Vec::new(),
-    };
+    }
     let (tx, rx) = mpsc::channel(64 * sequences);
     for (i, (prompt, plan)) in req.prompts.iter().zip(planned).enumerate() {
         let first_index = (i * req.n) as u32;
@@ -144,7 +150,7 @@ pub async fn start(
     }
     Ok(Generation {
         prompt_tokens,
-        prompt_logprobs,
+        prompt_logprobs: scored_prompts,
         events: rx,
     })
 }
@@ -277,10 +283,12 @@ async fn start_choices(
             sampling: params,
             logits_processors: bias.iter().cloned().chain(seeded).collect(),
             logprobs: req.logprobs.is_some(),
-            constraint: match &req.json_schema {
-                Some(schema) => Constraint::JsonSchema(schema.clone()),
-                None => Constraint::None,
+            constraint: match (req.tools.as_ref().and_then(tools::constraint), &req.json_schema) {
+                (Some(calls), _) => calls,
+                (None, Some(schema)) => Constraint::JsonSchema(schema.clone()),
+                (None, None) => Constraint::None,
             },
+            tool_choice: req.tools.as_ref().map_or(mistralrs::ToolChoice::Auto, |t| tools::engine_choice(&t.mode)),
         };
         let engine_rx = model.start(job).await?;
         let choice = ChoiceTask {
@@ -309,6 +317,7 @@ struct ChoiceTask {
 /// One engine chunk, whichever endpoint it came from.
 struct EngineChunk {
     text: String,
+    tool_calls: Vec<mistralrs::ToolCallResponse>,
     logprob: Option<mistralrs::core::ResponseLogprob>,
     finish_reason: Option<String>,
     usage: Option<mistralrs::Usage>,
@@ -347,6 +356,16 @@ impl ChoiceTask {
             last_piece = Some(now);
             pieces += 1;
 
+            if !chunk.tool_calls.is_empty() {
+                let calls = Event::ToolCalls { index: self.index, calls: tools::calls(chunk.tool_calls) };
+                if self.out.send(calls).await.is_err() {
+                    metrics
+                        .requests_finished
+                        .with_label_values(&[&model_id, "cancelled"])
+                        .inc();
+                    return;
+                }
+            }
             let logprob = chunk.logprob;
             let text = chunk.text;
             let logprob = logprob.filter(|_| self.client_logprobs);
@@ -369,7 +388,11 @@ impl ChoiceTask {
                 }
             }
             if let Some(reason) = chunk.finish_reason {
-                let reason = if self.stop.is_stopped() || reason != "length" { "stop" } else { "length" };
+                let reason = match reason.as_str() {
+                    "tool_calls" => "tool_calls",
+                    "length" if !self.stop.is_stopped() => "length",
+                    _ => "stop",
+                };
                 break Ok((reason, chunk.usage));
             }
         };
@@ -423,6 +446,7 @@ fn into_chunk(response: Response) -> Result<EngineChunk, ApiError> {
             let choice = chunk.choices.pop();
             Ok(EngineChunk {
                 text: choice.as_ref().and_then(|c| c.delta.content.clone()).unwrap_or_default(),
+                tool_calls: choice.as_ref().and_then(|c| c.delta.tool_calls.clone()).unwrap_or_default(),
                 finish_reason: choice.as_ref().and_then(|c| c.finish_reason.clone()),
                 logprob: choice.and_then(|c| c.logprobs),
                 usage: chunk.usage,
@@ -432,6 +456,7 @@ fn into_chunk(response: Response) -> Result<EngineChunk, ApiError> {
             let choice = chunk.choices.pop();
             Ok(EngineChunk {
                 text: choice.as_ref().map(|c| c.text.clone()).unwrap_or_default(),
+                tool_calls: Vec::new(),
                 finish_reason: choice.as_ref().and_then(|c| c.finish_reason.clone()),
                 logprob: choice.and_then(|c| c.logprobs),
                 usage: None,

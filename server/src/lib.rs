@@ -26,6 +26,7 @@ pub mod routes;
 pub mod seeded;
 pub mod state;
 pub mod stop;
+pub mod tools;
 pub mod validation;
 
 pub use app::serve;

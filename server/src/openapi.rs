@@ -41,6 +41,8 @@ use crate::{admin, routes};
         ChoiceLogprobs, TokenLogprob, TopLogprob, Usage, Completion, CompletionChoice,
         CompletionLogprobs, ModelList, ModelCard, HealthStatus, ErrorBody, ErrorDetail,
         TokenizeRequest, TokenizeResponse, DetokenizeRequest, DetokenizeResponse,
+        ToolDefinition, FunctionDefinition, ToolChoiceInput, NamedToolChoice, FunctionName, ToolCall,
+        FunctionCall, ToolCallDelta,
         admin::LoadModelRequest, admin::LoadedModelInfo, admin::SetAliasRequest, admin::AliasInfo,
     )),
     modifiers(&BearerAuth),

@@ -46,7 +46,7 @@ struct Scored {
 }
 
 /// The prompt's entries, in the legacy completions layout, text offsets
-/// counted from 0.
+/// counted in characters from 0.
 pub async fn of_prompt(model: &LoadedModel, prompt: &Prompt, top: usize) -> Result<CompletionLogprobs, ApiError> {
     let (ids, logits) = model.prompt_logits(prompt).await?;
     let vocab = logits.dim(1).map_err(|e| ApiError::internal(format!("prompt logits: {e}")))?;
@@ -89,19 +89,32 @@ fn score(ids: &[u32], logits: &[f32], vocab: usize, top: usize) -> Vec<Scored> {
     out
 }
 
-/// The text of every token id that appears, each detokenized on its own.
+/// The text of every token id that appears, each decoded on its own: with
+/// the model's tokenizer where the server holds it, else by the engine.
 async fn token_texts(model: &LoadedModel, ids: &[u32], scored: &[Scored]) -> Result<HashMap<u32, String>, ApiError> {
     let mut wanted: Vec<u32> = ids.iter().copied().chain(scored.iter().flat_map(|s| s.top.iter().map(|&(t, _)| t))).collect();
     wanted.sort_unstable();
     wanted.dedup();
+    if let Some(tokenizer) = model.tokenizer.clone() {
+        return tokio::task::spawn_blocking(move || {
+            wanted
+                .into_iter()
+                .map(|id| {
+                    tokenizer
+                        .decode(&[id], false)
+                        .map(|text| (id, text))
+                        .map_err(|e| ApiError::internal(format!("token {id}: {e}")))
+                })
+                .collect()
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("decoding the prompt's tokens failed: {e}")))?;
+    }
     let texts = futures::future::try_join_all(wanted.iter().map(|&id| async move {
-        model
-            .detokenize(vec![id], false)
-            .await
-            .map_err(|e| match e {
-                crate::engine::TokenizerError::Refused(why) => ApiError::internal(format!("token {id}: {why}")),
-                crate::engine::TokenizerError::Api(e) => e,
-            })
+        model.detokenize(vec![id], false).await.map_err(|e| match e {
+            crate::engine::TokenizerError::Refused(why) => ApiError::internal(format!("token {id}: {why}")),
+            crate::engine::TokenizerError::Api(e) => e,
+        })
     }))
     .await?;
     Ok(wanted.into_iter().zip(texts).collect())
@@ -114,7 +127,7 @@ fn layout(ids: &[u32], scored: &[Scored], texts: &HashMap<u32, String>) -> Compl
     for (id, s) in ids.iter().zip(scored) {
         let token = text(id);
         out.text_offset.push(at);
-        at += token.len();
+        at += token.chars().count();
         out.token_logprobs.push(s.logprob);
         out.top_logprobs.push(s.logprob.map(|logprob| {
             let mut top: BTreeMap<String, f32> = BTreeMap::new();

@@ -27,6 +27,15 @@ pub struct ChatCompletionRequest {
     /// Stream the answer as server-sent events.
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
+    /// Functions the model may call. Needs a model whose chat template
+    /// renders tools (Qwen2.5 here); others answer 400 naming `tools`.
+    pub tools: Option<Vec<ToolDefinition>>,
+    /// `none`, `auto` (the default with tools), `required` (at least one
+    /// call), or `{"type":"function","function":{"name":...}}` (that one).
+    /// `required` and a named function constrain decoding to a valid call.
+    pub tool_choice: Option<ToolChoiceInput>,
+    /// With `required`: allow more than one call in the answer (default true).
+    pub parallel_tool_calls: Option<bool>,
     /// Free-form end-user id; accepted and ignored.
     pub user: Option<String>,
     /// Every other field: refused (400 naming it) unless it is one of
@@ -34,6 +43,79 @@ pub struct ChatCompletionRequest {
     #[serde(flatten)]
     #[schema(ignore)]
     pub other: Other,
+}
+
+/// `tools[i]`: a function the model may call.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ToolDefinition {
+    /// Always `function`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: FunctionDefinition,
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionDefinition {
+    pub name: String,
+    pub description: Option<String>,
+    /// A JSON schema of the arguments object.
+    #[schema(value_type = Option<Object>)]
+    pub parameters: Option<serde_json::Value>,
+    /// Accepted: `required` and named calls are always decoded to the schema.
+    pub strict: Option<bool>,
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum ToolChoiceInput {
+    /// `none`, `auto` or `required`.
+    Mode(String),
+    Named(NamedToolChoice),
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NamedToolChoice {
+    /// Always `function`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: FunctionName,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionName {
+    pub name: String,
+}
+
+/// A call the model made, or (in an assistant message sent back) one it
+/// made before.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema, PartialEq)]
+pub struct ToolCall {
+    pub id: String,
+    /// Always `function`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: FunctionCall,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionCall {
+    pub name: String,
+    /// The arguments as a JSON string.
+    pub arguments: String,
+}
+
+/// A call in a streamed chunk: sent whole, in one delta.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ToolCallDelta {
+    /// Position of the call in the answer's `tool_calls`.
+    pub index: u32,
+    #[serde(flatten)]
+    pub call: ToolCall,
 }
 
 /// Request fields that change nothing about an answer and are accepted and
@@ -148,8 +230,7 @@ pub struct StreamOptions {
     pub include_usage: bool,
 }
 
-/// One turn. Fields other than these (`tool_calls`, `tool_call_id`, ...)
-/// are refused, naming the message.
+/// One turn. Fields other than these are refused, naming the message.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChatMessage {
@@ -158,6 +239,10 @@ pub struct ChatMessage {
     /// A string, a list of `{"type":"text","text":...}` parts, or null (assistant turns only).
     pub content: Option<MessageContent>,
     pub name: Option<String>,
+    /// Assistant turns: the calls the model made.
+    pub tool_calls: Option<Vec<ToolCall>>,
+    /// Tool turns: the call this is the result of.
+    pub tool_call_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]
@@ -275,7 +360,10 @@ pub struct ChatChoice {
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct AssistantMessage {
     pub role: &'static str,
-    pub content: String,
+    /// The text; null when the answer is tool calls alone.
+    pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCall>>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -306,6 +394,8 @@ pub struct ChunkDelta {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]

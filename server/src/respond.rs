@@ -12,7 +12,7 @@ use crate::error::ApiError;
 use crate::generate::{Event, Generation};
 use crate::protocol::{
     AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChoiceLogprobs, ChunkChoice,
-    ChunkDelta, Completion, CompletionChoice, CompletionLogprobs, TokenLogprob, Usage,
+    ChunkDelta, Completion, CompletionChoice, CompletionLogprobs, TokenLogprob, ToolCall, ToolCallDelta, Usage,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +62,7 @@ impl Header {
 #[derive(Default)]
 struct ChoiceAcc {
     text: String,
+    tool_calls: Vec<ToolCall>,
     logprobs: Vec<TokenLogprob>,
     finish: Option<&'static str>,
 }
@@ -87,6 +88,7 @@ pub async fn collect(
                 acc.text.push_str(&text);
                 acc.logprobs.extend(logprob);
             }
+            Some(Event::ToolCalls { index, calls }) => choices[index as usize].tool_calls.extend(calls),
             Some(Event::Finished { index, reason, usage: u }) => {
                 choices[index as usize].finish = Some(reason);
                 usage.add(u);
@@ -110,7 +112,9 @@ pub async fn collect(
                     index: i as u32,
                     message: AssistantMessage {
                         role: "assistant",
-                        content: c.text,
+                        // OpenAI's null content beside tool calls.
+                        content: (c.tool_calls.is_empty() || !c.text.is_empty()).then_some(c.text),
+                        tool_calls: (!c.tool_calls.is_empty()).then_some(c.tool_calls),
                     },
                     finish_reason: c.finish.unwrap_or("stop").to_string(),
                     logprobs: want_logprobs.then(|| ChoiceLogprobs { content: c.logprobs }),
@@ -132,7 +136,7 @@ pub async fn collect(
                     let prompt = generation.prompt_logprobs.get(i / header.n).cloned().unwrap_or_default();
                     CompletionChoice {
                         index: i as u32,
-                        logprobs: want_logprobs.then(|| prompt.extended(legacy_logprobs(&c.logprobs), echo.len())),
+                        logprobs: want_logprobs.then(|| prompt.extended(legacy_logprobs(&c.logprobs), echo.chars().count())),
                         text: echo + &c.text,
                         finish_reason: Some(c.finish.unwrap_or("stop").to_string()),
                     }
@@ -158,7 +162,7 @@ pub fn stream(
         // Chat opens every choice with the assistant role; echo opens completions.
         for index in 0..n as u32 {
             let opening = match shape {
-                Shape::Chat => Some(chat_chunk(&header, index, ChunkDelta { role: Some("assistant"), content: Some(String::new()) }, None, None)),
+                Shape::Chat => Some(chat_chunk(&header, index, ChunkDelta { role: Some("assistant"), content: Some(String::new()), tool_calls: None }, None, None)),
                 Shape::Completion => header.echo(index as usize).map(|p| {
                     let prompt = generation.prompt_logprobs.get(index as usize / header.n).cloned();
                     completion_chunk(&header, index, p.to_string(), None, prompt)
@@ -169,15 +173,28 @@ pub fn stream(
             }
         }
         let mut finished = 0;
+        let mut calls_sent = vec![0u32; n];
         while finished < n {
             let chunk = match generation.events.recv().await {
                 Some(Event::Piece { index, text, logprob }) => match shape {
-                    Shape::Chat => chat_chunk(&header, index, ChunkDelta { role: None, content: Some(text) }, None, logprob.map(|l| ChoiceLogprobs { content: vec![l] })),
+                    Shape::Chat => chat_chunk(&header, index, ChunkDelta { role: None, content: Some(text), tool_calls: None }, None, logprob.map(|l| ChoiceLogprobs { content: vec![l] })),
                     Shape::Completion => {
                         let logprobs = logprob.map(|l| legacy_logprobs(&[l]));
                         completion_chunk(&header, index, text, None, logprobs)
                     }
                 },
+                Some(Event::ToolCalls { index, calls }) => {
+                    // Each call whole in one delta (OpenAI's incremental shape
+                    // with the arguments in a single piece).
+                    let first = calls_sent[index as usize];
+                    calls_sent[index as usize] += calls.len() as u32;
+                    let deltas = calls
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, call)| ToolCallDelta { index: first + i as u32, call })
+                        .collect();
+                    chat_chunk(&header, index, ChunkDelta { role: None, content: None, tool_calls: Some(deltas) }, None, None)
+                }
                 Some(Event::Finished { index, reason, usage: u }) => {
                     usage.add(u);
                     finished += 1;
@@ -283,13 +300,13 @@ fn completion_chunk(
 }
 
 /// The legacy completions layout of generated tokens' log-probabilities,
-/// text offsets from 0.
+/// text offsets in characters (as OpenAI counts them) from 0.
 fn legacy_logprobs(tokens: &[TokenLogprob]) -> CompletionLogprobs {
     let mut out = CompletionLogprobs::default();
     let mut at = 0;
     for t in tokens {
         out.text_offset.push(at);
-        at += t.token.len();
+        at += t.token.chars().count();
         out.tokens.push(t.token.clone());
         out.token_logprobs.push(Some(t.logprob));
         out.top_logprobs.push(Some(

@@ -4,7 +4,7 @@
 use actix_web::{http::header, web, HttpRequest, HttpResponse};
 use futures::StreamExt;
 
-use crate::engine::{LoadedModel, Prompt, TokenizerError};
+use crate::engine::{Conversation, LoadedModel, Prompt, TokenizerError};
 use crate::error::{ApiError, ErrorBody};
 use crate::generate;
 use crate::protocol::{
@@ -166,7 +166,7 @@ pub async fn tokenize(state: web::Data<AppState>, req: HttpRequest, payload: web
             (Prompt::Text(text), "prompt", false, parsed.add_special_tokens.unwrap_or(true))
         }
         (None, Some(messages)) => (
-            Prompt::Chat(validation::chat_messages(messages)?),
+            Prompt::Chat(Conversation { turns: validation::chat_messages(messages)?, tools: Vec::new() }),
             "messages",
             parsed.add_generation_prompt.unwrap_or(true),
             parsed.add_special_tokens.unwrap_or(false),

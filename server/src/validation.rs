@@ -5,11 +5,12 @@
 use serde::de::DeserializeOwned;
 
 use crate::config::{Limits, SamplingDefaults};
-use crate::engine::Prompt;
+use crate::engine::{Conversation, Prompt, Turn};
+use crate::tools::ToolRequest;
 use crate::error::ApiError;
 use crate::protocol::{
     unsupported_field, ChatCompletionRequest, ChatMessage, CompletionRequest, MessageContent, Other, PromptInput,
-    ResponseFormat, SamplingRequest,
+    ResponseFormat, SamplingRequest, ToolCall,
 };
 
 /// A request that passed validation, for either endpoint.
@@ -27,6 +28,9 @@ pub struct GenerateRequest {
     /// `Some(k)`: return log-probabilities with the top `k` alternatives.
     pub logprobs: Option<usize>,
     pub json_schema: Option<serde_json::Value>,
+    /// Chat with `tools`: what is asked of them (the tools themselves are
+    /// in the prompt, which renders them).
+    pub tools: Option<ToolRequest>,
     /// Added to these tokens' logits (checked against the vocabulary when
     /// the model is known).
     pub logit_bias: std::collections::HashMap<u32, f32>,
@@ -120,7 +124,8 @@ pub fn validate_chat(req: ChatCompletionRequest, limits: &Limits) -> Result<Gene
             "`messages` is empty; send at least one message.",
         ));
     }
-    let messages = chat_messages(req.messages)?;
+    let turns = chat_messages(req.messages)?;
+    let tools = crate::tools::validate(req.tools, req.tool_choice, req.parallel_tool_calls)?;
     let logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
         (false, Some(_)) => {
             return Err(ApiError::invalid_param(
@@ -160,7 +165,11 @@ pub fn validate_chat(req: ChatCompletionRequest, limits: &Limits) -> Result<Gene
     )?;
     Ok(GenerateRequest {
         model: req.model,
-        prompts: vec![Prompt::Chat(messages)],
+        prompts: vec![Prompt::Chat(Conversation {
+            turns,
+            tools: tools.as_ref().map(|t| t.tools.clone()).unwrap_or_default(),
+        })],
+        tools,
         logprobs,
         json_schema,
         stream,
@@ -170,9 +179,9 @@ pub fn validate_chat(req: ChatCompletionRequest, limits: &Limits) -> Result<Gene
     })
 }
 
-/// The turns of a conversation as (role, text), `developer` read as
-/// `system`; a 400 naming the message that cannot be.
-pub fn chat_messages(input: Vec<ChatMessage>) -> Result<Vec<(String, String)>, ApiError> {
+/// The turns of a conversation, `developer` read as `system`; a 400 naming
+/// the message that cannot be.
+pub fn chat_messages(input: Vec<ChatMessage>) -> Result<Vec<Turn>, ApiError> {
     let mut messages = Vec::with_capacity(input.len());
     for (i, m) in input.into_iter().enumerate() {
         let role = match m.role.as_str() {
@@ -210,9 +219,56 @@ pub fn chat_messages(input: Vec<ChatMessage>) -> Result<Vec<(String, String)>, A
                 ))
             }
         };
-        messages.push((role, content));
+        let tool_calls = turn_tool_calls(i, &role, m.tool_calls.unwrap_or_default())?;
+        if m.tool_call_id.is_some() && role != "tool" {
+            return Err(ApiError::invalid_param(
+                &format!("messages[{i}].tool_call_id"),
+                "`tool_call_id` belongs to `tool` messages.",
+            ));
+        }
+        messages.push(Turn {
+            role,
+            content,
+            tool_calls,
+            tool_call_id: m.tool_call_id,
+        });
     }
     Ok(messages)
+}
+
+/// An assistant turn's calls as chat templates read them: the arguments
+/// string parsed into an object (as transformers and vLLM hand them over).
+fn turn_tool_calls(
+    i: usize,
+    role: &str,
+    calls: Vec<ToolCall>,
+) -> Result<Vec<serde_json::Map<String, serde_json::Value>>, ApiError> {
+    if !calls.is_empty() && role != "assistant" {
+        return Err(ApiError::invalid_param(
+            &format!("messages[{i}].tool_calls"),
+            "`tool_calls` belong to `assistant` messages.",
+        ));
+    }
+    calls
+        .into_iter()
+        .enumerate()
+        .map(|(j, call)| {
+            let arguments: serde_json::Value = serde_json::from_str(&call.function.arguments).map_err(|e| {
+                ApiError::invalid_param(
+                    &format!("messages[{i}].tool_calls[{j}].function.arguments"),
+                    format!("`arguments` must be a JSON string of an object: {e}"),
+                )
+            })?;
+            let serde_json::Value::Object(map) = serde_json::json!({
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.function.name, "arguments": arguments},
+            }) else {
+                unreachable!("a JSON object literal")
+            };
+            Ok(map)
+        })
+        .collect()
 }
 
 pub fn validate_completion(req: CompletionRequest, limits: &Limits) -> Result<GenerateRequest, ApiError> {
@@ -350,7 +406,7 @@ fn validate_common(
     }
     let mut logit_bias = std::collections::HashMap::new();
     for (key, &value) in s.logit_bias.iter().flatten() {
-        let id: u32 = key.trim().parse().map_err(|_| {
+        let id: u32 = key.parse().map_err(|_| {
             ApiError::invalid_param("logit_bias", format!("`logit_bias` keys are token ids; `{key}` is not one."))
         })?;
         if !(-100.0..=100.0).contains(&value) {
@@ -390,6 +446,7 @@ fn validate_common(
         seed: s.seed.map(|s| s as u64),
         logprobs: None,
         json_schema: None,
+        tools: None,
         logit_bias,
         stream: false,
         include_usage: false,
@@ -421,7 +478,7 @@ mod tests {
         let r = chat(base()).unwrap();
         assert_eq!(r.n, 1);
         assert!(!r.stream);
-        assert!(matches!(&r.prompts[..], [Prompt::Chat(m)] if m == &[("user".to_string(), "hi".to_string())]));
+        assert!(matches!(&r.prompts[..], [Prompt::Chat(c)] if c.turns == [Turn::new("user", "hi")]));
     }
 
     #[test]
@@ -475,7 +532,7 @@ mod tests {
         );
         b["stop"] = serde_json::json!("END");
         let r = chat(b).unwrap();
-        assert!(matches!(&r.prompts[..], [Prompt::Chat(m)] if m[0].1 == "ab"));
+        assert!(matches!(&r.prompts[..], [Prompt::Chat(c)] if c.turns[0].content == "ab"));
         assert_eq!(r.stop, vec!["END".to_string()]);
     }
 
@@ -497,7 +554,6 @@ mod tests {
     #[test]
     fn a_field_the_server_does_not_implement_is_named_not_dropped() {
         for (field, value) in [
-            ("tools", serde_json::json!([{"type": "function", "function": {"name": "f"}}])),
             ("functions", serde_json::json!([{"name": "f"}])),
             ("made_up", serde_json::json!(1)),
         ] {
@@ -511,22 +567,40 @@ mod tests {
             ("user", serde_json::json!("u1")),
             ("tools", serde_json::json!([])),
             ("logit_bias", serde_json::json!(null)),
-            ("logit_bias", serde_json::json!({"42": -100, " 7": 2.5})),
+            ("logit_bias", serde_json::json!({"42": -100, "7": 2.5})),
         ] {
             assert!(chat(with(field, value.clone())).is_ok(), "{field}={value}");
         }
-        let err = chat(with("messages", serde_json::json!([{"role": "assistant", "content": null, "tool_calls": []}]))).unwrap_err();
+        let err = chat(with("messages", serde_json::json!([{"role": "assistant", "content": null, "audio": {}}]))).unwrap_err();
         assert_eq!(err.status.as_u16(), 400);
-        assert!(err.message.contains("tool_calls"), "{}", err.message);
+        assert!(err.message.contains("audio"), "{}", err.message);
         let err = completion(serde_json::json!({"model": "m", "prompt": "x", "best_of": 3})).unwrap_err();
         assert_eq!(err.param.as_deref(), Some("best_of"));
+    }
+
+    #[test]
+    fn tool_turns_reach_the_template_with_their_arguments_as_objects() {
+        let body = serde_json::json!({"model": "m", "messages": [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": null, "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "18 C"},
+        ], "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]});
+        let req = chat(body.clone()).unwrap();
+        let [Prompt::Chat(c)] = &req.prompts[..] else { panic!("one chat prompt") };
+        assert_eq!(c.tools.len(), 1);
+        assert_eq!(c.turns[1].tool_calls[0]["function"]["arguments"], serde_json::json!({"city": "Paris"}));
+        assert_eq!(c.turns[2].tool_call_id.as_deref(), Some("call_1"));
+        let mut bad = body;
+        bad["messages"][1]["tool_calls"][0]["function"]["arguments"] = "not json".into();
+        assert_eq!(chat(bad).unwrap_err().param.as_deref(), Some("messages[1].tool_calls[0].function.arguments"));
     }
 
     #[test]
     fn logit_bias_takes_token_ids_and_bounded_numbers() {
         let req = chat(with("logit_bias", serde_json::json!({"42": -100, "7": 2.5}))).unwrap();
         assert_eq!(req.logit_bias, std::collections::HashMap::from([(42, -100.0), (7, 2.5)]));
-        for bad in [serde_json::json!({"x": 1}), serde_json::json!({"-1": 1}), serde_json::json!({"3": 101})] {
+        for bad in [serde_json::json!({"x": 1}), serde_json::json!({"-1": 1}), serde_json::json!({" 7": 1}), serde_json::json!({"3": 101})] {
             let err = chat(with("logit_bias", bad.clone())).unwrap_err();
             assert_eq!(err.param.as_deref(), Some("logit_bias"), "{bad}");
         }

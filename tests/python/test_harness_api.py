@@ -7,6 +7,8 @@ vLLM's `/tokenize`, `/detokenize` and `/tokenizer_info`, `GET
 answered 400 naming it, never dropped. (lm-evaluation-harness itself runs
 against the server in test_lm_eval.py.)"""
 
+from concurrent.futures import ThreadPoolExecutor
+
 import httpx
 import openai
 import pytest
@@ -124,6 +126,26 @@ def test_echo_with_logprobs_scores_every_prompt_token(server, model):
     assert first.text == PROMPT and first.logprobs.token_logprobs == lp.token_logprobs
 
 
+def test_scoring_and_generating_the_same_prompt_at_once(server):
+    """A prompt scored (every position's logits, no sampling) and the same
+    prompt generating arrive together: the engine runs them in separate
+    steps (one step cannot do both) and both answer as they do alone."""
+    c = client(server)
+    ids = tokenize(server, model=SMOL, prompt=PROMPT, add_special_tokens=False)["tokens"]
+    alone_scored = c.completions.create(model=SMOL, prompt=ids, max_tokens=0, echo=True, logprobs=1)
+    alone_generated = c.completions.create(model=SMOL, prompt=ids, max_tokens=6, temperature=0)
+    with ThreadPoolExecutor(6) as pool:
+        scored = [pool.submit(c.completions.create, model=SMOL, prompt=ids, max_tokens=0, echo=True, logprobs=1)
+                  for _ in range(3)]
+        generated = [pool.submit(c.completions.create, model=SMOL, prompt=ids, max_tokens=6, temperature=0)
+                     for _ in range(3)]
+        for f in scored:
+            assert f.result().choices[0].logprobs.token_logprobs == alone_scored.choices[0].logprobs.token_logprobs
+        for f in generated:
+            assert f.result().choices[0].text == alone_generated.choices[0].text
+    assert server.alive()
+
+
 def test_logit_bias_bans_and_forces_tokens(server):
     """-100 removes the greedy token, 100 makes a chosen one the answer, with
     the engine's sampling and with seeded sampling alike."""
@@ -201,8 +223,8 @@ def test_fields_the_server_does_not_implement_are_named(server):
     c = client(server)
     ask = [{"role": "user", "content": "Hi"}]
     for kwargs, param in [
-        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}, "tools"),
         ({"extra_body": {"guided_choice": ["a", "b"]}}, "guided_choice"),
+        ({"extra_body": {"functions": [{"name": "f"}]}}, "functions"),
     ]:
         with pytest.raises(openai.BadRequestError) as e:
             c.chat.completions.create(model=SMOL, messages=ask, max_tokens=2, **kwargs)

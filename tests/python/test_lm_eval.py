@@ -27,7 +27,7 @@ import pytest
 import torch
 import transformers
 
-from conftest import HOME, SMOL, Server
+from conftest import HOME, SMOL, Server, metric, scrape
 
 VENV = Path(os.environ.get("FUSECHAT_LMEVAL_VENV", HOME / "lmeval-venv"))
 LM_EVAL = VENV / "bin" / "lm_eval"
@@ -159,7 +159,12 @@ def test_multiple_choice_scores_are_transformers_log_likelihoods(single, tmp_pat
     model_args = f"model={MODEL},base_url={single.base}/v1/completions,num_concurrent=2,max_retries=1"
     samples, log = lm_eval(["--model", "local-completions", "--model_args", model_args,
                             "--tasks", "fusechat_capitals", "--include_path", str(tasks)], tmp_path / "mc")
-    assert "remote tokenizer" in log.lower(), log[-2000:]
+    # The harness found the tokenizer routes by itself and used them.
+    assert "using remote tokenizer backend" in log.lower(), log[-2000:]
+    hits = scrape(single.base)
+    for route in ("/tokenizer_info", "/tokenize"):
+        method = "GET" if route == "/tokenizer_info" else "POST"
+        assert (metric(hits, "fusechat_http_requests_total", route=route, method=method, status="200") or 0) > 0, route
     assert len(samples) == len(CAPITALS)
     ours, pairs = [], []
     for sample in samples:

@@ -143,12 +143,25 @@ impl MemoryPlan {
             true => per_layer * layers,
             false => h * tokens * layers + per_layer,
         };
+        let blocks_kept = if kept.block_activations { layers } else { 1 };
         let dtype_bytes = precision.bytes();
+        // bf16 runs norms and the attention softmax in f32 (as transformers
+        // runs a bf16 model): per layer and token the f32 copies of the two
+        // norms' inputs and outputs, and per kept score the f32 copy, masked
+        // scores and probabilities.
+        let upcasts = match precision.bytes() < F32_BYTES {
+            true => {
+                let norms = 4 * h * tokens;
+                let scores = if kept.attention_scores { 3 * nh * square } else { 0 };
+                (norms + scores) * F32_BYTES * blocks_kept
+            }
+            false => 0,
+        };
         Self {
             weights: params * dtype_bytes,
             gradients: params * dtype_bytes,
             optimizer: optimizer_bytes(params, precision),
-            activations: (blocks + 2 * h * tokens) * dtype_bytes,
+            activations: (blocks + 2 * h * tokens) * dtype_bytes + upcasts,
             logits: vocab * shape.learned as u64 * (dtype_bytes + 2 * F32_BYTES),
             backward: (2 * per_layer + 2 * vocab * h) * dtype_bytes,
         }
@@ -368,7 +381,7 @@ mod tests {
     }
 
     #[test]
-    fn bf16_halves_weights_and_activations_not_the_optimizer() {
+    fn bf16_halves_weights_and_gradients_not_the_optimizer() {
         let config = ModelConfig::tiny(Architecture::Llama);
         let shape = ForwardShape {
             lens: vec![64; 4],
@@ -381,7 +394,9 @@ mod tests {
         let bf16 = MemoryPlan::full_fine_tune(&config, plain, &shape, Kept::COMPOSED);
         assert_eq!(2 * bf16.weights, f32.weights);
         assert_eq!(2 * bf16.gradients, f32.gradients);
-        assert_eq!(2 * bf16.activations, f32.activations);
+        // More than half: the norms and the attention softmax keep f32
+        // copies (three f32 copies of every kept score against f32's two).
+        assert!(2 * bf16.activations > f32.activations);
         assert_eq!(bf16.optimizer, f32.optimizer, "AdamW moments stay f32");
         let masters = Precision::Bf16 {
             master_weights: true,

@@ -271,6 +271,13 @@ impl AdamW {
                 let tensor = state.remove(&key).ok_or_else(|| {
                     TrainError::Config(format!("optimizer state lacks {key}: the checkpoint was written without master weights; pass --fresh or choose another --out"))
                 })?;
+                if tensor.dims() != var.dims() {
+                    return Err(TrainError::Config(format!(
+                        "optimizer state {key} has shape {:?}, the parameter {:?}",
+                        tensor.dims(),
+                        var.dims()
+                    )));
+                }
                 *w = tensor.to_dtype(w.dtype())?.to_device(w.device())?;
             }
         }

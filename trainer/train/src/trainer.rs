@@ -217,6 +217,11 @@ fn sum_of_squares(g: &Tensor) -> Result<f64> {
     if g.device().is_cpu() && g.dtype() == DType::F32 && g.is_contiguous() {
         return Ok(g.apply_op1_no_bwd(&SumOfSquares)?.to_scalar::<f64>()?);
     }
+    // A bf16 sum of thousands of squares rounds most of them away.
+    let g = match g.dtype() {
+        DType::BF16 | DType::F16 => g.to_dtype(DType::F32)?,
+        _ => g.clone(),
+    };
     Ok(g.sqr()?
         .sum_all()?
         .to_dtype(DType::F64)?

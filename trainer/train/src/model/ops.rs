@@ -178,7 +178,6 @@ pub(super) unsafe fn gemm<T: Real>(
     )
 }
 
-/// Whether `t` can take the fused CPU path.
 /// `a.matmul(b)`, and on the CPU for bf16 or f16 operands the product of
 /// their f32 values rounded to their dtype: candle's CPU product has no bf16
 /// kernel, and a GPU's bf16 product (cuBLAS) also accumulates in f32 and
@@ -199,6 +198,7 @@ fn half_precision(t: &Tensor) -> Option<DType> {
     matches!(t.dtype(), DType::BF16 | DType::F16).then(|| t.dtype())
 }
 
+/// Whether `t` can take the fused CPU path.
 pub(super) fn fusable(t: &Tensor) -> bool {
     t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
 }

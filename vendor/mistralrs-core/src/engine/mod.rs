@@ -539,6 +539,12 @@ impl Engine {
                                 SeqStepType::OneShot => {
                                     seq.set_state(SequenceState::Done(StopReason::GeneratedImage))
                                 }
+                                // fusechat: a prompt that returned its raw logits
+                                // is answered and done (`send_raw_responses`);
+                                // made a decoding sequence here, it joined the next
+                                // decode step and, beside sequences that sample,
+                                // failed the engine's raw-or-not assertion.
+                                SeqStepType::PromptAndDecode if seq.return_raw_logits => {}
                                 SeqStepType::PromptAndDecode => {
                                     seq.set_state(SequenceState::RunningCompletion)
                                 }
