@@ -356,29 +356,23 @@ impl ChoiceTask {
             last_piece = Some(now);
             pieces += 1;
 
+            let mut events = Vec::with_capacity(2);
             if !chunk.tool_calls.is_empty() {
-                let calls = Event::ToolCalls { index: self.index, calls: tools::calls(chunk.tool_calls) };
-                if self.out.send(calls).await.is_err() {
-                    metrics
-                        .requests_finished
-                        .with_label_values(&[&model_id, "cancelled"])
-                        .inc();
-                    return;
-                }
+                events.push(Event::ToolCalls { index: self.index, calls: tools::calls(chunk.tool_calls) });
             }
-            let logprob = chunk.logprob;
-            let text = chunk.text;
-            let logprob = logprob.filter(|_| self.client_logprobs);
+            let logprob = chunk.logprob.filter(|_| self.client_logprobs);
             let was_stopped = self.stop.is_stopped();
-            let filtered = self.stop.push(&text);
+            let filtered = self.stop.push(&chunk.text);
             if !was_stopped && (!filtered.text.is_empty() || logprob.is_some()) {
                 let logprob = logprob.filter(|_| !filtered.stopped).map(convert_logprob);
-                let piece = Event::Piece {
+                events.push(Event::Piece {
                     index: self.index,
                     text: filtered.text,
                     logprob,
-                };
-                if self.out.send(piece).await.is_err() {
+                });
+            }
+            for event in events {
+                if self.out.send(event).await.is_err() {
                     // Client gone: dropping the engine receiver cancels the sequence.
                     metrics
                         .requests_finished

@@ -250,40 +250,39 @@ impl AdamW {
     ) -> Result<()> {
         for ((name, var), moments) in params.iter().zip(&mut self.moments) {
             for (prefix, second) in [("exp_avg", false), ("exp_avg_sq", true)] {
-                let key = format!("{prefix}.{name}");
-                let tensor = state.remove(&key).ok_or_else(|| {
-                    TrainError::Config(format!("optimizer state lacks {key}: the checkpoint is of another model; pass --fresh or choose another --out"))
-                })?;
-                if tensor.dims() != var.dims() {
-                    return Err(TrainError::Config(format!(
-                        "optimizer state {key} has shape {:?}, the parameter {:?}",
-                        tensor.dims(),
-                        var.dims()
-                    )));
-                }
+                let tensor = take_state(&mut state, &format!("{prefix}.{name}"), var, "the checkpoint is of another model")?;
                 moments.set(second, tensor, var)?;
             }
             if let Moments::Tensors {
                 master: Some(w), ..
             } = moments
             {
-                let key = format!("{MASTER}.{name}");
-                let tensor = state.remove(&key).ok_or_else(|| {
-                    TrainError::Config(format!("optimizer state lacks {key}: the checkpoint was written without master weights; pass --fresh or choose another --out"))
-                })?;
-                if tensor.dims() != var.dims() {
-                    return Err(TrainError::Config(format!(
-                        "optimizer state {key} has shape {:?}, the parameter {:?}",
-                        tensor.dims(),
-                        var.dims()
-                    )));
-                }
+                let why = "the checkpoint was written without master weights";
+                let tensor = take_state(&mut state, &format!("{MASTER}.{name}"), var, why)?;
                 *w = tensor.to_dtype(w.dtype())?.to_device(w.device())?;
             }
         }
         self.steps = steps;
         Ok(())
     }
+}
+
+/// The saved tensor `key` of the parameter `var`, of its shape; `missing`
+/// says why a checkpoint would lack it.
+fn take_state(state: &mut HashMap<String, Tensor>, key: &str, var: &Var, missing: &str) -> Result<Tensor> {
+    let tensor = state.remove(key).ok_or_else(|| {
+        TrainError::Config(format!(
+            "optimizer state lacks {key}: {missing}; pass --fresh or choose another --out"
+        ))
+    })?;
+    if tensor.dims() != var.dims() {
+        return Err(TrainError::Config(format!(
+            "optimizer state {key} has shape {:?}, the parameter {:?}",
+            tensor.dims(),
+            var.dims()
+        )));
+    }
+    Ok(tensor)
 }
 
 /// A contiguous f32 slice of a CPU storage.
