@@ -119,6 +119,8 @@ pub struct LoadedModel {
     /// of token ids into text one engine request each would stall decoding.
     /// `None` where mistralrs builds the tokenizer from a GGUF itself.
     pub tokenizer: Option<Arc<tokenizers::Tokenizer>>,
+    /// What the chat template does with `tools`, read once at load.
+    pub tool_support: crate::tools::TemplateSupport,
     engine: Model,
 }
 
@@ -287,26 +289,11 @@ impl LoadedModel {
             admission: Admission::new(config.max_seqs, config.max_waiting),
             holding,
             vocab_size,
+            tool_support: crate::tools::TemplateSupport::of(chat_template(tokenizer_config.as_ref()).as_deref()),
             tokenizer_config,
             tokenizer,
             engine,
         })
-    }
-
-    /// The chat template the engine renders with, as tokenizer_config.json
-    /// gives it (several named templates joined), where it is known.
-    pub fn chat_template(&self) -> Option<String> {
-        match self.tokenizer_config.as_ref()?.get("chat_template")? {
-            serde_json::Value::String(t) => Some(t.clone()),
-            serde_json::Value::Array(named) => Some(
-                named
-                    .iter()
-                    .filter_map(|t| t.get("template").and_then(|t| t.as_str()))
-                    .collect::<Vec<_>>()
-                    .join("\n"),
-            ),
-            _ => None,
-        }
     }
 
     /// Number of tokens the prompt takes once rendered (chat template and
@@ -671,6 +658,22 @@ pub fn gguf_architecture(path: &Path) -> anyhow::Result<String> {
         .to_string()
         .context("general.architecture is not a string")?;
     Ok(arch.clone())
+}
+
+/// The chat template the engine renders with, as tokenizer_config.json
+/// gives it (several named templates joined), where it is known.
+fn chat_template(config: Option<&serde_json::Map<String, serde_json::Value>>) -> Option<String> {
+    match config?.get("chat_template")? {
+        serde_json::Value::String(t) => Some(t.clone()),
+        serde_json::Value::Array(named) => Some(
+            named
+                .iter()
+                .filter_map(|t| t.get("template").and_then(|t| t.as_str()))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        ),
+        _ => None,
+    }
 }
 
 /// The folder the engine reads its tokenizer from, where it is a folder.

@@ -20,7 +20,7 @@ use crate::logit_bias::LogitBias;
 use crate::metrics::Metrics;
 use crate::prompt_logprobs;
 use crate::protocol::{CompletionLogprobs, TokenLogprob, ToolCall, TopLogprob, Usage};
-use crate::tools::{self, TemplateSupport};
+use crate::tools;
 use crate::queue::{Refused, Seats};
 use crate::seeded::{SamplingKnobs, SeededSampler};
 use crate::stop::StopFilter;
@@ -85,7 +85,7 @@ pub async fn start(
     let biased: Vec<u32> = req.logit_bias.keys().copied().collect();
     model.check_token_ids(&biased, "logit_bias")?;
     if let Some(t) = &req.tools {
-        TemplateSupport::of(model.chat_template().as_deref()).check(&model.id, &t.mode)?;
+        model.tool_support.check(&model.id, &t.mode)?;
     }
     // Every prompt is checked before any seat is taken, and all the seats
     // are taken at once: a batch that started some prompts and then waited
