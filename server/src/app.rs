@@ -123,6 +123,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                     .default_service(web::to(routes::method_not_allowed)),
             )
             .service(
+                web::resource("/responses")
+                    .route(web::post().to(routes::responses))
+                    .default_service(web::to(routes::method_not_allowed)),
+            )
+            .service(
                 web::resource("/models")
                     .route(web::get().to(routes::list_models))
                     .default_service(web::to(routes::method_not_allowed)),

@@ -242,6 +242,10 @@ async fn start_choices(
     // OpenAI's default temperature is 1; a model's configured default comes first.
     let temperature = sampling.temperature.unwrap_or(1.0);
     let greedy = sampling.is_greedy();
+    // An answer read for tool calls keeps its stop strings out of the
+    // engine, which would cut a call whose JSON holds one: the server's
+    // filter applies them to the answer's text alone and ends the choice.
+    let stops_in_engine = !req.tools.as_ref().is_some_and(|t| t.mode != tools::ToolMode::None);
     let bias = (!req.logit_bias.is_empty()).then(|| {
         Arc::new(LogitBias::new(req.logit_bias.clone())) as Arc<dyn mistralrs::CustomLogitsProcessor>
     });
@@ -272,7 +276,7 @@ async fn start_choices(
             frequency_penalty: sampling.frequency_penalty,
             presence_penalty: sampling.presence_penalty,
             repetition_penalty: sampling.repetition_penalty,
-            stop_toks: (!req.stop.is_empty()).then(|| StopTokens::Seqs(req.stop.clone())),
+            stop_toks: (stops_in_engine && !req.stop.is_empty()).then(|| StopTokens::Seqs(req.stop.clone())),
             max_len: Some(max_tokens as usize),
             logits_bias: None,
             n_choices: 1,
@@ -296,6 +300,7 @@ async fn start_choices(
             client_logprobs: req.logprobs.is_some(),
             trace: trace.clone(),
             stop: StopFilter::new(req.stop.clone()),
+            stops_in_engine,
             prompt_tokens,
             out: tx.clone(),
         };
@@ -310,6 +315,10 @@ struct ChoiceTask {
     client_logprobs: bool,
     trace: Arc<RequestTrace>,
     stop: StopFilter,
+    /// Whether the engine stops at the stop strings too; if not, the choice
+    /// ends when the filter finds one (dropping the engine's receiver
+    /// cancels the sequence).
+    stops_in_engine: bool,
     prompt_tokens: u64,
     out: mpsc::Sender<Event>,
 }
@@ -380,6 +389,9 @@ impl ChoiceTask {
                         .inc();
                     return;
                 }
+            }
+            if !self.stops_in_engine && self.stop.is_stopped() {
+                break Ok(("stop", chunk.usage));
             }
             if let Some(reason) = chunk.finish_reason {
                 let reason = match reason.as_str() {

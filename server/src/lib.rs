@@ -3,6 +3,8 @@
 //! Follow a request: `routes` (HTTP) -> `validation` (checks, defaults) ->
 //! `generate` (context check, `queue` admission, engine sequences, `stop`
 //! filtering, timing) -> `respond` (JSON body or server-sent events).
+//! `/v1/responses` takes the same path, with `responses` (over the wire
+//! types of `responses_protocol`) in place of `validation` and `respond`.
 //! `engine` loads models; `state` holds them and their aliases; `admin`
 //! hot-swaps them; `metrics` and `openapi` serve
 //! `/metrics` and `/openapi.json`; `app` wires it together.
@@ -22,6 +24,8 @@ pub mod prompt_logprobs;
 pub mod protocol;
 pub mod queue;
 pub mod respond;
+pub mod responses;
+pub mod responses_protocol;
 pub mod routes;
 pub mod seeded;
 pub mod state;

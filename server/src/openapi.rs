@@ -7,6 +7,7 @@ use utoipa::{Modify, OpenApi};
 
 use crate::error::{ErrorBody, ErrorDetail};
 use crate::protocol::*;
+use crate::responses_protocol::*;
 use crate::{admin, routes};
 
 #[derive(OpenApi)]
@@ -19,6 +20,7 @@ use crate::{admin, routes};
     paths(
         routes::chat_completions,
         routes::completions,
+        routes::responses,
         routes::list_models,
         routes::get_model,
         routes::tokenize,
@@ -43,6 +45,10 @@ use crate::{admin, routes};
         TokenizeRequest, TokenizeResponse, DetokenizeRequest, DetokenizeResponse,
         ToolDefinition, FunctionDefinition, ToolChoiceInput, NamedToolChoice, FunctionName, ToolCall,
         FunctionCall, ToolCallDelta,
+        ResponsesRequest, ResponseInput, InputItem, InputMessage, InputContent, InputPart, FunctionCallItem,
+        FunctionCallOutputItem, ResponseTool, ResponseToolChoice, NamedFunction, TextConfig, TextFormat,
+        ResponseObject, ResponseError, IncompleteDetails, OutputItem, OutputText, ResponseUsage,
+        InputTokensDetails, OutputTokensDetails,
         admin::LoadModelRequest, admin::LoadedModelInfo, admin::SetAliasRequest, admin::AliasInfo,
     )),
     modifiers(&BearerAuth),

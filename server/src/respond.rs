@@ -240,6 +240,13 @@ pub fn stream(
         }
         yield Ok(Bytes::from_static(b"data: [DONE]\n\n"));
     };
+    event_stream(events)
+}
+
+/// A 200 of server-sent events, unbuffered by proxies.
+pub(crate) fn event_stream(
+    events: impl futures::Stream<Item = Result<Bytes, actix_web::Error>> + 'static,
+) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("text/event-stream")
         .insert_header(("Cache-Control", "no-cache"))

@@ -13,6 +13,8 @@ use crate::protocol::{
     TokenizerInfoQuery,
 };
 use crate::respond::{self, Header, Shape};
+use crate::responses::{self, Assembly};
+use crate::responses_protocol::{ResponseObject, ResponsesRequest};
 use crate::state::{AppState, ModelSlot};
 use crate::validation::{self, GenerateRequest};
 
@@ -137,6 +139,40 @@ pub async fn completions(
     run(&state, Shape::Completion, request).await
 }
 
+/// Creates a model response (the Responses API, stateless: nothing is
+/// stored, so `previous_response_id` is refused and the conversation goes
+/// whole in `input`).
+#[utoipa::path(
+    post,
+    path = "/v1/responses",
+    tag = "openai",
+    request_body = ResponsesRequest,
+    responses(
+        (status = 200, description = "The response, or with `stream: true` server-sent events named by their `type`: `response.created`, `response.in_progress`, `response.output_item.added`, `response.content_part.added`, `response.output_text.delta`, `response.output_text.done`, `response.content_part.done`, `response.function_call_arguments.delta`, `response.function_call_arguments.done`, `response.output_item.done`, then `response.completed`, `response.incomplete` (at `max_output_tokens`) or `response.failed`", body = ResponseObject),
+        (status = 400, description = "Invalid or unsupported parameter (`previous_response_id`, hosted tools, non-text input parts), or input over the context", body = ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = ErrorBody),
+        (status = 404, description = "Unknown model", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 429, description = "Queue full", body = ErrorBody),
+        (status = 503, description = "The model is still loading, or the server is shutting down; see `Retry-After`", body = ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn responses(state: web::Data<AppState>, req: HttpRequest, payload: web::Payload) -> Result<HttpResponse, ApiError> {
+    let body = read_body(&req, payload, state.config.limits.max_body_bytes).await?;
+    let parsed: ResponsesRequest = validation::parse_body(&body)?;
+    let (request, echo) = responses::validate(parsed, &state.config.limits)?;
+    let model = state.model(&request.model)?;
+    let assembly = Assembly::new(model.id.clone(), echo);
+    let stream = request.stream;
+    let generation = generate::start(model, request, &state.config.limits, state.metrics.clone()).await?;
+    if stream {
+        Ok(responses::stream(assembly, generation))
+    } else {
+        responses::collect(assembly, generation).await
+    }
+}
+
 /// Token ids of a prompt, or of messages rendered with the model's chat
 /// template (vLLM's route and shape).
 #[utoipa::path(
@@ -146,7 +182,7 @@ pub async fn completions(
     request_body = TokenizeRequest,
     responses(
         (status = 200, body = TokenizeResponse),
-        (status = 400, description = "Neither or both of `prompt` and `messages`, or an unsupported field", body = ErrorBody),
+        (status = 400, description = "Neither or both of `prompt` and `messages`, an unsupported field, or no `model` while several are served", body = ErrorBody),
         (status = 401, body = ErrorBody),
         (status = 404, description = "Unknown model", body = ErrorBody),
         (status = 413, body = ErrorBody),
@@ -189,7 +225,7 @@ pub async fn tokenize(state: web::Data<AppState>, req: HttpRequest, payload: web
     request_body = DetokenizeRequest,
     responses(
         (status = 200, body = DetokenizeResponse),
-        (status = 400, description = "A token id outside the vocabulary, or an unsupported field", body = ErrorBody),
+        (status = 400, description = "A token id outside the vocabulary, an unsupported field, or no `model` while several are served", body = ErrorBody),
         (status = 401, body = ErrorBody),
         (status = 404, description = "Unknown model", body = ErrorBody),
         (status = 413, body = ErrorBody),

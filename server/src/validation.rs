@@ -165,10 +165,7 @@ pub fn validate_chat(req: ChatCompletionRequest, limits: &Limits) -> Result<Gene
     )?;
     Ok(GenerateRequest {
         model: req.model,
-        prompts: vec![Prompt::Chat(Conversation {
-            turns,
-            tools: tools.as_ref().map(|t| t.tools.clone()).unwrap_or_default(),
-        })],
+        prompts: vec![chat_prompt(turns, tools.as_ref())],
         tools,
         logprobs,
         json_schema,
@@ -177,6 +174,11 @@ pub fn validate_chat(req: ChatCompletionRequest, limits: &Limits) -> Result<Gene
         echo: false,
         ..common
     })
+}
+
+/// A conversation as the chat template gets it, with the request's tools.
+pub(crate) fn chat_prompt(turns: Vec<Turn>, tools: Option<&ToolRequest>) -> Prompt {
+    Prompt::Chat(Conversation { turns, tools: tools.map(|t| t.tools.clone()).unwrap_or_default() })
 }
 
 /// The turns of a conversation, `developer` read as `system`; a 400 naming
@@ -237,7 +239,7 @@ pub fn chat_messages(input: Vec<ChatMessage>) -> Result<Vec<Turn>, ApiError> {
 }
 
 /// An assistant turn's calls as chat templates read them: the arguments
-/// string parsed into an object (as transformers and vLLM hand them over).
+/// string parsed into an object.
 fn turn_tool_calls(
     i: usize,
     role: &str,
@@ -259,16 +261,27 @@ fn turn_tool_calls(
                     format!("`arguments` must be a JSON string of an object: {e}"),
                 )
             })?;
-            let serde_json::Value::Object(map) = serde_json::json!({
-                "id": call.id,
-                "type": "function",
-                "function": {"name": call.function.name, "arguments": arguments},
-            }) else {
-                unreachable!("a JSON object literal")
-            };
-            Ok(map)
+            Ok(template_tool_call(call.id, call.function.name, arguments))
         })
         .collect()
+}
+
+/// A call as chat templates read it: `{id, type, function: {name,
+/// arguments}}` with the arguments an object (as transformers and vLLM hand
+/// them over).
+pub(crate) fn template_tool_call(
+    id: String,
+    name: String,
+    arguments: serde_json::Value,
+) -> serde_json::Map<String, serde_json::Value> {
+    let mut function = serde_json::Map::new();
+    function.insert("name".into(), name.into());
+    function.insert("arguments".into(), arguments);
+    let mut call = serde_json::Map::new();
+    call.insert("id".into(), id.into());
+    call.insert("type".into(), "function".into());
+    call.insert("function".into(), function.into());
+    call
 }
 
 pub fn validate_completion(req: CompletionRequest, limits: &Limits) -> Result<GenerateRequest, ApiError> {
@@ -340,7 +353,7 @@ fn stream_usage(stream: bool, include_usage: Option<bool>) -> Result<bool, ApiEr
 
 /// Checks shared by both endpoints; the prompt-related fields are placeholders
 /// the callers fill in.
-fn validate_common(
+pub(crate) fn validate_common(
     s: SamplingRequest,
     max_tokens: Option<u64>,
     max_tokens_name: &str,

@@ -93,6 +93,57 @@ def test_required_tool_call_round_trip(server, stream):
     assert "23" in text, text
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_strings_do_not_cut_a_call(server, stream):
+    # Each stop string occurs inside the call's JSON; the engine would stop
+    # there. Stop strings apply to the answer's text, never to a call.
+    c = client(server)
+    kwargs = dict(model=QWEN, messages=ASK, tools=TOOLS, tool_choice="required", temperature=0, max_tokens=80,
+                  stop=["}", "city", "Paris", "\n"])
+    if stream:
+        _, calls, finish = streamed(c, **kwargs)
+    else:
+        ch = c.chat.completions.create(**kwargs).choices[0]
+        calls, finish = [{"name": t.function.name, "arguments": t.function.arguments} for t in ch.message.tool_calls or []], ch.finish_reason
+    assert finish == "tool_calls" and calls, calls
+    arguments = json.loads(calls[0]["arguments"])
+    jsonschema.validate(arguments, WEATHER)
+    assert "paris" in arguments["city"].lower()
+
+
+def test_the_seeded_sampler_gives_the_same_whole_call(server):
+    c = client(server)
+    kwargs = dict(model=QWEN, messages=ASK, tools=TOOLS, tool_choice="required", temperature=1.0, seed=11, max_tokens=80)
+    answers = []
+    for _ in range(2):
+        ch = c.chat.completions.create(**kwargs).choices[0]
+        assert ch.finish_reason == "tool_calls"
+        call = ch.message.tool_calls[0].function
+        jsonschema.validate(json.loads(call.arguments), WEATHER if call.name == "get_weather" else TOOLS[1]["function"]["parameters"])
+        answers.append((call.name, call.arguments))
+    assert answers[0] == answers[1]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_stop_string_still_ends_a_plain_answer_beside_tools(server, stream):
+    # With tools the stop strings are the server's alone: a plain answer is
+    # cut at one and its generation ended there.
+    c = client(server)
+    ask = [{"role": "user", "content": "Hi! Who are you?"}]
+    whole = c.chat.completions.create(model=QWEN, messages=ask, tools=TOOLS, temperature=0, max_tokens=60)
+    text = whole.choices[0].message.content
+    assert whole.choices[0].finish_reason == "stop" and "Cloud" in text, text
+    kwargs = dict(model=QWEN, messages=ask, tools=TOOLS, temperature=0, max_tokens=60, stop=["Cloud"])
+    if stream:
+        cut, calls, finish = streamed(c, stream_options={"include_usage": True}, **kwargs)
+    else:
+        r = c.chat.completions.create(**kwargs)
+        cut, finish = r.choices[0].message.content, r.choices[0].finish_reason
+        assert r.usage.completion_tokens < whole.usage.completion_tokens
+    assert finish == "stop"
+    assert cut == text[: text.index("Cloud")]
+
+
 def test_a_named_tool_choice_calls_that_function(server):
     c = client(server)
     r = c.chat.completions.create(model=QWEN, messages=ASK, tools=TOOLS, temperature=0, max_tokens=60,
