@@ -9,67 +9,16 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use actix_web::{web, HttpResponse};
-use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+pub use fusechat_admin_api::{
+    AdminModels, AliasInfo, LoadModelRequest, LoadedModelInfo, ModelStatus, RemovedAlias, Serving, SetAliasRequest,
+    UnloadedModel,
+};
 
-use crate::config::{Isq, ModelConfig, LINEAR_LAYERS};
+use crate::config::{ModelConfig, LINEAR_LAYERS};
 use crate::engine::LoadedModel;
 use crate::error::{ApiError, ErrorBody};
 use crate::state::{AppState, ModelSlot};
 use crate::validation::parse_body;
-
-/// `POST /admin/models`
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct LoadModelRequest {
-    /// The model id clients (or an alias) will use. Loading an id that is
-    /// already served replaces it once the new weights are ready.
-    pub id: String,
-    /// A Hugging Face folder or GGUF file, absolute or relative to `admin.model_root`.
-    #[schema(value_type = String)]
-    pub path: PathBuf,
-    /// Point this alias at the model once it is loaded.
-    pub alias: Option<String>,
-    pub max_seqs: Option<usize>,
-    pub max_waiting: Option<usize>,
-    /// Prompt tokens prefilled per engine step (default 256; 0: whole prompts).
-    pub prefill_chunk: Option<usize>,
-    /// In-situ quantization: `none` (default), `q8_0`, `q4_1`, `q4k`.
-    #[schema(value_type = Option<String>)]
-    pub isq: Option<Isq>,
-    /// With `isq`: linear layers (q_proj, k_proj, v_proj, o_proj, gate_proj,
-    /// up_proj, down_proj, lm_head) that keep their float weights, as in the
-    /// server config's `float_layers`.
-    pub float_layers: Option<Vec<String>>,
-}
-
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct LoadedModelInfo {
-    pub id: String,
-    pub path: String,
-    /// Hash of the weights; responses from this model carry it as `system_fingerprint`.
-    pub fingerprint: String,
-    pub load_seconds: f64,
-    /// Whether an earlier model with this id was replaced.
-    pub replaced: bool,
-    pub alias: Option<String>,
-}
-
-/// `PUT /admin/aliases/{alias}`
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct SetAliasRequest {
-    pub model: String,
-}
-
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct AliasInfo {
-    pub alias: String,
-    pub model: String,
-    pub fingerprint: String,
-    /// The model the alias pointed at before, if any.
-    pub previous: Option<String>,
-}
 
 /// The folder or file `requested` names, if it lies under `root` once every
 /// link is followed; 403 otherwise (`..`, an absolute path elsewhere, a link
@@ -275,7 +224,7 @@ pub async fn load_model(
     tag = "admin",
     params(("id" = String, Path, description = "Model id")),
     responses(
-        (status = 200, description = "Unloaded"),
+        (status = 200, description = "Unloaded", body = UnloadedModel),
         (status = 401, description = "Missing or wrong admin key", body = ErrorBody),
         (status = 404, description = "No such model", body = ErrorBody),
         (status = 409, description = "An alias points at it (`model_in_use`)", body = ErrorBody),
@@ -287,7 +236,7 @@ pub async fn unload_model(
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     state.unload(&id)?;
-    Ok(HttpResponse::Ok().json(serde_json::json!({"id": id.as_str(), "unloaded": true})))
+    Ok(HttpResponse::Ok().json(UnloadedModel { id: id.into_inner(), unloaded: true }))
 }
 
 /// Points an alias at a loaded model, atomically: the next request that
@@ -331,7 +280,7 @@ pub async fn set_alias(
     tag = "admin",
     params(("alias" = String, Path, description = "The alias")),
     responses(
-        (status = 200, description = "Removed"),
+        (status = 200, description = "Removed (the model stays loaded)", body = RemovedAlias),
         (status = 401, description = "Missing or wrong admin key", body = ErrorBody),
         (status = 404, body = ErrorBody),
     ),
@@ -342,8 +291,7 @@ pub async fn remove_alias(
     alias: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let model = state.remove_alias(&alias)?;
-    Ok(HttpResponse::Ok()
-        .json(serde_json::json!({"alias": alias.as_str(), "model": model, "removed": true})))
+    Ok(HttpResponse::Ok().json(RemovedAlias { alias: alias.into_inner(), model, removed: true }))
 }
 
 /// Every model with its state and weights, and every alias.
@@ -352,30 +300,31 @@ pub async fn remove_alias(
     path = "/admin/models",
     tag = "admin",
     responses(
-        (status = 200, description = "`{models: [...], aliases: {alias: model}}`"),
+        (status = 200, description = "Every model with its state, and every alias", body = AdminModels),
         (status = 401, description = "Missing or wrong admin key", body = ErrorBody),
     ),
     security(("api_key" = []))
 )]
 pub async fn list(state: web::Data<AppState>) -> HttpResponse {
-    let models: Vec<serde_json::Value> = state
+    let models = state
         .slots()
         .into_iter()
-        .map(|(id, slot)| match slot {
-            ModelSlot::Ready(m) => serde_json::json!({
-                "id": id, "state": "ready", "fingerprint": m.fingerprint,
-                "max_model_len": m.max_seq_len, "max_seqs": m.admission.max_seqs(),
-                "running": m.admission.running(), "waiting": m.admission.waiting(),
-            }),
-            other => serde_json::json!({"id": id, "state": other.describe()}),
+        .map(|(id, slot)| ModelStatus {
+            id,
+            state: slot.describe(),
+            serving: match slot {
+                ModelSlot::Ready(m) => Some(Serving {
+                    fingerprint: m.fingerprint.clone(),
+                    max_model_len: m.max_seq_len,
+                    max_seqs: m.admission.max_seqs(),
+                    running: m.admission.running(),
+                    waiting: m.admission.waiting(),
+                }),
+                _ => None,
+            },
         })
         .collect();
-    let aliases: serde_json::Map<String, serde_json::Value> = state
-        .aliases()
-        .into_iter()
-        .map(|(a, m)| (a, m.into()))
-        .collect();
-    HttpResponse::Ok().json(serde_json::json!({ "models": models, "aliases": aliases }))
+    HttpResponse::Ok().json(AdminModels { models, aliases: state.aliases().into_iter().collect() })
 }
 
 #[cfg(test)]

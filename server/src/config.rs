@@ -8,10 +8,7 @@ use serde::Deserialize;
 /// The embedded default: the three real models fetched by `fusechat models fetch`.
 pub const DEFAULT_CONFIG: &str = include_str!("../../config/serve.toml");
 
-/// The linear layers of the architectures fusechat serves (`float_layers`).
-pub const LINEAR_LAYERS: &[&str] = &[
-    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head",
-];
+pub use fusechat_admin_api::{Isq, LINEAR_LAYERS};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -196,22 +193,6 @@ pub struct ModelConfig {
     /// reaches 3058 where most values are below 1) may need to stay float.
     #[serde(default)]
     pub float_layers: Vec<String>,
-}
-
-/// In-situ quantization of float weights at load time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Isq {
-    /// Keep the float weights.
-    None,
-    /// 8-bit blocks: near-lossless, SIMD kernels on CPU.
-    Q8_0,
-    /// 4-bit blocks with a scale and a minimum (GGML Q4_1): half the bytes
-    /// of q8_0. SmolLM2's GGUF is Q4_1, so its imported weights quantize
-    /// back to (nearly) the same values.
-    Q4_1,
-    /// 4-bit k-quant: half the memory of q8_0, a little less accurate.
-    Q4k,
 }
 
 fn default_max_seqs() -> usize {

@@ -50,6 +50,8 @@ use crate::{admin, routes};
         ResponseObject, ResponseError, IncompleteDetails, OutputItem, OutputText, ResponseUsage,
         InputTokensDetails, OutputTokensDetails,
         admin::LoadModelRequest, admin::LoadedModelInfo, admin::SetAliasRequest, admin::AliasInfo,
+        admin::UnloadedModel, admin::RemovedAlias, admin::AdminModels, admin::ModelStatus, admin::Serving,
+        fusechat_admin_api::Isq,
     )),
     modifiers(&BearerAuth),
     tags(

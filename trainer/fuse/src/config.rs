@@ -8,6 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
+use fusechat_admin_api::{Isq, LINEAR_LAYERS};
 use serde::Deserialize;
 
 use fusechat_train::settings::{Stage, StageOptions, StageSettings};
@@ -118,7 +119,7 @@ pub struct TargetSection {
     /// How the server loads the fused model: the same in-situ quantization
     /// and float layers as the base target's entry in the server config, so
     /// the two rows differ only in their weights.
-    pub isq: Option<String>,
+    pub isq: Option<Isq>,
     #[serde(default)]
     pub float_layers: Vec<String>,
     pub max_seqs: Option<usize>,
@@ -286,33 +287,16 @@ impl FuseConfig {
                 "target.alias must be a name of its own (not empty, not the model id)".into(),
             );
         }
-        const LINEAR: [&str; 8] = [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-            "lm_head",
-        ];
         if let Some(l) = self
             .target
             .float_layers
             .iter()
-            .find(|l| !LINEAR.contains(&l.as_str()))
+            .find(|l| !LINEAR_LAYERS.contains(&l.as_str()))
         {
             return bad(format!(
                 "target.float_layers names `{l}`; the layers are {}",
-                LINEAR.join(", ")
+                LINEAR_LAYERS.join(", ")
             ));
-        }
-        if let Some(isq) = &self.target.isq {
-            if !["none", "q8_0", "q4_1", "q4k"].contains(&isq.as_str()) {
-                return bad(format!(
-                    "target.isq is none, q8_0, q4_1 or q4k, got `{isq}`"
-                ));
-            }
         }
         for (name, table) in [("data", &self.data), ("eval", &self.eval)] {
             for key in ["run", "output", "data_config"] {

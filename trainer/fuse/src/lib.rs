@@ -24,6 +24,7 @@ pub mod server;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use fusechat_admin_api::{LoadModelRequest, LoadedModelInfo};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
@@ -643,48 +644,31 @@ async fn swap(
 ) -> Result<String> {
     let alias = &config.target.alias;
     let state = server.admin_models().await?;
-    if state["aliases"][alias.as_str()] == fused_id {
-        let loaded = state["models"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|m| m["id"] == fused_id);
-        if let Some(m) = loaded.filter(|m| m["state"] == "ready") {
+    if state.alias(alias) == Some(fused_id) {
+        if let Some(serving) = state.ready(fused_id) {
             eprintln!("fusechat fuse: `{alias}` already points at {fused_id}");
-            return Ok(m["fingerprint"].as_str().unwrap_or_default().to_string());
+            return Ok(serving.fingerprint.clone());
         }
     }
     let info = load(config, server, fused_id, fused_dir, Some(alias)).await?;
     // Check what the server now routes the alias to.
     let state = server.admin_models().await?;
-    if state["aliases"][alias.as_str()] != fused_id {
+    if state.alias(alias) != Some(fused_id) {
         return Err(FuseError::Server(format!(
             "after the load, the server's alias `{alias}` points at {} instead of {fused_id}",
-            state["aliases"][alias.as_str()]
+            state.alias(alias).unwrap_or("nothing")
         )));
     }
-    eprintln!(
-        "fusechat fuse: loaded {fused_id} in {:.1} s; `{alias}` -> {fused_id}",
-        info["load_seconds"].as_f64().unwrap_or(0.0)
-    );
-    Ok(info["fingerprint"].as_str().unwrap_or_default().to_string())
+    eprintln!("fusechat fuse: loaded {fused_id} in {:.1} s; `{alias}` -> {fused_id}", info.load_seconds);
+    Ok(info.fingerprint)
 }
 
 /// Loads a stage's model folder as `id` with no alias (the SFT model the
 /// report compares), unless the server already has it.
 async fn load_unaliased(config: &FuseConfig, server: &Server, id: &str, dir: &Path) -> Result<()> {
-    let state = server.admin_models().await?;
-    let ready = state["models"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .any(|m| m["id"] == id && m["state"] == "ready");
-    if !ready {
+    if server.admin_models().await?.ready(id).is_none() {
         let info = load(config, server, id, dir, None).await?;
-        eprintln!(
-            "fusechat fuse: loaded {id} in {:.1} s",
-            info["load_seconds"].as_f64().unwrap_or(0.0)
-        );
+        eprintln!("fusechat fuse: loaded {id} in {:.1} s", info.load_seconds);
     }
     Ok(())
 }
@@ -697,22 +681,15 @@ async fn load(
     id: &str,
     dir: &Path,
     alias: Option<&str>,
-) -> Result<Value> {
-    let mut body = json!({
-        "id": id,
-        "path": dir.display().to_string(),
-        "float_layers": config.target.float_layers,
-    });
-    if let Some(alias) = alias {
-        body["alias"] = json!(alias);
-    }
-    if let Some(isq) = &config.target.isq {
-        body["isq"] = json!(isq);
-    }
-    if let Some(n) = config.target.max_seqs {
-        body["max_seqs"] = json!(n);
-    }
-    server.load_model(&body).await.map_err(|e| match e {
+) -> Result<LoadedModelInfo> {
+    let request = LoadModelRequest {
+        alias: alias.map(str::to_string),
+        isq: config.target.isq,
+        max_seqs: config.target.max_seqs,
+        float_layers: Some(config.target.float_layers.clone()),
+        ..LoadModelRequest::new(id, dir)
+    };
+    server.load_model(&request).await.map_err(|e| match e {
         FuseError::Http { status: 403, message, .. } => FuseError::Server(format!(
             "loading {id} was refused (403): {message}. The server must be allowed to load from {} \
              (its admin.model_root, or `fusechat serve --model-root DIR`)",

@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use fusechat_admin_api::{AdminModels, ErrorBody, LoadModelRequest, LoadedModelInfo, UnloadedModel};
+use serde::de::DeserializeOwned;
 
 use crate::config::FuseConfig;
 use crate::error::{io, FuseError, Result};
@@ -179,7 +180,7 @@ impl Server {
         lines[lines.len().saturating_sub(20)..].join("\n")
     }
 
-    async fn json(&self, req: reqwest::RequestBuilder, what: &str) -> Result<Value> {
+    async fn json<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder, what: &str) -> Result<T> {
         let req = match &self.admin_key {
             Some(k) => req.bearer_auth(k),
             None => req,
@@ -189,22 +190,26 @@ impl Server {
             .await
             .map_err(|e| FuseError::Server(format!("{what}: {e}")))?;
         let status = resp.status();
-        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| FuseError::Server(format!("{what}: reading the answer: {e}")))?;
         if !status.is_success() {
             return Err(FuseError::Http {
                 what: what.to_string(),
                 status: status.as_u16(),
-                message: body["error"]["message"]
-                    .as_str()
-                    .unwrap_or("(no message)")
-                    .to_string(),
+                message: serde_json::from_slice::<ErrorBody>(&body)
+                    .map(|b| b.error.message)
+                    .unwrap_or_else(|_| "(no message)".to_string()),
             });
         }
-        Ok(body)
+        serde_json::from_slice(&body).map_err(|e| {
+            FuseError::Server(format!("{what}: the answer is not what fusechat serve sends ({e}); is this a fusechat server of the same version?"))
+        })
     }
 
-    /// `GET /admin/models`: `{models: [{id, state, fingerprint, ...}], aliases: {alias: id}}`.
-    pub async fn admin_models(&self) -> Result<Value> {
+    /// `GET /admin/models`: every model with its state, and every alias.
+    pub async fn admin_models(&self) -> Result<AdminModels> {
         self.json(
             self.http.get(format!("{}/admin/models", self.url)),
             "listing the loaded models (GET /admin/models)",
@@ -213,7 +218,7 @@ impl Server {
     }
 
     /// `POST /admin/models`.
-    pub async fn load_model(&self, body: &Value) -> Result<Value> {
+    pub async fn load_model(&self, body: &LoadModelRequest) -> Result<LoadedModelInfo> {
         self.json(
             self.http.post(format!("{}/admin/models", self.url)).json(body),
             "loading a model (POST /admin/models)",
@@ -222,7 +227,7 @@ impl Server {
     }
 
     /// `DELETE /admin/models/{id}`.
-    pub async fn unload_model(&self, id: &str) -> Result<Value> {
+    pub async fn unload_model(&self, id: &str) -> Result<UnloadedModel> {
         self.json(
             self.http.delete(format!("{}/admin/models/{id}", self.url)),
             "unloading a model (DELETE /admin/models/{id})",
