@@ -121,7 +121,30 @@ pub struct LoadedModel {
     pub tokenizer: Option<Arc<tokenizers::Tokenizer>>,
     /// What the chat template does with `tools`, read once at load.
     pub tool_support: crate::tools::TemplateSupport,
-    engine: Model,
+    engine: Box<dyn Engine>,
+}
+
+/// Where a model's requests go: the channel a mistralrs engine reads them
+/// from. Every request of the server (generation, tokenizer, prompt
+/// logits) is a mistralrs [`Request`] sent on it, so a task that answers
+/// those requests from a script stands in for the engine in the tests of
+/// the request path (`server/tests/request_path.rs`).
+pub trait Engine: Send + Sync {
+    /// The engine's request channel, or why there is none.
+    fn requests(&self) -> Result<mpsc::Sender<Request>, String>;
+}
+
+impl Engine for Model {
+    fn requests(&self) -> Result<mpsc::Sender<Request>, String> {
+        self.inner().get_sender(None).map_err(|e| e.to_string())
+    }
+}
+
+/// Requests sent to whatever answers on the other end.
+impl Engine for mpsc::Sender<Request> {
+    fn requests(&self) -> Result<mpsc::Sender<Request>, String> {
+        Ok(self.clone())
+    }
 }
 
 /// How a weights location is loaded.
@@ -282,18 +305,33 @@ impl LoadedModel {
             .flatten()
             .context("the engine does not report a context length")?;
         Ok(Self {
-            id: config.id.clone(),
             fingerprint,
-            max_seq_len,
-            defaults: config.defaults.clone(),
-            admission: Admission::new(config.max_seqs, config.max_waiting),
             holding,
             vocab_size,
             tool_support: crate::tools::TemplateSupport::of(chat_template(tokenizer_config.as_ref()).as_deref()),
             tokenizer_config,
             tokenizer,
-            engine,
+            ..Self::over(config, Box::new(engine), max_seq_len)
         })
+    }
+
+    /// A model whose requests go to `engine`, with `config`'s batch, queue
+    /// and sampling defaults and nothing known of its weights or tokenizer
+    /// (no fingerprint, vocabulary, tokenizer files or tool support).
+    pub fn over(config: &ModelConfig, engine: Box<dyn Engine>, max_seq_len: usize) -> Self {
+        Self {
+            id: config.id.clone(),
+            fingerprint: String::new(),
+            max_seq_len,
+            defaults: config.defaults.clone(),
+            admission: Admission::new(config.max_seqs, config.max_waiting),
+            holding: None,
+            vocab_size: None,
+            tokenizer_config: None,
+            tokenizer: None,
+            tool_support: crate::tools::TemplateSupport::of(None),
+            engine,
+        }
     }
 
     /// Number of tokens the prompt takes once rendered (chat template and
@@ -488,8 +526,7 @@ impl LoadedModel {
 
     fn sender(&self) -> Result<tokio::sync::mpsc::Sender<Request>, ApiError> {
         self.engine
-            .inner()
-            .get_sender(None)
+            .requests()
             .map_err(|e| ApiError::internal(format!("engine of `{}` unavailable: {e}", self.id)))
     }
 
