@@ -332,13 +332,18 @@ struct EngineChunk {
     usage: Option<mistralrs::Usage>,
 }
 
+/// How a choice's engine stream ended.
+type Outcome = Result<(&'static str, Option<mistralrs::Usage>), ApiError>;
+
 impl ChoiceTask {
+    /// Reads the engine's chunks, passes the choice's events on, and ends
+    /// with `Finished` or `Failed`; returns early when the client is gone
+    /// (dropping the engine receiver cancels the sequence).
     async fn run(mut self, mut engine: mpsc::Receiver<Response>) {
-        let model_id = self.trace.model.id.clone();
-        let metrics = self.trace.metrics.clone();
         let mut last_piece: Option<Instant> = None;
         let mut pieces: u64 = 0;
-        let outcome: Result<(&'static str, Option<mistralrs::Usage>), ApiError> = loop {
+        let mut called = false;
+        let outcome: Outcome = loop {
             let Some(response) = engine.recv().await else {
                 // The engine ended the sequence without a final chunk.
                 break Ok(("stop", None));
@@ -347,102 +352,113 @@ impl ChoiceTask {
                 Ok(chunk) => chunk,
                 Err(error) => break Err(error),
             };
-            let now = Instant::now();
-            match last_piece {
-                None => {
-                    if !self.trace.first_token_seen.swap(true, Ordering::AcqRel) {
-                        metrics
-                            .time_to_first_token
-                            .with_label_values(&[&model_id])
-                            .observe((now - self.trace.accepted).as_secs_f64());
-                    }
-                }
-                Some(prev) => metrics
-                    .inter_token_latency
-                    .with_label_values(&[&model_id])
-                    .observe((now - prev).as_secs_f64()),
-            }
-            last_piece = Some(now);
+            last_piece = Some(self.time_piece(last_piece));
             pieces += 1;
-
-            let mut events = Vec::with_capacity(2);
-            if !chunk.tool_calls.is_empty() {
-                events.push(Event::ToolCalls { index: self.index, calls: tools::calls(chunk.tool_calls) });
-            }
-            let logprob = chunk.logprob.filter(|_| self.client_logprobs);
-            let was_stopped = self.stop.is_stopped();
-            let filtered = self.stop.push(&chunk.text);
-            if !was_stopped && (!filtered.text.is_empty() || logprob.is_some()) {
-                let logprob = logprob.filter(|_| !filtered.stopped).map(convert_logprob);
-                events.push(Event::Piece {
-                    index: self.index,
-                    text: filtered.text,
-                    logprob,
-                });
-            }
-            for event in events {
-                if self.out.send(event).await.is_err() {
-                    // Client gone: dropping the engine receiver cancels the sequence.
-                    metrics
-                        .requests_finished
-                        .with_label_values(&[&model_id, "cancelled"])
-                        .inc();
-                    return;
-                }
+            called |= !chunk.tool_calls.is_empty();
+            let (finish_reason, usage) = (chunk.finish_reason.clone(), chunk.usage.clone());
+            if !self.pass_on(chunk).await {
+                self.count_finished("cancelled");
+                return;
             }
             if !self.stops_in_engine && self.stop.is_stopped() {
-                break Ok(("stop", chunk.usage));
+                break Ok((if called { "tool_calls" } else { "stop" }, usage));
             }
-            if let Some(reason) = chunk.finish_reason {
+            if let Some(reason) = finish_reason {
                 let reason = match reason.as_str() {
                     "tool_calls" => "tool_calls",
                     "length" if !self.stop.is_stopped() => "length",
                     _ => "stop",
                 };
-                break Ok((reason, chunk.usage));
+                break Ok((reason, usage));
             }
         };
-        let event = match outcome {
-            Ok((reason, usage)) => {
-                let tail = self.stop.finish();
-                if !tail.is_empty() {
-                    let _ = self
-                        .out
-                        .send(Event::Piece { index: self.index, text: tail, logprob: None })
-                        .await;
-                }
-                let usage = match usage {
-                    Some(u) => Usage {
-                        prompt_tokens: u.prompt_tokens as u64,
-                        completion_tokens: u.completion_tokens as u64,
-                        total_tokens: (u.prompt_tokens + u.completion_tokens) as u64,
-                    },
-                    // Completions chunks carry no usage: one chunk per token.
-                    None => Usage {
-                        prompt_tokens: self.prompt_tokens,
-                        completion_tokens: pieces,
-                        total_tokens: self.prompt_tokens + pieces,
-                    },
-                };
-                metrics
-                    .generation_tokens
-                    .with_label_values(&[&model_id])
-                    .inc_by(usage.completion_tokens);
-                metrics
-                    .requests_finished
-                    .with_label_values(&[&model_id, reason])
-                    .inc();
-                Event::Finished { index: self.index, reason, usage }
-            }
-            Err(error) => {
-                metrics
-                    .requests_finished
-                    .with_label_values(&[&model_id, "error"])
-                    .inc();
-                Event::Failed { index: self.index, error }
-            }
-        };
+        let event = self.finish(outcome, pieces).await;
         let _ = self.out.send(event).await;
+    }
+
+    /// Records time to first token (once per request) or the time since
+    /// the last piece; returns now.
+    fn time_piece(&self, last_piece: Option<Instant>) -> Instant {
+        let (now, metrics, model) = (Instant::now(), &self.trace.metrics, &self.trace.model.id);
+        match last_piece {
+            None if !self.trace.first_token_seen.swap(true, Ordering::AcqRel) => metrics
+                .time_to_first_token
+                .with_label_values(&[model])
+                .observe((now - self.trace.accepted).as_secs_f64()),
+            None => {}
+            Some(prev) => metrics
+                .inter_token_latency
+                .with_label_values(&[model])
+                .observe((now - prev).as_secs_f64()),
+        }
+        now
+    }
+
+    /// Sends a chunk's calls and its text (after the stop filter) on;
+    /// false when the client is gone.
+    async fn pass_on(&mut self, chunk: EngineChunk) -> bool {
+        let mut events = Vec::with_capacity(2);
+        if !chunk.tool_calls.is_empty() {
+            events.push(Event::ToolCalls { index: self.index, calls: tools::calls(chunk.tool_calls) });
+        }
+        let logprob = chunk.logprob.filter(|_| self.client_logprobs);
+        let was_stopped = self.stop.is_stopped();
+        let filtered = self.stop.push(&chunk.text);
+        if !was_stopped && (!filtered.text.is_empty() || logprob.is_some()) {
+            let logprob = logprob.filter(|_| !filtered.stopped).map(convert_logprob);
+            events.push(Event::Piece { index: self.index, text: filtered.text, logprob });
+        }
+        for event in events {
+            if self.out.send(event).await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// The choice's last event: what the stop filter still held, then
+    /// `Finished` with its usage (counted from the pieces where the engine
+    /// gave none), or `Failed`.
+    async fn finish(&mut self, outcome: Outcome, pieces: u64) -> Event {
+        let (reason, usage) = match outcome {
+            Ok(ended) => ended,
+            Err(error) => {
+                self.count_finished("error");
+                return Event::Failed { index: self.index, error };
+            }
+        };
+        let tail = self.stop.finish();
+        if !tail.is_empty() {
+            let _ = self.out.send(Event::Piece { index: self.index, text: tail, logprob: None }).await;
+        }
+        let usage = match usage {
+            Some(u) => Usage {
+                prompt_tokens: u.prompt_tokens as u64,
+                completion_tokens: u.completion_tokens as u64,
+                total_tokens: (u.prompt_tokens + u.completion_tokens) as u64,
+            },
+            // Completions chunks carry no usage: one chunk per token.
+            None => Usage {
+                prompt_tokens: self.prompt_tokens,
+                completion_tokens: pieces,
+                total_tokens: self.prompt_tokens + pieces,
+            },
+        };
+        self.trace
+            .metrics
+            .generation_tokens
+            .with_label_values(&[&self.trace.model.id])
+            .inc_by(usage.completion_tokens);
+        self.count_finished(reason);
+        Event::Finished { index: self.index, reason, usage }
+    }
+
+    fn count_finished(&self, reason: &str) {
+        self.trace
+            .metrics
+            .requests_finished
+            .with_label_values(&[&self.trace.model.id, reason])
+            .inc();
     }
 }
 

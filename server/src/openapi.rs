@@ -45,7 +45,7 @@ use crate::{admin, routes};
         TokenizeRequest, TokenizeResponse, DetokenizeRequest, DetokenizeResponse,
         ToolDefinition, FunctionDefinition, ToolChoiceInput, NamedToolChoice, FunctionName, ToolCall,
         FunctionCall, ToolCallDelta,
-        ResponsesRequest, ResponseInput, InputItem, InputMessage, InputContent, InputPart, FunctionCallItem,
+        ResponsesRequest, InputSchema, InputItem, InputMessage, InputContent, InputPart, FunctionCallItem,
         FunctionCallOutputItem, ResponseTool, ResponseToolChoice, NamedFunction, TextConfig, TextFormat,
         ResponseObject, ResponseError, IncompleteDetails, OutputItem, OutputText, ResponseUsage,
         InputTokensDetails, OutputTokensDetails,

@@ -157,7 +157,10 @@ fn content_text(content: InputContent, param: &str) -> Result<String, ApiError> 
     for (j, part) in parts.into_iter().enumerate() {
         match (part.kind.as_str(), part.text) {
             ("input_text" | "output_text", Some(t)) => {
-                validation::refuse_unsupported(&part.other)?;
+                validation::refuse_unsupported(&part.other).map_err(|mut e| {
+                    e.param = e.param.map(|field| format!("{param}[{j}].{field}"));
+                    e
+                })?;
                 text.push_str(&t)
             }
             (kind, _) => {
@@ -551,7 +554,7 @@ mod tests {
         );
         assert_eq!(
             param(serde_json::json!({"model": "m", "input": [{"role": "assistant", "content": [{"type": "output_text", "text": "x", "logprobs": [{"token": "x"}]}]}]})).as_deref(),
-            Some("logprobs")
+            Some("input[0].content[0].logprobs")
         );
         assert_eq!(param(serde_json::json!({"model": "m", "input": [{"role": "critic", "content": "x"}]})).as_deref(), Some("input[0].role"));
         assert_eq!(param(serde_json::json!({"model": "m", "input": [], "instructions": "x"})).as_deref(), Some("input"));

@@ -18,6 +18,7 @@ pub struct ResponsesRequest {
     /// A user message as a string, or a list of items: messages (`role`,
     /// `content`), earlier `function_call` items and their
     /// `function_call_output`s.
+    #[schema(value_type = InputSchema)]
     pub input: ResponseInput,
     /// A system message put before `input`.
     pub instructions: Option<String>,
@@ -52,8 +53,20 @@ pub struct ResponsesRequest {
 }
 
 /// `input`: a string (one user message) or a list of items.
-#[derive(Debug, Clone, ToSchema)]
+#[derive(Debug, Clone)]
 pub enum ResponseInput {
+    Text(String),
+    Items(Vec<InputItem>),
+}
+
+/// A user message as a string, or a list of input items.
+// The schema only: requests are read through `ResponseInput`, whose errors
+// name the item at fault.
+#[derive(Deserialize, ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+#[schema(as = ResponseInput)]
+pub enum InputSchema {
     Text(String),
     Items(Vec<InputItem>),
 }
@@ -247,7 +260,6 @@ pub struct ResponseObject {
     pub store: bool,
     pub temperature: Option<f64>,
     pub text: TextConfig,
-    #[schema(value_type = Object)]
     pub tool_choice: ResponseToolChoice,
     pub tools: Vec<ResponseTool>,
     pub top_p: Option<f64>,

@@ -36,6 +36,8 @@ struct Seen {
     max_lens: Vec<Option<usize>>,
     /// Whether each generation request carried stop strings.
     engine_stops: Vec<bool>,
+    /// Sequences whose receiver was dropped before they ended (cancelled).
+    cancelled: usize,
 }
 
 /// Starts the scripted engine; its request channel is the model's engine.
@@ -62,7 +64,7 @@ fn scripted_engine(script: Script, seen: Arc<Mutex<Seen>>) -> mpsc::Sender<Reque
                         seen.max_lens.push(normal.sampling_params.max_len);
                         seen.engine_stops.push(normal.sampling_params.stop_toks.is_some());
                     }
-                    tokio::spawn(generate(*normal, script.clone()));
+                    tokio::spawn(generate(*normal, script.clone(), seen.clone()));
                 }
                 _ => {}
             }
@@ -73,7 +75,7 @@ fn scripted_engine(script: Script, seen: Arc<Mutex<Seen>>) -> mpsc::Sender<Reque
 
 /// Streams the script's pieces as the engine streams a sequence: chat or
 /// completion chunks, the last with its finish reason, up to `max_len`.
-async fn generate(request: NormalRequest, script: Script) {
+async fn generate(request: NormalRequest, script: Script, seen: Arc<Mutex<Seen>>) {
     let chat = matches!(request.messages, RequestMessage::Chat { .. });
     let max_len = request.sampling_params.max_len.unwrap_or(usize::MAX);
     let out = request.response;
@@ -111,8 +113,12 @@ async fn generate(request: NormalRequest, script: Script) {
             })
         };
         if out.send(response).await.is_err() {
+            seen.lock().unwrap().cancelled += 1;
             return;
         }
+        // A decode step's worth of time, so that the server reads each
+        // piece before the next is made.
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
     }
 }
 
@@ -307,18 +313,26 @@ async fn bad_requests_are_refused_before_the_engine() {
 async fn with_tools_the_stop_strings_stay_out_of_the_engine() {
     // A template that renders tools and Qwen's <tool_call> blocks.
     let qwen = TemplateSupport::of(Some("{% if tools %}{{ tools }}<tool_call>{% endif %}"));
-    let (state, seen) = state_with(Script { pieces: vec!["x", "yz"], ..Default::default() }, 2, 2, |m| m.tool_support = qwen);
+    let pieces = vec!["x", "yz", "a", "b", "c", "d", "e", "f"];
+    let (state, seen) = state_with(Script { pieces, ..Default::default() }, 2, 2, |m| m.tool_support = qwen);
     let app = app!(state);
     let tools = json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]);
     let (_, plain) = post!(app, "/v1/chat/completions", chat(json!({"stop": ["y"]})));
     let (status, with_tools) = post!(app, "/v1/chat/completions", chat(json!({"stop": ["y"], "tools": tools})));
     assert_eq!(status, 200);
+    // The engine got the stop strings only without tools ...
     assert_eq!(seen.lock().unwrap().engine_stops, vec![true, false]);
-    // The server's filter still cuts the text at the stop string.
-    for body in [plain, with_tools] {
-        let answer: Value = serde_json::from_slice(&body).unwrap();
-        assert_eq!((answer["choices"][0]["message"]["content"].as_str(), answer["choices"][0]["finish_reason"].as_str()), (Some("x"), Some("stop")));
+    // ... and the server's filter cut the text at them both times.
+    let answers: Vec<Value> = [plain, with_tools].iter().map(|b| serde_json::from_slice(b).unwrap()).collect();
+    for answer in &answers {
+        assert_eq!(answer["choices"][0]["message"]["content"], "x");
+        assert_eq!(answer["choices"][0]["finish_reason"], "stop");
     }
+    // Beside tools the choice ended at the stop string: two pieces read,
+    // and the sequence cancelled before its end.
+    assert_eq!(answers[1]["usage"]["completion_tokens"], 2);
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert_eq!(seen.lock().unwrap().cancelled, 1);
 }
 
 #[actix_web::test]

@@ -154,8 +154,9 @@ pub struct ModelStatus {
     pub id: String,
     /// `ready`, `loading`, or `failed: ` and why.
     pub state: String,
-    /// What a ready model serves with (the fields of [`Serving`] beside
-    /// `id` and `state`); absent otherwise.
+    /// What a ready model serves with, beside `id` and `state`:
+    /// `fingerprint`, `max_model_len`, `max_seqs`, `running`, `waiting`
+    /// (see `Serving`); absent otherwise.
     #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Object)]
     pub serving: Option<Serving>,
