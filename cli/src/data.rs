@@ -14,7 +14,7 @@ pub struct DataArgs {
 }
 
 fn load(args: &DataArgs) -> Result<Config> {
-    Config::load(args.config.as_deref())
+    Ok(Config::load(args.config.as_deref())?)
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {

@@ -60,14 +60,15 @@ pub fn retry_after(h: Option<&reqwest::header::HeaderValue>) -> Option<Duration>
 impl Endpoint {
     /// A client for `cfg`; an error naming the field where `cfg` is not
     /// usable (a negative or NaN `timeout_s` or `backoff_s`).
-    pub fn new(cfg: &EndpointConfig) -> anyhow::Result<Arc<Self>> {
+    pub fn new(cfg: &EndpointConfig) -> crate::error::Result<Arc<Self>> {
         cfg.validate()?;
         let timeout = Duration::from_secs_f64(cfg.timeout_s);
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(Duration::from_secs(10))
             .pool_max_idle_per_host(cfg.concurrency)
-            .build()?;
+            .build()
+            .map_err(|e| crate::error::DataError::Endpoint(crate::error::chain(&e)))?;
         Ok(Arc::new(Endpoint {
             cfg: cfg.clone(),
             http,

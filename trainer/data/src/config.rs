@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use crate::error::{Context, DataError, Result};
 use serde::{Deserialize, Serialize};
 
 pub use crate::config_file::embedded_base;
@@ -110,7 +110,7 @@ impl Domain {
             "instruction" => Domain::Instruction,
             "math" => Domain::Math,
             "code" => Domain::Code,
-            other => bail!("unknown domain `{other}`"),
+            other => return Err(DataError::Config(format!("unknown domain `{other}`"))),
         })
     }
 }
@@ -252,14 +252,14 @@ pub const MAX_SECONDS: f64 = 1e9;
 pub fn seconds(field: &str, secs: f64, zero_ok: bool) -> Result<std::time::Duration> {
     let low_ok = if zero_ok { secs >= 0.0 } else { secs > 0.0 };
     if !(secs.is_finite() && low_ok && secs <= MAX_SECONDS) {
-        bail!(
+        return Err(DataError::Config(format!(
             "{field} must be a number of seconds {} {MAX_SECONDS} (got {secs})",
             if zero_ok {
                 "from 0 to"
             } else {
                 "above 0 and at most"
             }
-        );
+        )));
     }
     Ok(std::time::Duration::from_secs_f64(secs))
 }
@@ -272,7 +272,7 @@ impl EndpointConfig {
         seconds(&field("timeout_s"), self.timeout_s, false)?;
         seconds(&field("backoff_s"), self.backoff_s, true)?;
         if self.concurrency == 0 {
-            bail!("{} must be at least 1", field("concurrency"));
+            return Err(DataError::Config(format!("{} must be at least 1", field("concurrency"))));
         }
         Ok(())
     }
@@ -470,7 +470,7 @@ impl CodeScoring {
     pub fn validate(&self) -> Result<()> {
         seconds("scoring.code.timeout_s", self.timeout_s, false)?;
         if self.memory_mb == 0 {
-            bail!("scoring.code.memory_mb must be at least 1");
+            return Err(DataError::Config("scoring.code.memory_mb must be at least 1".into()));
         }
         Ok(())
     }
@@ -623,51 +623,51 @@ impl Config {
 
     pub fn validate(&self) -> Result<()> {
         if !(0.0..1.0).contains(&self.prompts.eval_fraction) {
-            bail!("prompts.eval_fraction must be in [0, 1)");
+            return Err(DataError::Config("prompts.eval_fraction must be in [0, 1)".into()));
         }
         if !(0.0..=1.0).contains(&self.pairing.sft_fraction) {
-            bail!("pairing.sft_fraction must be in [0, 1]");
+            return Err(DataError::Config("pairing.sft_fraction must be in [0, 1]".into()));
         }
         if self.pairing.window[0] > self.pairing.window[1] {
-            bail!("pairing.window must be [low, high] with low <= high");
+            return Err(DataError::Config("pairing.window must be [low, high] with low <= high".into()));
         }
         let mut seen = std::collections::HashSet::new();
         for p in &self.pools {
             if !seen.insert(&p.name) {
-                bail!("two pools named `{}`", p.name);
+                return Err(DataError::Config(format!("two pools named `{}`", p.name)));
             }
             let auto_only = p.layout.is_some() || p.fields != FieldMap::default();
             if auto_only && p.format != PoolFormat::Auto {
-                bail!(
+                return Err(DataError::Config(format!(
                     "pool `{}`: `layout` and `fields` are read with format = \"auto\" only",
                     p.name
-                );
+                )));
             }
             if p.format == PoolFormat::Auto && p.domain == Domain::Code {
-                bail!(
+                return Err(DataError::Config(format!(
                     "pool `{}`: format = \"auto\" reads math and instruction pools; a code pool needs its tests (format = \"mbpp_plus\")",
                     p.name
-                );
+                )));
             }
             if !self.sampling.n.contains_key(&p.domain) {
-                bail!(
+                return Err(DataError::Config(format!(
                     "pool `{}` is a {d} pool, but sampling.n has no `{d}` entry, so none of its prompts would be sampled: \
                      add one to sampling.n (e.g. `{d} = 2`), or `{d} = 0` to skip the domain on purpose",
                     p.name,
                     d = p.domain.as_str()
-                );
+                )));
             }
         }
         let mut seen = std::collections::HashSet::new();
         for s in &self.sources {
             if !seen.insert(&s.id) {
-                bail!("two sources with id `{}`", s.id);
+                return Err(DataError::Config(format!("two sources with id `{}`", s.id)));
             }
             if s.endpoint.is_empty() == s.endpoints.is_empty() {
-                bail!(
+                return Err(DataError::Config(format!(
                     "source `{}` needs `endpoint = \"NAME\"` or `endpoints = [\"NAME\", ...]` (one of the two)",
                     s.id
-                );
+                )));
             }
             let names = s.endpoint_names();
             if names
@@ -675,14 +675,14 @@ impl Config {
                 .enumerate()
                 .any(|(i, n)| names[..i].contains(n))
             {
-                bail!("source `{}` names an endpoint twice in `endpoints`", s.id);
+                return Err(DataError::Config(format!("source `{}` names an endpoint twice in `endpoints`", s.id)));
             }
             for name in names {
                 if self.endpoint(name).is_none() {
-                    bail!(
+                    return Err(DataError::Config(format!(
                         "source `{}` names endpoint `{name}`, which no [[endpoints]] defines",
                         s.id
-                    );
+                    )));
                 }
             }
         }
@@ -695,10 +695,10 @@ impl Config {
         }
         if let Some(j) = &self.scoring.judge {
             if self.endpoint(&j.endpoint).is_none() {
-                bail!(
+                return Err(DataError::Config(format!(
                     "scoring.judge names endpoint `{}`, which no [[endpoints]] defines",
                     j.endpoint
-                );
+                )));
             }
         }
         Ok(())

@@ -14,7 +14,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 
-use anyhow::{anyhow, bail, Context, Result};
+use crate::error::{Context, DataError, Result};
 use serde_json::{json, Map, Value};
 
 use crate::config::{Domain, FieldMap, Layout, PoolConfig};
@@ -34,14 +34,14 @@ pub(crate) fn read(pool: &PoolConfig, path: &Path) -> Result<Vec<Row>> {
     };
     let layout = pool.layout.or_else(|| detect(&first.value));
     let names = Names::of(layout, &pool.fields, &first.value).ok_or_else(|| {
-        anyhow!(
+        DataError::Input(format!(
             "{}: cannot tell the layout of its rows from their fields ({}); name it with `layout` \
              (messages, preference, instruction, question_answer, problem_solution) or map the fields \
              with `fields = {{ prompt = \"...\", answer = \"...\" }}` in pool `{}`",
             path.display(),
             keys(&first.value),
             pool.name
-        )
+        ))
     })?;
     records
         .iter()
@@ -210,7 +210,7 @@ fn keys(v: &Value) -> String {
 fn field<'a>(v: &'a Value, name: &str) -> Result<&'a Value> {
     v.get(name)
         .filter(|x| !x.is_null())
-        .ok_or_else(|| anyhow!("no field `{name}`; the row has {}", keys(v)))
+        .ok_or_else(|| DataError::Input(format!("no field `{name}`; the row has {}", keys(v))))
 }
 
 /// A message's text: a string, or OpenAI-style content parts.
@@ -246,12 +246,12 @@ fn prompt_of(v: &Value, name: &str) -> Result<String> {
             .iter()
             .find(|m| matches!(role(m), "user" | "human"))
             .and_then(message_text)
-            .ok_or_else(|| anyhow!("`{name}` has no user turn"))?,
+            .ok_or_else(|| DataError::Input(format!("`{name}` has no user turn")))?,
         other => content_text(other)
-            .ok_or_else(|| anyhow!("`{name}` is neither text nor a list of messages"))?,
+            .ok_or_else(|| DataError::Input(format!("`{name}` is neither text nor a list of messages")))?,
     };
     if text.trim().is_empty() {
-        bail!("`{name}` is empty");
+        return Err(DataError::Input(format!("`{name}` is empty")));
     }
     Ok(text.trim().to_string())
 }
@@ -290,28 +290,28 @@ fn math_gold(names: &Names, v: &Value) -> Result<String> {
     if let Some(a) = names.answer.as_deref().and_then(|a| response_of(v, a)) {
         let gold = stated_answer(&a).unwrap_or_else(|| a.trim().to_string());
         if gold.is_empty() {
-            bail!(
+            return Err(DataError::Input(format!(
                 "`{}` is empty: a math row needs a gold answer",
                 names.answer.as_deref().unwrap_or("answer")
-            );
+            )));
         }
         return Ok(gold);
     }
     if let Some(sol) = names.solution.as_deref() {
         let text = response_of(v, sol)
-            .ok_or_else(|| anyhow!("no field `{sol}` (or `answer`); the row has {}", keys(v)))?;
+            .ok_or_else(|| DataError::Input(format!("no field `{sol}` (or `answer`); the row has {}", keys(v))))?;
         // A solution that is only the answer (Alpaca's `output`: "42").
         let bare = crate::score::latex::value(&text).map(|_| text.trim().to_string());
-        return stated_answer(&text).or(bare).ok_or_else(|| anyhow!("`{sol}` states no answer (no `\\boxed{{}}` and no `####`) and the row has no `answer`"));
+        return stated_answer(&text).or(bare).ok_or_else(|| DataError::Input(format!("`{sol}` states no answer (no `\\boxed{{}}` and no `####`) and the row has no `answer`")));
     }
     match &names.answer {
-        Some(a) => Err(anyhow!(
+        Some(a) => Err(DataError::Input(format!(
             "no field `{a}` for the math answer; the row has {}",
             keys(v)
-        )),
-        None => Err(anyhow!(
+        ))),
+        None => Err(DataError::Input(format!(
             "a math pool needs a gold answer: map it with `fields.answer`"
-        )),
+        ))),
     }
 }
 
@@ -396,7 +396,7 @@ fn json_records(path: &Path) -> Result<Vec<Record>> {
                 }])
             }
         },
-        Ok(_) => bail!("{}: neither an array of rows nor an object", path.display()),
+        Ok(_) => return Err(DataError::Input(format!("{}: neither an array of rows nor an object", path.display()))),
         Err(_) => return jsonl_records(path),
     };
     Ok(rows

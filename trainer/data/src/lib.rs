@@ -9,12 +9,15 @@
 //! - [`store`]: the SQLite store, the only copy, resumable after kill -9.
 //! - [`sample`], [`score`], [`pair`], [`report`]: the three stages and the report.
 //!
+//! Errors are [`DataError`]s, each saying what to fix.
+//!
 //! [`score::math`] (the answer checker) and [`score::code`] (the sandbox)
 //! are public for evaluation to reuse.
 
 pub mod client;
 pub mod config;
 pub mod config_file;
+pub mod error;
 mod hf;
 pub mod pair;
 pub mod prompts;
@@ -25,3 +28,4 @@ pub mod shipped;
 pub mod store;
 
 pub use config::Config;
+pub use error::{DataError, Result};

@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
 use std::path::Path;
 
-use anyhow::{bail, Result};
+use crate::error::{DataError, Result};
 use serde::Serialize;
 use serde_json::{json, Value};
 
@@ -293,7 +293,7 @@ fn write_atomic(path: &Path, lines: &[String]) -> Result<()> {
     for l in lines {
         writeln!(f, "{l}")?;
     }
-    f.into_inner()?.sync_all()?;
+    f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
     std::fs::rename(&tmp, path)?;
     Ok(())
 }
@@ -303,10 +303,10 @@ pub fn run(config: &Config) -> Result<Report> {
     store.check_split_rule()?;
     let prompts: Vec<StoredPrompt> = store.prompts(Some(Side::Train))?;
     if prompts.is_empty() {
-        bail!(
+        return Err(DataError::Stage(format!(
             "the store {} holds no prompts: run `fusechat sample` first",
             config.store_path().display()
-        );
+        )));
     }
     // Only what this config samples: a store may hold more (samples of a
     // source since removed, a larger `n`, a pool's larger `limit`).

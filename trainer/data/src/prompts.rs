@@ -12,7 +12,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 
-use anyhow::{anyhow, bail, Context, Result};
+use crate::error::{Context, DataError, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -130,7 +130,7 @@ fn id_of(v: &Value) -> Option<String> {
 fn str_field<'a>(v: &'a Value, k: &str) -> Result<&'a str> {
     v.get(k)
         .and_then(Value::as_str)
-        .ok_or_else(|| anyhow!("missing string field `{k}`"))
+        .ok_or_else(|| DataError::Input(format!("missing string field `{k}`")))
 }
 
 fn parse_row(format: PoolFormat, v: &Value, lineno: usize) -> Result<Row> {
@@ -144,7 +144,7 @@ fn parse_row(format: PoolFormat, v: &Value, lineno: usize) -> Result<Row> {
                 .rsplit("####")
                 .next()
                 .filter(|_| a.contains("####"))
-                .ok_or_else(|| anyhow!("answer has no `####`"))?
+                .ok_or_else(|| DataError::Input("answer has no `####`".into()))?
                 .trim()
                 .to_string();
             Row {
@@ -155,11 +155,11 @@ fn parse_row(format: PoolFormat, v: &Value, lineno: usize) -> Result<Row> {
         }
         PoolFormat::Mawps => {
             let q = str_field(v, "input")?;
-            let t = v.get("target").ok_or_else(|| anyhow!("missing `target`"))?;
+            let t = v.get("target").ok_or_else(|| DataError::Input("missing `target`".into()))?;
             let gold = match t {
                 Value::Number(n) => n.to_string(),
                 Value::String(s) => s.clone(),
-                _ => bail!("`target` is not a number"),
+                _ => return Err(DataError::Input("`target` is not a number".into())),
             };
             Row {
                 id: idx(),
@@ -187,7 +187,7 @@ fn parse_row(format: PoolFormat, v: &Value, lineno: usize) -> Result<Row> {
             let base = v
                 .get("base_input")
                 .cloned()
-                .ok_or_else(|| anyhow!("missing `base_input`"))?;
+                .ok_or_else(|| DataError::Input("missing `base_input`".into()))?;
             let plus = v.get("plus_input").cloned().unwrap_or(Value::Array(vec![]));
             let atol = v.get("atol").and_then(Value::as_f64).unwrap_or(0.0);
             // The docstring holds the task and one assert.
@@ -231,11 +231,11 @@ fn parse_row(format: PoolFormat, v: &Value, lineno: usize) -> Result<Row> {
             let id = v
                 .get("question_id")
                 .and_then(id_of)
-                .ok_or_else(|| anyhow!("missing `question_id`"))?;
+                .ok_or_else(|| DataError::Input("missing `question_id`".into()))?;
             let q = v
                 .pointer("/turns/0/content")
                 .and_then(Value::as_str)
-                .ok_or_else(|| anyhow!("missing `turns[0].content`"))?;
+                .ok_or_else(|| DataError::Input("missing `turns[0].content`".into()))?;
             Row {
                 id,
                 text: q.trim().to_string(),
@@ -314,7 +314,7 @@ fn read_rows(pool: &PoolConfig, path: &Path) -> Result<Vec<Row>> {
             .with_context(|| format!("{}: not a JSON array", path.display()))?;
         let arr = all
             .as_array()
-            .ok_or_else(|| anyhow!("{}: not a JSON array", path.display()))?;
+            .ok_or_else(|| DataError::Input(format!("{}: not a JSON array", path.display())))?;
         for (i, v) in arr.iter().enumerate() {
             rows.push(
                 parse_row(format, v, i)
@@ -352,7 +352,7 @@ pub fn load_pool(pool: &PoolConfig, path: &Path, config: &Config) -> Result<Vec<
     for r in rows {
         let id = format!("{}/{}", pool.name, r.id);
         if !seen.insert(id.clone()) {
-            bail!("{}: duplicate id `{id}`", path.display());
+            return Err(DataError::Input(format!("{}: duplicate id `{id}`", path.display())));
         }
         let mut text = r.text.clone();
         if !suffix.is_empty() {

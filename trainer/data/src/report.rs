@@ -5,7 +5,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use anyhow::Result;
+use crate::error::{DataError, Result};
 use plotters::prelude::*;
 
 use crate::pair::Report;
@@ -66,6 +66,10 @@ pub fn markdown(r: &Report) -> String {
 }
 
 pub fn chart(path: &Path, r: &Report) -> Result<()> {
+    draw(path, r).map_err(|e| DataError::Stage(format!("drawing {}: {e}", path.display())))
+}
+
+fn draw(path: &Path, r: &Report) -> std::result::Result<(), Box<dyn std::error::Error>> {
     // One bar group per (domain, source).
     let mut bars: Vec<(String, Option<f64>, usize, usize)> = Vec::new();
     for (domain, d) in &r.domains {

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use crate::error::{Context, DataError, Result};
 use serde::Serialize;
 use serde_json::{json, Value};
 
@@ -124,18 +124,18 @@ fn write_split(config: &Config, all: &[Prompt]) -> Result<()> {
             json!({"id": p.id, "pool": p.pool, "domain": p.domain, "side": p.side.as_str()})
         )?;
     }
-    f.into_inner()?.sync_all()?;
+    f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
     std::fs::rename(&tmp, out.join("split.jsonl"))?;
     Ok(())
 }
 
 pub async fn run(config: &Config) -> Result<SampleSummary> {
     if config.sources.is_empty() {
-        bail!("no [[sources]] in the config");
+        return Err(DataError::Config("no [[sources]] in the config".into()));
     }
     let (all, train) = prompts::load_all(config)?;
     if train.is_empty() {
-        bail!("no training prompts: check [[pools]]");
+        return Err(DataError::Config("no training prompts: check [[pools]]".into()));
     }
     let store = Arc::new(Store::open(&config.store_path())?);
     store.set_meta("split_seed", &config.prompts.split_seed.to_string())?;
@@ -207,14 +207,14 @@ pub async fn run(config: &Config) -> Result<SampleSummary> {
         let first = format!("{prompt} / {source} / {idx}: {}", first.join(", "));
         let keys: Vec<SampleKey> = stale.iter().map(|(k, _)| k.clone()).collect();
         match config.sampling.on_change {
-            OnChange::Refuse => bail!(
+            OnChange::Refuse => return Err(DataError::Stage(format!(
                 "{} sample(s) in {} were made with another request than this config sends now \
                  (the first, {first}); nothing was sent. Sample into a new folder (`run.output`), \
                  restore the old settings, or set `on_change = \"resample\"` in [sampling] \
                  to delete those samples and their scores and request them again",
                 keys.len(),
                 config.store_path().display(),
-            ),
+            ))),
             OnChange::Resample => {
                 store
                     .delete_samples(&keys)

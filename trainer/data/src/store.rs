@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
 
-use anyhow::{bail, Context, Result};
+use crate::error::{Context, DataError, Result};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::Value;
 
@@ -73,14 +73,14 @@ fn split_rule_of(conn: &Connection) -> Result<Option<()>> {
     match rule.as_deref() {
         Some(r) if r == SPLIT_RULE => Ok(Some(())),
         None if recorded == 0 => Ok(None),
-        old => bail!(
+        old => return Err(DataError::Store(format!(
             "this store's training/evaluation split was recorded under another rule ({}) than the current one \
              ({SPLIT_RULE}: by normalised question text), so its {recorded} recorded prompts cannot be checked \
              against the new split and mixing them could put evaluation prompts into training: \
              start a new output folder (change `run.output`, or move the old folder away) and sample again",
             old.map(|o| format!("`{o}`"))
                 .unwrap_or_else(|| "by `<pool>/<row id>`".into())
-        ),
+        ))),
     }
 }
 
@@ -146,14 +146,14 @@ impl Store {
         conn.busy_timeout(std::time::Duration::from_secs(30))?;
         let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
         if mode.to_lowercase() != "wal" {
-            bail!("{}: could not switch to WAL (got {mode})", path.display());
+            return Err(DataError::Store(format!("{}: could not switch to WAL (got {mode})", path.display())));
         }
         conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")?;
         conn.execute_batch(SCHEMA)
             .context("creating the store's tables")?;
         let check: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
         if check != "ok" {
-            bail!("{}: the store is damaged ({check})", path.display());
+            return Err(DataError::Store(format!("{}: the store is damaged ({check})", path.display())));
         }
         Ok(Store {
             conn: Mutex::new(conn),
@@ -203,12 +203,12 @@ impl Store {
                 let old: Option<String> = get.query_row([&p.id], |r| r.get(0)).optional()?;
                 if let Some(old) = old {
                     if old != p.side.as_str() {
-                        bail!(
+                        return Err(DataError::Store(format!(
                             "prompt `{}` is recorded on the {old} side of this store's split but now falls on the {} side; \
                              the split seed or evaluation fraction changed: use a new output folder",
                             p.id,
                             p.side.as_str()
-                        );
+                        )));
                     }
                 }
                 put.execute(params![

@@ -11,9 +11,9 @@ pub enum EvalError {
         #[source]
         source: std::io::Error,
     },
-    /// An error from fusechat-data (its API returns anyhow errors).
-    #[error("{what}: {err:#}")]
-    Data { what: String, err: anyhow::Error },
+    /// An error from fusechat-data, with what the evaluation was doing.
+    #[error("{what}: {}", fusechat_data::error::chain(err))]
+    Data { what: String, err: fusechat_data::DataError },
     /// A prompt of the training side reached the evaluation: a bug, refused.
     #[error("prompt `{0}` is on the training side; evaluation uses only the evaluation side")]
     TrainingPrompt(String),
@@ -28,7 +28,7 @@ pub enum EvalError {
 }
 
 impl EvalError {
-    pub fn data(what: impl Into<String>, err: anyhow::Error) -> Self {
+    pub fn data(what: impl Into<String>, err: fusechat_data::DataError) -> Self {
         EvalError::Data {
             what: what.into(),
             err,

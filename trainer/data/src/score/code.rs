@@ -300,7 +300,7 @@ impl Sandbox {
         }
     }
 
-    async fn run_inner(&self, code: &str, task: &Value) -> anyhow::Result<CodeVerdict> {
+    async fn run_inner(&self, code: &str, task: &Value) -> crate::error::Result<CodeVerdict> {
         let caps = caps(&self.python).clone();
         let parent = self
             .scratch_parent
@@ -360,7 +360,7 @@ impl Sandbox {
         cmd.as_std_mut().process_group(0);
         let mut child = cmd
             .spawn()
-            .map_err(|e| anyhow::anyhow!("starting {}: {e}", caps.python))?;
+            .map_err(|e| crate::error::DataError::Stage(format!("starting {}: {e}", caps.python)))?;
         let pid = child.id().map(|p| p as i32);
         let nonce = format!("@@fusechat-{}@@", hex::encode(rand::random::<[u8; 12]>()));
         if let Some(mut stdin) = child.stdin.take() {

@@ -13,7 +13,7 @@ pub mod reward;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use anyhow::{bail, Result};
+use crate::error::{DataError, Result};
 use futures::StreamExt;
 use serde::Serialize;
 
@@ -45,10 +45,10 @@ pub async fn run(config: &Config) -> Result<ScoreSummary> {
         .map(|p| (p.id.clone(), p))
         .collect();
     if prompts.is_empty() {
-        bail!(
+        return Err(DataError::Stage(format!(
             "the store {} holds no prompts: run `fusechat sample` first",
             config.store_path().display()
-        );
+        )));
     }
     let samples: Vec<Sample> = store.samples()?.into_iter().filter(|s| s.ok).collect();
     let existing = store.scores()?;

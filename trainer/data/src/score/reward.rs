@@ -85,13 +85,14 @@ pub struct RewardClient {
 impl RewardClient {
     /// A client for `cfg`; an error naming the field where its `timeout_s`
     /// is not a positive number of seconds.
-    pub fn new(cfg: &RewardConfig) -> anyhow::Result<Self> {
+    pub fn new(cfg: &RewardConfig) -> crate::error::Result<Self> {
         cfg.validate()?;
         Ok(RewardClient {
             cfg: cfg.clone(),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs_f64(cfg.timeout_s))
-                .build()?,
+                .build()
+                .map_err(|e| crate::error::DataError::Endpoint(crate::error::chain(&e)))?,
         })
     }
 
