@@ -348,14 +348,14 @@ impl ChoiceTask {
                 // The engine ended the sequence without a final chunk.
                 break Ok(("stop", None));
             };
-            let chunk = match into_chunk(response) {
+            let mut chunk = match into_chunk(response) {
                 Ok(chunk) => chunk,
                 Err(error) => break Err(error),
             };
             last_piece = Some(self.time_piece(last_piece));
             pieces += 1;
             called |= !chunk.tool_calls.is_empty();
-            let (finish_reason, usage) = (chunk.finish_reason.clone(), chunk.usage.clone());
+            let (finish_reason, usage) = (chunk.finish_reason.take(), chunk.usage.take());
             if !self.pass_on(chunk).await {
                 self.count_finished("cancelled");
                 return;

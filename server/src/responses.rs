@@ -126,13 +126,8 @@ fn item_turns(items: Vec<InputItem>) -> Result<Vec<Turn>, ApiError> {
                 turns.push(Turn::new(role, &content_text(m.content, &format!("input[{i}].content"))?));
             }
             InputItem::FunctionCall(call) => {
-                let arguments = serde_json::from_str(&call.arguments).map_err(|e| {
-                    ApiError::invalid_param(
-                        &format!("input[{i}].arguments"),
-                        format!("`arguments` must be a JSON string of an object: {e}"),
-                    )
-                })?;
-                let call = validation::template_tool_call(call.call_id, call.name, arguments);
+                let param = format!("input[{i}].arguments");
+                let call = validation::template_tool_call(call.call_id, call.name, &call.arguments, &param)?;
                 match turns.last_mut() {
                     Some(turn) if turn.role == "assistant" => turn.tool_calls.push(call),
                     _ => turns.push(Turn { tool_calls: vec![call], ..Turn::new("assistant", "") }),

@@ -255,25 +255,24 @@ fn turn_tool_calls(
         .into_iter()
         .enumerate()
         .map(|(j, call)| {
-            let arguments: serde_json::Value = serde_json::from_str(&call.function.arguments).map_err(|e| {
-                ApiError::invalid_param(
-                    &format!("messages[{i}].tool_calls[{j}].function.arguments"),
-                    format!("`arguments` must be a JSON string of an object: {e}"),
-                )
-            })?;
-            Ok(template_tool_call(call.id, call.function.name, arguments))
+            let param = format!("messages[{i}].tool_calls[{j}].function.arguments");
+            template_tool_call(call.id, call.function.name, &call.function.arguments, &param)
         })
         .collect()
 }
 
 /// A call as chat templates read it: `{id, type, function: {name,
-/// arguments}}` with the arguments an object (as transformers and vLLM hand
-/// them over).
+/// arguments}}` with the arguments string (the client's `param`) parsed into
+/// an object, as transformers and vLLM hand them over.
 pub(crate) fn template_tool_call(
     id: String,
     name: String,
-    arguments: serde_json::Value,
-) -> serde_json::Map<String, serde_json::Value> {
+    arguments: &str,
+    param: &str,
+) -> Result<serde_json::Map<String, serde_json::Value>, ApiError> {
+    let arguments: serde_json::Value = serde_json::from_str(arguments).map_err(|e| {
+        ApiError::invalid_param(param, format!("`arguments` must be a JSON string of an object: {e}"))
+    })?;
     let mut function = serde_json::Map::new();
     function.insert("name".into(), name.into());
     function.insert("arguments".into(), arguments);
@@ -281,7 +280,7 @@ pub(crate) fn template_tool_call(
     call.insert("id".into(), id.into());
     call.insert("type".into(), "function".into());
     call.insert("function".into(), function.into());
-    call
+    Ok(call)
 }
 
 pub fn validate_completion(req: CompletionRequest, limits: &Limits) -> Result<GenerateRequest, ApiError> {
