@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Result, Tensor};
 mod backends;
 
 #[allow(unused)]
-pub(crate) use backends::{current_kv_pads, flash_attn, maybe_synchronize, naive_sdpa, sinks_attn, with_kv_pads};
+pub(crate) use backends::{flash_attn, maybe_synchronize, naive_sdpa, sinks_attn};
 
 /// Chunk size for attention computation to avoid OOM on long sequences
 pub(crate) const ATTENTION_CHUNK_SIZE: usize = 1024;
@@ -113,6 +113,28 @@ impl Sdpa {
         flash_params: Option<&FlashParams>,
         sdpa_params: &SdpaParams,
     ) -> Result<Tensor> {
+        self.run_attention_padded(q, k, v, mask, flash_params, sdpa_params, None)
+    }
+
+    /// fusechat: `run_attention` over a batch KV cache whose rows carry left
+    /// padding (`crate::kv_cache::KvPadding`: sequences of different lengths
+    /// decoding together). Only the CPU kernels batch such caches.
+    #[allow(unused_variables, clippy::too_many_arguments)]
+    pub fn run_attention_padded(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Tensor>,
+        flash_params: Option<&FlashParams>,
+        sdpa_params: &SdpaParams,
+        kv_pads: Option<&[usize]>,
+    ) -> Result<Tensor> {
+        if kv_pads.is_some() && (sdpa_params.sinks.is_some() || !q.device().is_cpu()) {
+            candle_core::bail!(
+                "a batch KV cache with padded rows needs the CPU attention kernels (no sinks)"
+            );
+        }
         // If sinks are present, dispatch to the sinks backend
         if let Some(sinks) = &sdpa_params.sinks {
             return sinks_attn(q, k, v, sinks, mask, flash_params, sdpa_params);
@@ -134,10 +156,10 @@ impl Sdpa {
             if q.device().is_cpu() {
                 match q.dtype() {
                     DType::F32 => {
-                        return cpu::run_flash_attn_cpu::<f32>(&q, &k, &v, mask, sdpa_params);
+                        return cpu::run_flash_attn_cpu::<f32>(&q, &k, &v, mask, sdpa_params, kv_pads);
                     }
                     DType::F16 => {
-                        return cpu::run_flash_attn_cpu::<half::f16>(&q, &k, &v, mask, sdpa_params)
+                        return cpu::run_flash_attn_cpu::<half::f16>(&q, &k, &v, mask, sdpa_params, kv_pads)
                     }
                     DType::BF16 => {
                         return cpu::run_flash_attn_cpu::<half::bf16>(
@@ -146,6 +168,7 @@ impl Sdpa {
                             &v,
                             mask,
                             sdpa_params,
+                            kv_pads,
                         );
                     }
                     _ => {

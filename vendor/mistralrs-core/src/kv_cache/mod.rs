@@ -189,8 +189,38 @@ impl KvCache {
     }
 }
 
+/// fusechat: the layers' caches, and the left padding of each sequence in
+/// them where a decode step batches sequences of different lengths
+/// (`clone_in_ragged`).
 #[derive(Debug, Clone)]
-pub struct NormalCache(pub Vec<KvCache>);
+pub struct NormalCache(pub Vec<KvCache>, pub KvPadding);
+
+/// fusechat: how many positions at the front of each sequence's row of a
+/// batch KV cache are padding (zeros the attention must skip). Empty when
+/// no row is padded, as for every cache but a ragged decode batch's.
+#[derive(Debug, Clone, Default)]
+pub struct KvPadding(Option<Arc<[usize]>>);
+
+impl KvPadding {
+    /// The padding of each row, in batch order; none when every pad is 0.
+    pub fn of(pads: Vec<usize>) -> Self {
+        Self(pads.iter().any(|&p| p != 0).then(|| pads.into()))
+    }
+
+    /// Each row's padding, or `None` where no row is padded.
+    pub fn as_slice(&self) -> Option<&[usize]> {
+        self.0.as_deref()
+    }
+
+    /// The padding left when the first `cut` positions of every row are
+    /// dropped (a sliding-window layer attending to its window only).
+    pub fn after_cut(&self, cut: usize) -> Self {
+        match self.as_slice() {
+            Some(pads) => Self::of(pads.iter().map(|p| p.saturating_sub(cut)).collect()),
+            None => Self(None),
+        }
+    }
+}
 
 #[derive(Debug)]
 pub enum NormalCacheType {
@@ -211,7 +241,7 @@ impl NormalCache {
                 Self::CACHE_GROW_SIZE
             );
             len
-        ])))
+        ], KvPadding::default())))
     }
 
     pub fn new_sliding(
@@ -227,7 +257,7 @@ impl NormalCache {
                     Self::CACHE_GROW_SIZE
                 );
                 len
-            ]))),
+            ], KvPadding::default()))),
             None => Arc::new(Mutex::new(Self(vec![
                 KvCache::new_normal(
                     2,
@@ -235,7 +265,7 @@ impl NormalCache {
                     Self::CACHE_GROW_SIZE
                 );
                 len
-            ]))),
+            ], KvPadding::default()))),
         }
     }
 
@@ -254,7 +284,7 @@ impl NormalCache {
                 }
             }
         }
-        Arc::new(Mutex::new(Self(caches)))
+        Arc::new(Mutex::new(Self(caches, KvPadding::default())))
     }
 }
 
@@ -265,7 +295,8 @@ pub struct NormalCacheManager;
 /// (`Pipeline::supports_ragged_decode`). Each sequence's keys and values are
 /// copied right-aligned into the batch cache, so every sequence's next
 /// position is the batch's; the `pad` positions in front of a shorter one stay
-/// zero, and the CPU decode attention skips them (`with_kv_pads`). Each
+/// zero, the batch cache records them (`KvPadding`), and the CPU decode
+/// attention skips them. Each
 /// sequence keeps its pad: `clone_out_cache` hands it its row of the batch as
 /// is, padding included, and the next `clone_in_cache` reads its data from
 /// `pad..length` (`set_none_cache` sets it back to 0 when a step rebuilds the
@@ -346,10 +377,11 @@ fn clone_in_ragged<T: CacheManagerMixin + MetadataMixin + ?Sized>(
             v: single(pack(&vs)),
         });
     }
-    for (seq, len) in seqs.iter_mut().zip(&lens) {
-        seq.set_normal_cache_pad(batch_len - len);
+    let pads: Vec<usize> = lens.iter().map(|len| batch_len - len).collect();
+    for (seq, &pad) in seqs.iter_mut().zip(&pads) {
+        seq.set_normal_cache_pad(pad);
     }
-    *pipeline.cache().normal() = NormalCache(caches);
+    *pipeline.cache().normal() = NormalCache(caches, KvPadding::of(pads));
     true
 }
 
@@ -520,7 +552,7 @@ impl<T: CacheManagerMixin + MetadataMixin + ?Sized> CacheManager<T> for NormalCa
                 }
             }
         }
-        *pipeline.cache().normal() = NormalCache(caches);
+        *pipeline.cache().normal() = NormalCache(caches, KvPadding::default());
     }
     fn clone_out_cache(&self, pipeline: &T, seqs: &mut [&mut Sequence], modify_draft_cache: bool) {
         let all_cache = pipeline.cache().normal();
@@ -628,6 +660,7 @@ impl<T: CacheManagerMixin + MetadataMixin + ?Sized> CacheManager<T> for NormalCa
         for seq in seqs.iter_mut() {
             seq.set_normal_cache_pad(0);
         }
+        pipeline.cache().normal().1 = KvPadding::default();
         if seqs.iter().any(|seq| seq.preallocated_cache().is_none()) {
             for layer in pipeline.cache().normal().0.iter_mut() {
                 layer.reset();

@@ -73,6 +73,7 @@ impl CausalSelfAttention {
         kv_cache: &mut KvCache,
         metadata: Option<((Tensor, Tensor), &PagedAttentionInputMetadata)>,
         flash_params: &FlashParams,
+        kv_pads: Option<&[usize]>,
     ) -> Result<Tensor> {
         let (b_sz, seq_len, _) = x.dims3()?;
 
@@ -145,13 +146,14 @@ impl CausalSelfAttention {
             None => {
                 let (k, v) = kv_cache.append(&k, &v)?;
 
-                Sdpa.run_attention(
+                Sdpa.run_attention_padded(
                     &q,
                     &k,
                     &v,
                     attention_mask.clone().as_ref(),
                     Some(flash_params),
                     &self.sdpa_params,
+                    kv_pads,
                 )?
             }
         };
@@ -263,6 +265,7 @@ impl Block {
         kv_cache: &mut KvCache,
         metadata: Option<((Tensor, Tensor), &PagedAttentionInputMetadata)>,
         flash_params: &FlashParams,
+        kv_pads: Option<&[usize]>,
     ) -> Result<Tensor> {
         let residual = x;
         let x = self.rms_1.forward(x)?;
@@ -273,6 +276,7 @@ impl Block {
             kv_cache,
             metadata,
             flash_params,
+            kv_pads,
         )? + residual)?;
         let residual = &x;
         let x = (self.mlp.forward(&self.rms_2.forward(&x)?)? + residual)?;
@@ -504,7 +508,9 @@ impl Llama {
         flash_params: &FlashParams,
     ) -> Result<Tensor> {
         let mut x = input_embeds;
-        let cache = &mut self.kv_cache.normal().0;
+        let mut normal = self.kv_cache.normal();
+        let kv_pads = normal.1.clone();
+        let cache = &mut normal.0;
         let mask = CausalMasker.make_causal_mask_matrix(
             input_ids,
             metadata
@@ -534,6 +540,7 @@ impl Llama {
                     .as_ref()
                     .map(|(kv_cache, metadata)| (kv_cache[block_idx].clone(), *metadata)),
                 flash_params,
+                kv_pads.as_slice(),
             )?;
         }
         let x = x.to_device(&self.device)?;

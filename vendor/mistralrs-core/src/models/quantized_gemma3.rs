@@ -25,13 +25,14 @@ use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Result, Tensor};
 use mistralrs_quant::{GgufMatMul, QuantMethod, QuantMethodConfig};
 
-use crate::attention::{current_kv_pads, with_kv_pads, SdpaParams};
+use crate::attention::SdpaParams;
 use crate::device_map::{DeviceMappedMask, DeviceMapper};
 use crate::gguf::Content;
 use crate::layers::{Activation, CausalMasker, Gemma3RotaryEmbedding, MatMul, QRmsNorm, RotaryEmbedding, Sdpa};
 use crate::layers_masker::PastKvLenCache;
 use crate::paged_attention::AttentionImplementation;
 use crate::pipeline::text_models_inputs_processor::PagedAttentionInputMetadata;
+use crate::kv_cache::KvPadding;
 use crate::pipeline::{extract_logits, EitherCache, KvCache, NormalCache};
 use crate::utils::gguf_metadata::ContentMetadata;
 use crate::utils::model_config as ModelConfig;
@@ -145,7 +146,14 @@ struct LayerWeights {
 }
 
 impl LayerWeights {
-    fn attention(&self, x: &Tensor, mask: Option<&Tensor>, offsets: &[usize], cache: &mut KvCache) -> Result<Tensor> {
+    fn attention(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        offsets: &[usize],
+        cache: &mut KvCache,
+        kv_pads: &KvPadding,
+    ) -> Result<Tensor> {
         let (b, seq_len, _) = x.dims3()?;
         let heads = |t: Tensor, n: usize| -> Result<Tensor> {
             t.reshape((b, seq_len, n, self.head_dim))?.transpose(1, 2)?.contiguous()
@@ -167,10 +175,10 @@ impl LayerWeights {
                 let start = cached - window;
                 let k = k.narrow(2, start, window)?;
                 let v = v.narrow(2, start, window)?;
-                let pads = current_kv_pads().map(|pads| pads.iter().map(|p| p.saturating_sub(start)).collect());
-                with_kv_pads(pads, || Sdpa.run_attention(&q, &k, &v, None, None, &self.sdpa_params))?
+                let pads = kv_pads.after_cut(start);
+                Sdpa.run_attention_padded(&q, &k, &v, None, None, &self.sdpa_params, pads.as_slice())?
             }
-            _ => Sdpa.run_attention(&q, &k, &v, mask, None, &self.sdpa_params)?,
+            _ => Sdpa.run_attention_padded(&q, &k, &v, mask, None, &self.sdpa_params, kv_pads.as_slice())?,
         };
         let y = y.transpose(1, 2)?.reshape((b, seq_len, ()))?;
         MatMul.qmethod_matmul(&y, &*self.wo)
@@ -407,7 +415,9 @@ impl ModelWeights {
             candle_core::bail!("gemma3 from GGUF runs with eager attention only (no PagedAttention)");
         }
         let mut xs = self.embeddings.forward(x)?;
-        let cache = &mut self.cache.normal().0;
+        let mut normal = self.cache.normal();
+        let kv_pads = normal.1.clone();
+        let cache = &mut normal.0;
         let past: &dyn PastKvLenCache = cache;
         let global_mask = CausalMasker.make_causal_mask_matrix(x, past, DType::F32, self.layers[0].n_head)?;
         let window = self.layers.iter().find_map(|l| l.sliding_window);
@@ -432,7 +442,7 @@ impl ModelWeights {
             let mask = if layer.sliding_window.is_some() { &masks.1 } else { &masks.0 };
             let residual = &xs;
             let h = layer.attn_norm.forward(&xs)?;
-            let h = layer.attention(&h, mask.as_ref().map(|m| m.get(xs.device())), start_offsets, &mut cache[i])?;
+            let h = layer.attention(&h, mask.as_ref().map(|m| m.get(xs.device())), start_offsets, &mut cache[i], &kv_pads)?;
             let h = layer.post_attn_norm.forward(&h)?;
             let xs_attn = (h + residual)?;
             let h = layer.ffn_norm.forward(&xs_attn)?;

@@ -145,6 +145,7 @@ impl LayerWeights {
         start_offsets: &[usize],
         kv_cache: &mut KvCache,
         metadata: Option<((Tensor, Tensor), &PagedAttentionInputMetadata)>,
+        kv_pads: Option<&[usize]>,
     ) -> Result<Tensor> {
         let (b_sz, seq_len, _) = x.dims3()?;
 
@@ -196,7 +197,7 @@ impl LayerWeights {
             None => {
                 let (k, v) = kv_cache.append(&k, &v)?;
 
-                Sdpa.run_attention(&q, &k, &v, mask, None, &self.sdpa_params)?
+                Sdpa.run_attention_padded(&q, &k, &v, mask, None, &self.sdpa_params, kv_pads)?
             }
         };
 
@@ -672,7 +673,9 @@ impl ModelWeights {
         metadata: Option<(Vec<(Tensor, Tensor)>, &PagedAttentionInputMetadata)>,
     ) -> Result<Tensor> {
         let mut layer_in = self.tok_embeddings.forward(x)?;
-        let cache = &mut self.cache.normal().0;
+        let mut normal = self.cache.normal();
+        let kv_pads = normal.1.clone();
+        let cache = &mut normal.0;
         let mask = CausalMasker.make_causal_mask_matrix(
             x,
             metadata
@@ -709,6 +712,7 @@ impl ModelWeights {
                 metadata
                     .as_ref()
                     .map(|(kv_cache, metadata)| (kv_cache[i].clone(), *metadata)),
+                kv_pads.as_slice(),
             )?;
             let x = (attn + residual)?;
 

@@ -434,23 +434,14 @@ pub(crate) struct FileListCache {
 /// of from an outside thread that wakes the pool and sleeps until it is done:
 /// one hand-over per step instead of one per operation. The calling thread
 /// waits meanwhile, as it did before.
-///
-/// `seqs` are the step's sequences: where their KV caches carry left padding
-/// (sequences of different lengths decoding together), the CPU attention is
-/// told how much, on the thread that runs the forward pass.
 fn forward_on_cpu_pool<P: Pipeline + ?Sized>(
     pipeline: &mut P,
     inputs: Box<dyn Any>,
     return_raw_logits: bool,
-    seqs: &[&mut Sequence],
 ) -> Result<ForwardInputsResult, candle_core::Error> {
     if !pipeline.device().is_cpu() {
         return pipeline.forward_inputs(inputs, return_raw_logits);
     }
-    let pads: Option<Arc<[usize]>> = seqs
-        .iter()
-        .any(|seq| seq.normal_cache_pad() != 0)
-        .then(|| seqs.iter().map(|seq| seq.normal_cache_pad()).collect());
     // The inputs are tensors and plain data behind `dyn Any`, which is not
     // `Send` only because `Any` says nothing about it; they move to the pool
     // thread and back while this thread waits.
@@ -460,9 +451,7 @@ fn forward_on_cpu_pool<P: Pipeline + ?Sized>(
     let out = rayon::scope(move |_| {
         let job = job;
         let (pipeline, inputs) = job.0;
-        AssertSend(crate::attention::with_kv_pads(pads, || {
-            pipeline.forward_inputs(inputs, return_raw_logits)
-        }))
+        AssertSend(pipeline.forward_inputs(inputs, return_raw_logits))
     });
     out.0
 }
@@ -548,7 +537,7 @@ pub trait Pipeline:
                     }
 
                     let start = Instant::now();
-                    let raw_logits = forward_on_cpu_pool(&mut *self, inputs, return_raw_logits, input_seqs)?;
+                    let raw_logits = forward_on_cpu_pool(&mut *self, inputs, return_raw_logits)?;
                     let end = Instant::now();
                     exec_duration += end.duration_since(start);
 
@@ -790,7 +779,7 @@ pub trait Pipeline:
                     } = inputs.map_err(candle_core::Error::msg)?;
 
                     let start = Instant::now();
-                    let raw_logits = forward_on_cpu_pool(&mut *self, inputs, return_raw_logits, input_seqs)?;
+                    let raw_logits = forward_on_cpu_pool(&mut *self, inputs, return_raw_logits)?;
                     let end = Instant::now();
                     exec_duration += end.duration_since(start);
 

@@ -75,36 +75,6 @@ fn in_current_pool<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
-thread_local! {
-    /// fusechat: left padding of each sequence's keys and values in the batch
-    /// KV cache of the decode step running on this thread (None: no padding).
-    static KV_PADS: std::cell::RefCell<Option<std::sync::Arc<[usize]>>> =
-        const { std::cell::RefCell::new(None) };
-}
-
-/// fusechat: run `f` (a forward pass) with the decode attention skipping the
-/// first `pads[b]` cache positions of sequence `b`, where a step batches
-/// sequences of different lengths (`NormalCacheManager::clone_in_cache`
-/// left-pads their caches to the longest). The previous value comes back
-/// afterwards, so a forward pass of another model that rayon runs on this
-/// thread while this one waits keeps its own.
-pub(crate) fn with_kv_pads<R>(pads: Option<std::sync::Arc<[usize]>>, f: impl FnOnce() -> R) -> R {
-    struct Restore(Option<std::sync::Arc<[usize]>>);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            let previous = self.0.take();
-            KV_PADS.with(|p| *p.borrow_mut() = previous);
-        }
-    }
-    let _restore = Restore(KV_PADS.with(|p| p.replace(pads)));
-    f()
-}
-
-/// fusechat: the padding `with_kv_pads` set for this thread's forward pass.
-pub(crate) fn current_kv_pads() -> Option<std::sync::Arc<[usize]>> {
-    KV_PADS.with(|p| p.borrow().clone())
-}
-
 /// Size (in KV positions) processed by each inner‑tile job.
 const TILE_KV: usize = 16;
 
@@ -348,12 +318,16 @@ impl UpcastF32 for bf16 {
     }
 }
 
+/// fusechat: `kv_pads[b]` (where given) is the number of cache positions in
+/// front of sequence `b` that are padding (`crate::kv_cache::KvPadding`); a
+/// decode step skips them.
 pub fn run_flash_attn_cpu<T>(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     mask: Option<&Tensor>,
     sdpa_params: &SdpaParams,
+    kv_pads: Option<&[usize]>,
 ) -> Result<Tensor>
 where
     T: WithDType + Sum + num_traits::real::Real + DowncastF32 + UpcastF32 + Copy,
@@ -435,6 +409,7 @@ where
             sdpa_params.softmax_scale,
             0.0,
             sdpa_params.softcap.unwrap_or(0.0),
+            kv_pads,
         );
     }
 
@@ -547,6 +522,7 @@ fn flash_attn_cpu_single_q<T>(
     scale: f32,
     max_bias: f32,
     logit_softcap: f32,
+    kv_pads: Option<&[usize]>,
 ) -> Result<Tensor>
 where
     T: WithDType + Copy + UpcastF32 + DowncastF32,
@@ -556,7 +532,7 @@ where
     // fusechat: sequence `b_i` attends to positions `pads[b_i]..kv_len` and its
     // tiles start at its first position, as when it decodes alone, so its
     // result is the same to the bit.
-    let pads: Vec<usize> = match current_kv_pads() {
+    let pads: Vec<usize> = match kv_pads {
         Some(pads) if pads.len() == b => pads.iter().map(|&p| p.min(kv_len)).collect(),
         Some(pads) => candle_core::bail!(
             "decode attention: {} cache paddings for a batch of {b}",
@@ -924,7 +900,7 @@ mod tests {
         let scale = sdpa.softmax_scale;
 
         // Run the flash attention CPU function
-        let out = run_flash_attn_cpu::<f32>(&q, &k, &v, None, &sdpa)?;
+        let out = run_flash_attn_cpu::<f32>(&q, &k, &v, None, &sdpa, None)?;
         // Expect output shape (b, h, 1, d)
         assert_eq!(out.shape().dims(), &[b, h, 1, d]);
 
@@ -983,7 +959,7 @@ mod tests {
         let scale = sdpa.softmax_scale;
 
         // Run the flash attention CPU function
-        let out = run_flash_attn_cpu::<f32>(&q, &k, &v, None, &sdpa)?;
+        let out = run_flash_attn_cpu::<f32>(&q, &k, &v, None, &sdpa, None)?;
         // Expect output shape (b, h, q_len, d)
         assert_eq!(out.shape().dims(), &[b, h, q_len, d]);
 
@@ -1043,7 +1019,7 @@ mod tests {
         let sc = sdpa.softcap.unwrap();
 
         // Run the flash attention CPU function
-        let out = run_flash_attn_cpu::<f32>(&q, &k, &v, None, &sdpa)?;
+        let out = run_flash_attn_cpu::<f32>(&q, &k, &v, None, &sdpa, None)?;
         // Expect output shape (b, h, 1, d)
         assert_eq!(out.shape().dims(), &[b, h, 1, d]);
 
@@ -1105,7 +1081,7 @@ mod tests {
         let sc = sdpa.softcap.unwrap();
 
         // Run the flash attention CPU function
-        let out = run_flash_attn_cpu::<f32>(&q, &k, &v, None, &sdpa)?;
+        let out = run_flash_attn_cpu::<f32>(&q, &k, &v, None, &sdpa, None)?;
         // Expect output shape (b, h, q_len, d)
         assert_eq!(out.shape().dims(), &[b, h, q_len, d]);
 
