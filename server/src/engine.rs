@@ -184,6 +184,97 @@ const GGUF_NATIVE: &[&str] = &["llama", "qwen2", "gemma3", "qwen3", "phi2", "phi
 /// vocabularies (Gemma's) as unigram models.
 const OWN_TOKENIZER: &[&str] = &["llama", "qwen2", "gemma3"];
 
+/// How the weights will be held, for the log and `/admin/models`. Reported,
+/// not needed to serve: a file it cannot read is logged and gives `None`.
+async fn holding_of(config: &ModelConfig, kind: &WeightsKind, weights: &Path) -> anyhow::Result<Option<Holding>> {
+    let holding = {
+        let (kind, isq, float_layers) = (kind.clone(), config.isq, config.float_layers.clone());
+        tokio::task::spawn_blocking(move || match &kind {
+            WeightsKind::Gguf { dir, file, .. } => holding::of_gguf(&dir.join(file)),
+            WeightsKind::Hf { dir, default_isq, .. } => {
+                holding::of_folder(dir, isq.unwrap_or(*default_isq), &float_layers)
+            }
+        })
+        .await?
+    };
+    Ok(match holding {
+        Ok(holding) => {
+            tracing::info!(model = %config.id, weights = %weights.display(), "{}; {}", holding.summary(), why(kind, config.isq));
+            Some(holding)
+        }
+        Err(e) => {
+            tracing::warn!(model = %config.id, weights = %weights.display(), "cannot tell how the weights are held: {e:#}");
+            None
+        }
+    })
+}
+
+/// The mistralrs engine over `kind`'s weights, with the model's batch size,
+/// chat template and quantization.
+async fn build_engine(config: &ModelConfig, kind: &WeightsKind) -> anyhow::Result<mistralrs::Model> {
+    let template = config
+        .chat_template
+        .as_ref()
+        .map(|p| p.to_string_lossy().to_string());
+    match kind {
+        WeightsKind::Gguf { dir, file, tokenizer } => {
+            let mut builder = GgufModelBuilder::new(dir.to_string_lossy(), vec![file.clone()])
+                .with_token_source(TokenSource::None)
+                .with_max_num_seqs(config.max_seqs)
+                .with_prefix_cache_n(None);
+            if let Some(tokenizer) = tokenizer {
+                builder = builder.with_tok_model_id(tokenizer.to_string_lossy());
+            }
+            if let Some(t) = template {
+                builder = builder.with_jinja_explicit(t);
+            }
+            builder.build().await
+        }
+        WeightsKind::Hf { dir, multimodal, default_isq } => {
+            let isq = match config.isq.unwrap_or(*default_isq) {
+                Isq::None => None,
+                Isq::Q8_0 => Some(IsqType::Q8_0),
+                Isq::Q4_1 => Some(IsqType::Q4_1),
+                Isq::Q4k => Some(IsqType::Q4K),
+            };
+            // On CPU the activations stay f32: f16 overflows in Gemma 3 and
+            // has no fast CPU kernels anyway.
+            let dtype = if cfg!(feature = "cuda") { ModelDType::Auto } else { ModelDType::F32 };
+            let topology = match isq {
+                Some(isq) if !config.float_layers.is_empty() => {
+                    Some(isq_topology(isq, &config.float_layers)?)
+                }
+                _ => None,
+            };
+            // The two builders have the same methods but no common trait.
+            macro_rules! build_hf {
+                ($builder:expr) => {{
+                    let mut builder = $builder
+                        .with_token_source(TokenSource::None)
+                        .with_dtype(dtype)
+                        .with_max_num_seqs(config.max_seqs)
+                        .with_prefix_cache_n(None);
+                    if let Some(topology) = &topology {
+                        builder = builder.with_topology(topology.clone());
+                    } else if let Some(isq) = isq {
+                        builder = builder.with_isq(isq);
+                    }
+                    if let Some(t) = template {
+                        builder = builder.with_jinja_explicit(t);
+                    }
+                    builder.build().await
+                }};
+            }
+            let dir = dir.to_string_lossy();
+            if *multimodal {
+                build_hf!(MultimodalModelBuilder::new(dir))
+            } else {
+                build_hf!(TextModelBuilder::new(dir))
+            }
+        }
+    }
+}
+
 impl LoadedModel {
     pub async fn load(config: &ModelConfig, weights: &Path, home: &Path) -> anyhow::Result<Self> {
         let kind = resolve_weights(weights, home, config.isq.is_some())
@@ -193,27 +284,7 @@ impl LoadedModel {
             let kind = kind.clone();
             tokio::task::spawn_blocking(move || fingerprint(&kind)).await??
         };
-        // Reported, not needed to serve: a file it cannot read is logged.
-        let holding = {
-            let (kind, isq, float_layers) = (kind.clone(), config.isq, config.float_layers.clone());
-            tokio::task::spawn_blocking(move || match &kind {
-                WeightsKind::Gguf { dir, file, .. } => holding::of_gguf(&dir.join(file)),
-                WeightsKind::Hf { dir, default_isq, .. } => {
-                    holding::of_folder(dir, isq.unwrap_or(*default_isq), &float_layers)
-                }
-            })
-            .await?
-        };
-        let holding = match holding {
-            Ok(holding) => {
-                tracing::info!(model = %config.id, weights = %weights.display(), "{}; {}", holding.summary(), why(&kind, config.isq));
-                Some(holding)
-            }
-            Err(e) => {
-                tracing::warn!(model = %config.id, weights = %weights.display(), "cannot tell how the weights are held: {e:#}");
-                None
-            }
-        };
+        let holding = holding_of(config, &kind, weights).await?;
         let vocab_size = {
             let kind = kind.clone();
             match tokio::task::spawn_blocking(move || vocab_size(&kind)).await? {
@@ -232,69 +303,10 @@ impl LoadedModel {
                 .ok()
                 .map(Arc::new)
         });
-        let template = config
-            .chat_template
-            .as_ref()
-            .map(|p| p.to_string_lossy().to_string());
         tracing::info!(model = %config.id, ?kind, "loading");
-        let engine = match &kind {
-            WeightsKind::Gguf { dir, file, tokenizer } => {
-                let mut builder = GgufModelBuilder::new(dir.to_string_lossy(), vec![file.clone()])
-                    .with_token_source(TokenSource::None)
-                    .with_max_num_seqs(config.max_seqs)
-                    .with_prefix_cache_n(None);
-                if let Some(tokenizer) = tokenizer {
-                    builder = builder.with_tok_model_id(tokenizer.to_string_lossy());
-                }
-                if let Some(t) = template {
-                    builder = builder.with_jinja_explicit(t);
-                }
-                builder.build().await
-            }
-            WeightsKind::Hf { dir, multimodal, default_isq } => {
-                let isq = match config.isq.unwrap_or(*default_isq) {
-                    Isq::None => None,
-                    Isq::Q8_0 => Some(IsqType::Q8_0),
-                    Isq::Q4_1 => Some(IsqType::Q4_1),
-                    Isq::Q4k => Some(IsqType::Q4K),
-                };
-                // On CPU the activations stay f32: f16 overflows in Gemma 3 and
-                // has no fast CPU kernels anyway.
-                let dtype = if cfg!(feature = "cuda") { ModelDType::Auto } else { ModelDType::F32 };
-                let topology = match isq {
-                    Some(isq) if !config.float_layers.is_empty() => {
-                        Some(isq_topology(isq, &config.float_layers)?)
-                    }
-                    _ => None,
-                };
-                // The two builders have the same methods but no common trait.
-                macro_rules! build_hf {
-                    ($builder:expr) => {{
-                        let mut builder = $builder
-                            .with_token_source(TokenSource::None)
-                            .with_dtype(dtype)
-                            .with_max_num_seqs(config.max_seqs)
-                            .with_prefix_cache_n(None);
-                        if let Some(topology) = &topology {
-                            builder = builder.with_topology(topology.clone());
-                        } else if let Some(isq) = isq {
-                            builder = builder.with_isq(isq);
-                        }
-                        if let Some(t) = template {
-                            builder = builder.with_jinja_explicit(t);
-                        }
-                        builder.build().await
-                    }};
-                }
-                let dir = dir.to_string_lossy();
-                if *multimodal {
-                    build_hf!(MultimodalModelBuilder::new(dir))
-                } else {
-                    build_hf!(TextModelBuilder::new(dir))
-                }
-            }
-        }
-        .with_context(|| format!("model `{}`: the engine could not load {}", config.id, weights.display()))?;
+        let engine = build_engine(config, &kind)
+            .await
+            .with_context(|| format!("model `{}`: the engine could not load {}", config.id, weights.display()))?;
         engine
             .inner()
             .set_prefill_chunk_tokens(None, config.prefill_chunk)

@@ -90,31 +90,9 @@ pub async fn start(
     // Every prompt is checked before any seat is taken, and all the seats
     // are taken at once: a batch that started some prompts and then waited
     // for seats would hold seats its own unread output keeps from freeing.
-    let mut planned = Vec::with_capacity(req.prompts.len());
-    for (i, prompt) in req.prompts.iter().enumerate() {
-        let param = match req.prompts.len() {
-            1 => prompt.param().to_string(),
-            _ => format!("{}[{i}]", prompt.param()),
-        };
-        planned.push(plan(&model, &req, prompt, &param, limits).await?);
-    }
+    let planned = plan_prompts(&model, &req, limits).await?;
     let sequences = req.n * req.prompts.len();
-    let seats = model.admission.admit(sequences).await.map_err(|refused| match refused {
-        Refused::QueueFull => ApiError::overloaded(&model.id, 1),
-        Refused::TooManySequences { max } if req.prompts.len() > 1 => ApiError::invalid_param(
-            "prompt",
-            format!(
-                "{} prompts × `n` {} is {sequences} sequences, more than the {max} model `{}` runs at once; send fewer prompts per request.",
-                req.prompts.len(),
-                req.n,
-                model.id
-            ),
-        ),
-        Refused::TooManySequences { max } => ApiError::invalid_param(
-            "n",
-            format!("`n` is larger than the {max} sequences model `{}` runs at once.", model.id),
-        ),
-    })?;
+    let seats = take_seats(&model, &req, sequences).await?;
     metrics
         .queue_time
         .with_label_values(&[&model.id])
@@ -131,14 +109,7 @@ pub async fn start(
         first_token_seen: AtomicBool::new(false),
         _seats: seats,
     });
-    // One prompt at a time: each holds its logits (up to
-    // `prompt_logprobs::MAX_LOGITS_BYTES`) while it is scored.
-    let mut scored_prompts = Vec::new();
-    if let (true, Some(top)) = (req.echo, req.logprobs) {
-        for prompt in &req.prompts {
-            scored_prompts.push(prompt_logprobs::of_prompt(&model, prompt, top).await?);
-        }
-    }
+    let scored_prompts = score_prompts(&model, &req).await?;
     let (tx, rx) = mpsc::channel(64 * sequences);
     for (i, (prompt, plan)) in req.prompts.iter().zip(planned).enumerate() {
         let first_index = (i * req.n) as u32;
@@ -153,6 +124,53 @@ pub async fn start(
         prompt_logprobs: scored_prompts,
         events: rx,
     })
+}
+
+/// The plan of each prompt of the request, in order.
+async fn plan_prompts(model: &LoadedModel, req: &GenerateRequest, limits: &Limits) -> Result<Vec<Plan>, ApiError> {
+    let mut planned = Vec::with_capacity(req.prompts.len());
+    for (i, prompt) in req.prompts.iter().enumerate() {
+        let param = match req.prompts.len() {
+            1 => prompt.param().to_string(),
+            _ => format!("{}[{i}]", prompt.param()),
+        };
+        planned.push(plan(model, req, prompt, &param, limits).await?);
+    }
+    Ok(planned)
+}
+
+/// Waits for seats for all of the request's sequences at once; a refusal
+/// names what the client should change.
+async fn take_seats(model: &LoadedModel, req: &GenerateRequest, sequences: usize) -> Result<Seats, ApiError> {
+    model.admission.admit(sequences).await.map_err(|refused| match refused {
+        Refused::QueueFull => ApiError::overloaded(&model.id, 1),
+        Refused::TooManySequences { max } if req.prompts.len() > 1 => ApiError::invalid_param(
+            "prompt",
+            format!(
+                "{} prompts × `n` {} is {sequences} sequences, more than the {max} model `{}` runs at once; send fewer prompts per request.",
+                req.prompts.len(),
+                req.n,
+                model.id
+            ),
+        ),
+        Refused::TooManySequences { max } => ApiError::invalid_param(
+            "n",
+            format!("`n` is larger than the {max} sequences model `{}` runs at once.", model.id),
+        ),
+    })
+}
+
+/// The prompts' own logprobs where `echo` asks for them with `logprobs`.
+/// One prompt at a time: each holds its logits (up to
+/// `prompt_logprobs::MAX_LOGITS_BYTES`) while it is scored.
+async fn score_prompts(model: &LoadedModel, req: &GenerateRequest) -> Result<Vec<CompletionLogprobs>, ApiError> {
+    let mut scored = Vec::new();
+    if let (true, Some(top)) = (req.echo, req.logprobs) {
+        for prompt in &req.prompts {
+            scored.push(prompt_logprobs::of_prompt(model, prompt, top).await?);
+        }
+    }
+    Ok(scored)
 }
 
 /// `max_tokens: 0` (with `echo`): the prompt's choices end at once, having

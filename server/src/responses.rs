@@ -71,8 +71,8 @@ pub fn validate(req: ResponsesRequest, limits: &Limits) -> Result<(GenerateReque
         chat_tools(req.tools.clone().unwrap_or_default())?,
         req.tool_choice.clone().map(chat_tool_choice).transpose()?,
         req.parallel_tool_calls,
-    )
-    .map_err(responses_param)?;
+        tools::ToolLayout::Responses,
+    )?;
     let text = req.text.unwrap_or_default();
     let json_schema = match &text.format {
         None | Some(TextFormat::Text) => None,
@@ -208,13 +208,6 @@ fn chat_tool_choice(choice: ResponseToolChoice) -> Result<ToolChoiceInput, ApiEr
             format!("`tool_choice` of type `{}` is not supported; name a `function`.", f.kind),
         )),
     }
-}
-
-/// `tools::validate` names chat's fields (`tools[i].function.name`); a
-/// Responses tool has them at the top (`tools[i].name`).
-fn responses_param(mut e: ApiError) -> ApiError {
-    e.param = e.param.map(|p| p.replace(".function.", "."));
-    e
 }
 
 /// The response under construction, fed the generation's events in order.

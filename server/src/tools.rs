@@ -41,12 +41,32 @@ pub struct ToolRequest {
     pub mode: ToolMode,
 }
 
+/// Where a request keeps a tool's function fields, so that an error names
+/// the field as the client sent it: chat nests them under `function`
+/// (`tools[0].function.name`), Responses puts them beside `type`
+/// (`tools[0].name`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ToolLayout {
+    Chat,
+    Responses,
+}
+
+impl ToolLayout {
+    fn function_field(self, i: usize, field: &str) -> String {
+        match self {
+            ToolLayout::Chat => format!("tools[{i}].function.{field}"),
+            ToolLayout::Responses => format!("tools[{i}].{field}"),
+        }
+    }
+}
+
 /// Checks `tools`, `tool_choice` and `parallel_tool_calls`. `None` when the
 /// request has no tools (an empty list is none).
 pub fn validate(
     tools: Option<Vec<ToolDefinition>>,
     choice: Option<ToolChoiceInput>,
     parallel: Option<bool>,
+    layout: ToolLayout,
 ) -> Result<Option<ToolRequest>, ApiError> {
     let tools = tools.unwrap_or_default();
     if tools.is_empty() {
@@ -59,9 +79,9 @@ pub fn validate(
     let mut names = Vec::with_capacity(tools.len());
     let mut engine_tools = Vec::with_capacity(tools.len());
     for (i, tool) in tools.into_iter().enumerate() {
-        let param = |field: &str| format!("tools[{i}].{field}");
+        let param = |field: &str| layout.function_field(i, field);
         if tool.kind != "function" {
-            return Err(ApiError::invalid_param(&param("type"), "Only `function` tools are supported."));
+            return Err(ApiError::invalid_param(&format!("tools[{i}].type"), "Only `function` tools are supported."));
         }
         let f = tool.function;
         let valid_name = !f.name.is_empty()
@@ -69,19 +89,19 @@ pub fn validate(
             && f.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
         if !valid_name {
             return Err(ApiError::invalid_param(
-                &param("function.name"),
+                &param("name"),
                 "A function name is 1 to 64 letters, digits, `_` or `-`.",
             ));
         }
         if names.contains(&f.name) {
-            return Err(ApiError::invalid_param(&param("function.name"), format!("`{}` is declared twice.", f.name)));
+            return Err(ApiError::invalid_param(&param("name"), format!("`{}` is declared twice.", f.name)));
         }
         let parameters = match f.parameters {
             None => None,
             Some(Value::Object(map)) => Some(map.into_iter().collect::<HashMap<_, _>>()),
             Some(_) => {
                 return Err(ApiError::invalid_param(
-                    &param("function.parameters"),
+                    &param("parameters"),
                     "`parameters` is a JSON schema object.",
                 ))
             }
@@ -232,7 +252,7 @@ mod tests {
 
     #[test]
     fn choices_are_checked_against_the_tools() {
-        let mode = |choice| validate(Some(vec![weather()]), choice, None).map(|r| r.unwrap().mode);
+        let mode = |choice| validate(Some(vec![weather()]), choice, None, ToolLayout::Chat).map(|r| r.unwrap().mode);
         assert_eq!(mode(None).unwrap(), ToolMode::Auto);
         assert_eq!(mode(Some(ToolChoiceInput::Mode("required".into()))).unwrap(), ToolMode::Required { parallel: true });
         let named = |name: &str| {
@@ -244,12 +264,14 @@ mod tests {
         assert_eq!(mode(named("get_weather")).unwrap(), ToolMode::Named("get_weather".into()));
         assert_eq!(mode(named("nope")).unwrap_err().param.as_deref(), Some("tool_choice"));
         assert_eq!(mode(Some(ToolChoiceInput::Mode("always".into()))).unwrap_err().param.as_deref(), Some("tool_choice"));
-        let err = validate(None, Some(ToolChoiceInput::Mode("required".into())), None).unwrap_err();
+        let err = validate(None, Some(ToolChoiceInput::Mode("required".into())), None, ToolLayout::Chat).unwrap_err();
         assert_eq!(err.param.as_deref(), Some("tool_choice"));
-        assert!(validate(Some(vec![]), None, None).unwrap().is_none());
+        assert!(validate(Some(vec![]), None, None, ToolLayout::Chat).unwrap().is_none());
         let mut bad = weather();
         bad.function.name = "no spaces".into();
-        assert_eq!(validate(Some(vec![bad]), None, None).unwrap_err().param.as_deref(), Some("tools[0].function.name"));
+        let param = |layout| validate(Some(vec![bad.clone()]), None, None, layout).unwrap_err().param;
+        assert_eq!(param(ToolLayout::Chat).as_deref(), Some("tools[0].function.name"));
+        assert_eq!(param(ToolLayout::Responses).as_deref(), Some("tools[0].name"));
     }
 
     #[test]
@@ -270,7 +292,7 @@ mod tests {
         let req = validate(Some(vec![weather(), other]), Some(ToolChoiceInput::Named(NamedToolChoice {
             kind: "function".into(),
             function: FunctionName { name: "get_time".into() },
-        })), None)
+        })), None, ToolLayout::Chat)
         .unwrap()
         .unwrap();
         let Some(Constraint::Lark(grammar)) = constraint(&req) else { panic!("no grammar") };

@@ -125,7 +125,7 @@ pub fn validate_chat(req: ChatCompletionRequest, limits: &Limits) -> Result<Gene
         ));
     }
     let turns = chat_messages(req.messages)?;
-    let tools = crate::tools::validate(req.tools, req.tool_choice, req.parallel_tool_calls)?;
+    let tools = crate::tools::validate(req.tools, req.tool_choice, req.parallel_tool_calls, crate::tools::ToolLayout::Chat)?;
     let logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
         (false, Some(_)) => {
             return Err(ApiError::invalid_param(

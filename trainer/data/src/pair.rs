@@ -377,68 +377,11 @@ fn build(
     scores: &Scores,
 ) -> Result<(Report, Vec<String>, Vec<String>)> {
     let sources: Vec<String> = config.sources.iter().map(|s| s.id.clone()).collect();
-
-    let mut by_prompt: HashMap<&str, Vec<Candidate>> = HashMap::new();
-    // Prompts with any sample, failed ones included.
-    let mut sampled: HashSet<&str> = HashSet::new();
     let mut report = Report {
         config: serde_json::to_value(&config.pairing)?,
         ..Default::default()
     };
-    let domain_of: HashMap<&str, Domain> =
-        prompts.iter().map(|p| (p.id.as_str(), p.domain)).collect();
-    for s in samples {
-        let Some(&domain) = domain_of.get(s.prompt_id.as_str()) else {
-            continue;
-        };
-        sampled.insert(s.prompt_id.as_str());
-        let dr = report.domains.entry(domain.as_str().into()).or_default();
-        let sr = dr.sources.entry(s.source.clone()).or_default();
-        if !s.ok {
-            sr.failed_requests += 1;
-            continue;
-        }
-        sr.samples += 1;
-        sr.truncated += s.truncated as usize;
-        let recs = scores.get(&(s.prompt_id.clone(), s.source.clone(), s.idx));
-        let get = |name: &str| {
-            recs.and_then(|v| v.iter().find(|r| r.scorer == name && r.score.is_some()))
-        };
-        let passed = get("math").or_else(|| get("code")).and_then(|r| r.passed);
-        let reward = get("reward").and_then(|r| r.score);
-        let judge = get("judge").and_then(|r| r.score);
-        let reference = get("reference").and_then(|r| r.score);
-        if let Some(p) = passed {
-            sr.scored += 1;
-            sr.checked += 1;
-            sr.passed += p as usize;
-        } else if reward.is_some() || judge.is_some() || reference.is_some() {
-            sr.scored += 1;
-        }
-        if let Some(x) = reward {
-            sr.reward_sum += x;
-            sr.reward_n += 1;
-        }
-        if let Some(x) = judge {
-            sr.judge_sum += x;
-            sr.judge_n += 1;
-        }
-        by_prompt
-            .entry(s.prompt_id.as_str())
-            .or_default()
-            .push(Candidate {
-                source: s.source.clone(),
-                idx: s.idx,
-                text: s.text.clone(),
-                truncated: s.truncated,
-                passed,
-                reward,
-                judge,
-                reference,
-                tiebreak: tiebreak(config.pairing.seed, &s.prompt_id, &s.source, s.idx),
-            });
-    }
-
+    let (mut by_prompt, sampled) = candidates(config, prompts, samples, scores, &mut report);
     let reward_domains = config.scoring.reward.as_ref().map(|r| r.domains.clone());
     let mut sft_lines = Vec::new();
     let mut dpo_lines = Vec::new();
@@ -503,6 +446,81 @@ fn build(
             }
         }
     }
+    add_up(&mut report);
+    Ok((report, sft_lines, dpo_lines))
+}
+
+/// Each prompt's successful samples as candidates with their scores, and
+/// the prompts with any sample (failed ones included); counts each
+/// source's samples in the report as it goes.
+fn candidates<'a>(
+    config: &Config,
+    prompts: &'a [StoredPrompt],
+    samples: &'a [Sample],
+    scores: &Scores,
+    report: &mut Report,
+) -> (HashMap<&'a str, Vec<Candidate>>, HashSet<&'a str>) {
+    let mut by_prompt: HashMap<&str, Vec<Candidate>> = HashMap::new();
+    let mut sampled: HashSet<&str> = HashSet::new();
+    let domain_of: HashMap<&str, Domain> =
+        prompts.iter().map(|p| (p.id.as_str(), p.domain)).collect();
+    for s in samples {
+        let Some(&domain) = domain_of.get(s.prompt_id.as_str()) else {
+            continue;
+        };
+        sampled.insert(s.prompt_id.as_str());
+        let dr = report.domains.entry(domain.as_str().into()).or_default();
+        let sr = dr.sources.entry(s.source.clone()).or_default();
+        if !s.ok {
+            sr.failed_requests += 1;
+            continue;
+        }
+        sr.samples += 1;
+        sr.truncated += s.truncated as usize;
+        let recs = scores.get(&(s.prompt_id.clone(), s.source.clone(), s.idx));
+        let get = |name: &str| {
+            recs.and_then(|v| v.iter().find(|r| r.scorer == name && r.score.is_some()))
+        };
+        let passed = get("math").or_else(|| get("code")).and_then(|r| r.passed);
+        let reward = get("reward").and_then(|r| r.score);
+        let judge = get("judge").and_then(|r| r.score);
+        let reference = get("reference").and_then(|r| r.score);
+        if let Some(p) = passed {
+            sr.scored += 1;
+            sr.checked += 1;
+            sr.passed += p as usize;
+        } else if reward.is_some() || judge.is_some() || reference.is_some() {
+            sr.scored += 1;
+        }
+        if let Some(x) = reward {
+            sr.reward_sum += x;
+            sr.reward_n += 1;
+        }
+        if let Some(x) = judge {
+            sr.judge_sum += x;
+            sr.judge_n += 1;
+        }
+        by_prompt
+            .entry(s.prompt_id.as_str())
+            .or_default()
+            .push(Candidate {
+                source: s.source.clone(),
+                idx: s.idx,
+                text: s.text.clone(),
+                truncated: s.truncated,
+                passed,
+                reward,
+                judge,
+                reference,
+                tiebreak: tiebreak(config.pairing.seed, &s.prompt_id, &s.source, s.idx),
+            });
+    }
+
+    (by_prompt, sampled)
+}
+
+/// Each source's rates, and the report's totals over its domains.
+fn add_up(report: &mut Report) {
     for dr in report.domains.values_mut() {
         for sr in dr.sources.values_mut() {
             sr.pass_rate = (sr.checked > 0).then(|| sr.passed as f64 / sr.checked as f64);
@@ -512,7 +530,6 @@ fn build(
         report.sft_rows += dr.sft_rows;
         report.dpo_pairs += dr.dpo_pairs;
     }
-    Ok((report, sft_lines, dpo_lines))
 }
 
 #[cfg(test)]

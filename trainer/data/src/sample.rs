@@ -11,7 +11,7 @@ use crate::error::{Context, DataError, Result};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::client::{Endpoint, Replicas};
+use crate::client::{ChatFailure, ChatResponse, Endpoint, Replicas};
 use crate::config::{Config, OnChange, SampleOrder, SourceConfig};
 use crate::prompts::{self, Prompt, Side};
 use crate::store::{SampleKey, SampleRecord, Store};
@@ -129,6 +129,13 @@ fn write_split(config: &Config, all: &[Prompt]) -> Result<()> {
     Ok(())
 }
 
+/// One sample to request: a training prompt, a source, the response index.
+type Job = (Prompt, SourceConfig, u32);
+
+/// A finished request: prompt id, source id, index, the request body, and
+/// the answer or the failure.
+type Answered = (String, String, u32, Value, std::result::Result<ChatResponse, ChatFailure>);
+
 pub async fn run(config: &Config) -> Result<SampleSummary> {
     if config.sources.is_empty() {
         return Err(DataError::Config("no [[sources]] in the config".into()));
@@ -137,19 +144,57 @@ pub async fn run(config: &Config) -> Result<SampleSummary> {
     if train.is_empty() {
         return Err(DataError::Config("no training prompts: check [[pools]]".into()));
     }
-    let store = Arc::new(Store::open(&config.store_path())?);
+    let store = open_store(config, &all)?;
+    assert!(train.iter().all(|p| p.side == Side::Train));
+    let replicas = connect(config).await?;
+    let (jobs, planned) = pending_jobs(config, &train, &store)?;
+    let already_done = planned - jobs.len();
+    eprintln!(
+        "fusechat sample: {} training prompts, {} sources: {planned} samples planned, {already_done} already in {}, {} to request",
+        train.len(),
+        config.sources.len(),
+        config.store_path().display(),
+        jobs.len()
+    );
+    let mut summary = SampleSummary {
+        planned,
+        already_done,
+        requested: jobs.len(),
+        ok: 0,
+        failed: 0,
+        truncated: 0,
+        empty: 0,
+        completion_tokens: 0,
+        elapsed_s: 0.0,
+        responses_per_s: 0.0,
+        tokens_per_s: 0.0,
+        per_source: HashMap::new(),
+    };
+    let start = Instant::now();
+    let last_error = request_all(config, jobs, &replicas, &store, &mut summary).await?;
+    finish(config, summary, start.elapsed().as_secs_f64(), last_error)
+}
+
+/// The store, with the split's seed, fraction and prompts recorded, and
+/// `split.jsonl` written beside it.
+fn open_store(config: &Config, all: &[Prompt]) -> Result<Store> {
+    let store = Store::open(&config.store_path())?;
     store.set_meta("split_seed", &config.prompts.split_seed.to_string())?;
     store.set_meta("eval_fraction", &config.prompts.eval_fraction.to_string())?;
-    store.record_prompts(&all).context("recording the split")?;
-    write_split(config, &all)?;
-    assert!(train.iter().all(|p| p.side == Side::Train));
+    store.record_prompts(all).context("recording the split")?;
+    write_split(config, all)?;
+    Ok(store)
+}
 
+/// Each source's endpoints (one, or its replicas), after asking every
+/// endpoint a source uses whether it answers: one that does not is
+/// warned about, and its samples are recorded as failed.
+async fn connect(config: &Config) -> Result<HashMap<String, Arc<Replicas>>> {
     let mut endpoints: HashMap<String, Arc<Endpoint>> = HashMap::new();
     for e in &config.endpoints {
         endpoints.insert(e.name.clone(), Endpoint::new(e)?);
     }
-    // Each source through its endpoint, or spread over its replicas.
-    let replicas: HashMap<&str, Arc<Replicas>> = config
+    let replicas = config
         .sources
         .iter()
         .map(|s| {
@@ -158,7 +203,7 @@ pub async fn run(config: &Config) -> Result<SampleSummary> {
                 .into_iter()
                 .map(|n| endpoints[n].clone())
                 .collect();
-            (s.id.as_str(), Arc::new(Replicas::new(eps)))
+            (s.id.clone(), Arc::new(Replicas::new(eps)))
         })
         .collect();
     for (name, e) in &endpoints {
@@ -173,12 +218,18 @@ pub async fn run(config: &Config) -> Result<SampleSummary> {
             }
         }
     }
+    Ok(replicas)
+}
 
+/// The samples still to request, in the order to request them, and how
+/// many the config plans in all. A stored sample made with another request
+/// than the config sends now is refused or resampled (`on_change`).
+fn pending_jobs(config: &Config, train: &[Prompt], store: &Store) -> Result<(Vec<Job>, usize)> {
     let done = store.done_requests(config.sampling.retry_failed)?;
     let mut jobs = Vec::new();
     let mut stale: Vec<(SampleKey, Vec<String>)> = Vec::new();
     let mut planned = 0;
-    for (p, s, idx) in plan(config, &train) {
+    for (p, s, idx) in plan(config, train) {
         planned += 1;
         let key = (p.id.clone(), s.id.clone(), idx);
         match done.get(&key) {
@@ -203,46 +254,49 @@ pub async fn run(config: &Config) -> Result<SampleSummary> {
         }
     }
     if !stale.is_empty() {
-        let ((prompt, source, idx), first) = &stale[0];
-        let first = format!("{prompt} / {source} / {idx}: {}", first.join(", "));
-        let keys: Vec<SampleKey> = stale.iter().map(|(k, _)| k.clone()).collect();
-        match config.sampling.on_change {
-            OnChange::Refuse => return Err(DataError::Stage(format!(
-                "{} sample(s) in {} were made with another request than this config sends now \
-                 (the first, {first}); nothing was sent. Sample into a new folder (`run.output`), \
-                 restore the old settings, or set `on_change = \"resample\"` in [sampling] \
-                 to delete those samples and their scores and request them again",
-                keys.len(),
-                config.store_path().display(),
-            ))),
-            OnChange::Resample => {
-                store
-                    .delete_samples(&keys)
-                    .context("deleting samples made with an older request")?;
-                eprintln!(
-                    "fusechat sample: {} sample(s) were made with another request (the first, {first}); \
-                     deleted with their scores, requesting them again",
-                    keys.len()
-                );
-            }
-        }
+        drop_stale(config, store, &stale)?;
     }
     if config.sampling.order == SampleOrder::Source {
         // Stable: within a source, prompts keep their order.
         let rank = |id: &str| config.sources.iter().position(|s| s.id == id);
         jobs.sort_by_key(|(_, s, _)| rank(&s.id));
     }
-    let already_done = planned - jobs.len();
-    eprintln!(
-        "fusechat sample: {} training prompts, {} sources: {planned} samples planned, {already_done} already in {}, {} to request",
-        train.len(),
-        config.sources.len(),
-        config.store_path().display(),
-        jobs.len()
-    );
+    Ok((jobs, planned))
+}
 
+/// Samples made with another request than the config sends now: an error
+/// (`on_change = "refuse"`), or deleted with their scores to be requested
+/// again (`"resample"`).
+fn drop_stale(config: &Config, store: &Store, stale: &[(SampleKey, Vec<String>)]) -> Result<()> {
+    let ((prompt, source, idx), first) = &stale[0];
+    let first = format!("{prompt} / {source} / {idx}: {}", first.join(", "));
+    let keys: Vec<SampleKey> = stale.iter().map(|(k, _)| k.clone()).collect();
+    match config.sampling.on_change {
+        OnChange::Refuse => Err(DataError::Stage(format!(
+            "{} sample(s) in {} were made with another request than this config sends now \
+             (the first, {first}); nothing was sent. Sample into a new folder (`run.output`), \
+             restore the old settings, or set `on_change = \"resample\"` in [sampling] \
+             to delete those samples and their scores and request them again",
+            keys.len(),
+            config.store_path().display(),
+        ))),
+        OnChange::Resample => {
+            store
+                .delete_samples(&keys)
+                .context("deleting samples made with an older request")?;
+            eprintln!(
+                "fusechat sample: {} sample(s) were made with another request (the first, {first}); \
+                 deleted with their scores, requesting them again",
+                keys.len()
+            );
+            Ok(())
+        }
+    }
+}
+
+fn progress_bar(config: &Config, len: usize) -> indicatif::ProgressBar {
     let bar = if config.sampling.progress {
-        indicatif::ProgressBar::new(jobs.len() as u64)
+        indicatif::ProgressBar::new(len as u64)
     } else {
         indicatif::ProgressBar::hidden()
     };
@@ -253,25 +307,37 @@ pub async fn run(config: &Config) -> Result<SampleSummary> {
         .unwrap()
         .progress_chars("=> "),
     );
+    bar
+}
 
-    let start = Instant::now();
-    // Source order: one source at a time. Its requests go out up to its
-    // endpoint's concurrency, and the next source's first request only once
-    // the last one of the previous source has come back, so the models
-    // really take turns (two models decoding at once on one machine share
-    // it). Prompt order: everything is queued at once and each endpoint's
-    // own limit applies (in the client).
+/// Requests every job and stores each answer as it comes back; returns the
+/// last failure's message.
+///
+/// Source order: one source at a time. Its requests go out up to its
+/// endpoint's concurrency, and the next source's first request only once
+/// the last one of the previous source has come back, so the models really
+/// take turns (two models decoding at once on one machine share it).
+/// Prompt order: everything is queued at once and each endpoint's own
+/// limit applies (in the client).
+async fn request_all(
+    config: &Config,
+    jobs: Vec<Job>,
+    replicas: &HashMap<String, Arc<Replicas>>,
+    store: &Store,
+    summary: &mut SampleSummary,
+) -> Result<Option<String>> {
+    let bar = progress_bar(config, jobs.len());
     let one_source_at_a_time = config.sampling.order == SampleOrder::Source;
-    let mut queue = jobs.iter().cloned().peekable();
+    let mut queue = jobs.into_iter().peekable();
     let mut running: Option<String> = None;
     let mut set = tokio::task::JoinSet::new();
-    let mut spawn_next = |set: &mut tokio::task::JoinSet<_>| {
+    let mut spawn_next = |set: &mut tokio::task::JoinSet<Answered>| {
         let Some((_, next, _)) = queue.peek() else {
             return false;
         };
         if one_source_at_a_time {
             let same_source = running.as_deref() == Some(next.id.as_str());
-            let limit = replicas[next.id.as_str()].concurrency();
+            let limit = replicas[&next.id].concurrency();
             if !set.is_empty() && (!same_source || set.len() >= limit) {
                 return false;
             }
@@ -280,7 +346,7 @@ pub async fn run(config: &Config) -> Result<SampleSummary> {
             return false;
         };
         running = Some(s.id.clone());
-        let ep = replicas[s.id.as_str()].clone();
+        let ep = replicas[&s.id].clone();
         let body = request_body(config, &s, &p, idx);
         set.spawn(async move {
             let r = ep.chat(&body).await;
@@ -289,73 +355,14 @@ pub async fn run(config: &Config) -> Result<SampleSummary> {
         true
     };
     while spawn_next(&mut set) {}
-    let mut summary = SampleSummary {
-        planned,
-        already_done,
-        requested: jobs.len(),
-        ok: 0,
-        failed: 0,
-        truncated: 0,
-        empty: 0,
-        completion_tokens: 0,
-        elapsed_s: 0.0,
-        responses_per_s: 0.0,
-        tokens_per_s: 0.0,
-        per_source: HashMap::new(),
-    };
     let mut last_error = None;
     while let Some(joined) = set.join_next().await {
         while spawn_next(&mut set) {}
-        let (prompt_id, source, idx, body, r) = joined.context("a sampling task panicked")?;
-        let stats = summary.per_source.entry(source.clone()).or_default();
-        let rec = match r {
-            Ok(resp) => {
-                summary.ok += 1;
-                stats.ok += 1;
-                let ct = resp.completion_tokens.unwrap_or(0);
-                summary.completion_tokens += ct;
-                stats.completion_tokens += ct;
-                if resp.finish_reason.as_deref() == Some("length") {
-                    summary.truncated += 1;
-                }
-                if resp.text.trim().is_empty() {
-                    summary.empty += 1;
-                }
-                SampleRecord {
-                    prompt_id,
-                    source,
-                    idx,
-                    ok: true,
-                    request: body,
-                    text: Some(resp.text),
-                    finish_reason: resp.finish_reason,
-                    prompt_tokens: resp.prompt_tokens,
-                    completion_tokens: resp.completion_tokens,
-                    latency_ms: resp.latency.as_millis() as u64,
-                    attempts: resp.attempts,
-                    error: None,
-                }
-            }
-            Err(f) => {
-                summary.failed += 1;
-                stats.failed += 1;
-                last_error = Some(f.to_string());
-                SampleRecord {
-                    prompt_id,
-                    source,
-                    idx,
-                    ok: false,
-                    request: body,
-                    text: None,
-                    finish_reason: None,
-                    prompt_tokens: None,
-                    completion_tokens: None,
-                    latency_ms: 0,
-                    attempts: f.attempts,
-                    error: Some(f.message),
-                }
-            }
-        };
+        let answered = joined.context("a sampling task panicked")?;
+        if let Err(f) = &answered.4 {
+            last_error = Some(f.to_string());
+        }
+        let rec = count(summary, answered);
         store
             .put_sample(&rec)
             .context("writing a sample to the store")?;
@@ -365,7 +372,64 @@ pub async fn run(config: &Config) -> Result<SampleSummary> {
         }
     }
     bar.finish();
-    let elapsed = start.elapsed().as_secs_f64();
+    Ok(last_error)
+}
+
+/// Counts an answer in the summary and turns it into its store record.
+fn count(summary: &mut SampleSummary, answered: Answered) -> SampleRecord {
+    let (prompt_id, source, idx, body, r) = answered;
+    let stats = summary.per_source.entry(source.clone()).or_default();
+    match r {
+        Ok(resp) => {
+            summary.ok += 1;
+            stats.ok += 1;
+            let ct = resp.completion_tokens.unwrap_or(0);
+            summary.completion_tokens += ct;
+            stats.completion_tokens += ct;
+            if resp.finish_reason.as_deref() == Some("length") {
+                summary.truncated += 1;
+            }
+            if resp.text.trim().is_empty() {
+                summary.empty += 1;
+            }
+            SampleRecord {
+                prompt_id,
+                source,
+                idx,
+                ok: true,
+                request: body,
+                text: Some(resp.text),
+                finish_reason: resp.finish_reason,
+                prompt_tokens: resp.prompt_tokens,
+                completion_tokens: resp.completion_tokens,
+                latency_ms: resp.latency.as_millis() as u64,
+                attempts: resp.attempts,
+                error: None,
+            }
+        }
+        Err(f) => {
+            summary.failed += 1;
+            stats.failed += 1;
+            SampleRecord {
+                prompt_id,
+                source,
+                idx,
+                ok: false,
+                request: body,
+                text: None,
+                finish_reason: None,
+                prompt_tokens: None,
+                completion_tokens: None,
+                latency_ms: 0,
+                attempts: f.attempts,
+                error: Some(f.message),
+            }
+        }
+    }
+}
+
+/// The summary's rates, written to `sample_stats.json` and told on stderr.
+fn finish(config: &Config, mut summary: SampleSummary, elapsed: f64, last_error: Option<String>) -> Result<SampleSummary> {
     summary.elapsed_s = elapsed;
     if elapsed > 0.0 {
         summary.responses_per_s = summary.ok as f64 / elapsed;

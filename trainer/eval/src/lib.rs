@@ -37,7 +37,7 @@ use futures::StreamExt;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-pub use config::EvalConfig;
+pub use config::{EvalConfig, ModelEntry};
 pub use error::{EvalError, Result};
 pub use report::Report;
 

@@ -93,25 +93,49 @@ impl Progress {
 /// the run (the main thread): a server it starts is tied to the calling
 /// thread with `PR_SET_PDEATHSIG`, so it also goes when the run is killed.
 pub fn run(config: &FuseConfig, bin: &Path) -> Result<Outcome> {
-    let run_dir = config.run_dir();
-    std::fs::create_dir_all(run_dir.join("config"))
-        .map_err(io(format!("creating {}", run_dir.display())))?;
-    // No `..` in the paths the server is asked to load from (it refuses them).
-    let run_dir =
-        std::fs::canonicalize(&run_dir).map_err(io(format!("resolving {}", run_dir.display())))?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(io("starting the async runtime"))?;
-    let mut progress = Progress {
-        total: 11,
-        done: Vec::new(),
-        started: Instant::now(),
-    };
-    eprintln!("fusechat fuse: {} -> {}", config.origin, run_dir.display());
-    let data_config = write_data_config(config, &run_dir)?;
+    let mut run = Run::new(config)?;
+    eprintln!("fusechat fuse: {} -> {}", config.origin, run.dir.display());
+    let data_config = write_data_config(config, &run.dir)?;
     // Check [eval] now, not after training.
-    eval_config(config, &run_dir, &data_config, "fused", Some("sft"))?;
+    eval_config(config, &run.dir, &data_config, "fused", Some("sft"))?;
+    warn_when_sampled_elsewhere(config, &data_config);
+
+    let mut server = run.server(bin)?;
+    let base_dir = run.base()?;
+    let pairs = run.build_data(&data_config)?;
+    let trained = run.train(&base_dir, &data_config.output_dir(), &pairs)?;
+    let (fused_dir, sha) = run.export(trained.final_dir())?;
+    let (fused, sft_id) = run.swap(&server, &trained, fused_dir, sha)?;
+    let evaluated = run.evaluate(&server, &data_config, &fused.id, sft_id.as_deref())?;
+    server.stop();
+    run.report(&fused, &pairs, &trained, &evaluated)
+}
+
+/// A run in progress: its config, folder, async runtime and stage times.
+struct Run<'a> {
+    config: &'a FuseConfig,
+    dir: PathBuf,
+    rt: tokio::runtime::Runtime,
+    progress: Progress,
+}
+
+/// What training produced: the SFT run, and the DPO run from it where
+/// there was one.
+struct Trained {
+    sft: RunSummary,
+    dpo: Option<RunSummary>,
+}
+
+impl Trained {
+    /// The folder of the last stage's model: the fused model's weights.
+    fn final_dir(&self) -> &Path {
+        &self.dpo.as_ref().unwrap_or(&self.sft).final_dir
+    }
+}
+
+/// Says so when no data endpoint is this run's server: the sources are
+/// then sampled elsewhere, which is allowed but worth knowing.
+fn warn_when_sampled_elsewhere(config: &FuseConfig, data_config: &fusechat_data::Config) {
     let served = format!("{}/v1", config.server_url());
     if !data_config
         .endpoints
@@ -123,230 +147,300 @@ pub fn run(config: &FuseConfig, bin: &Path) -> Result<Outcome> {
              the sources are sampled elsewhere"
         );
     }
+}
 
-    let t = progress.begin("server", &config.server_url());
-    let mut server = rt.block_on(Server::ensure(config, bin, &run_dir))?;
-    // The hot-swap needs the admin routes: find out now, not after training.
-    rt.block_on(server.admin_models()).map_err(|e| match e {
-        FuseError::Http { status: 401 | 403, .. } => FuseError::Server(format!(
-            "{e}. The run needs the server's admin routes for the hot-swap: put the server's admin key in ${}, \
-             and let it load from {} (`fusechat serve --model-root DIR` with DIR above the run folder)",
-            config.server.admin_key_env,
-            run_dir.display()
-        )),
-        other => other,
-    })?;
-    let how = if server.started_here() {
-        "started here"
-    } else {
-        "already running"
-    };
-    progress.end("server", t, how);
-
-    let t = progress.begin("base", "the target's float weights");
-    let base_dir = base_weights(config, &run_dir)?;
-    progress.end("base", t, base_dir.display().to_string());
-
-    let t = progress.begin("sample", "every source, through its OpenAI endpoint");
-    let sampled = rt
-        .block_on(fusechat_data::sample::run(&data_config))
-        .map_err(stage("sample"))?;
-    if sampled.ok == 0 && sampled.requested > 0 {
-        return Err(FuseError::Stage {
-            stage: "sample",
-            cause: anyhow::anyhow!("no request succeeded ({} failed)", sampled.failed),
-        });
+impl<'a> Run<'a> {
+    fn new(config: &'a FuseConfig) -> Result<Self> {
+        let dir = config.run_dir();
+        std::fs::create_dir_all(dir.join("config"))
+            .map_err(io(format!("creating {}", dir.display())))?;
+        // No `..` in the paths the server is asked to load from (it refuses them).
+        let dir = std::fs::canonicalize(&dir).map_err(io(format!("resolving {}", dir.display())))?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(io("starting the async runtime"))?;
+        let progress = Progress {
+            total: 11,
+            done: Vec::new(),
+            started: Instant::now(),
+        };
+        Ok(Self { config, dir, rt, progress })
     }
-    progress.end(
-        "sample",
-        t,
-        format!(
+
+    /// 1. The server at `server.url`, started here when none answers; its
+    /// admin routes are checked now, not at the hot-swap after training.
+    fn server(&mut self, bin: &Path) -> Result<Server> {
+        let config = self.config;
+        let t = self.progress.begin("server", &config.server_url());
+        let server = self.rt.block_on(Server::ensure(config, bin, &self.dir))?;
+        self.rt.block_on(server.admin_models()).map_err(|e| match e {
+            FuseError::Http { status: 401 | 403, .. } => FuseError::Server(format!(
+                "{e}. The run needs the server's admin routes for the hot-swap: put the server's admin key in ${}, \
+                 and let it load from {} (`fusechat serve --model-root DIR` with DIR above the run folder)",
+                config.server.admin_key_env,
+                self.dir.display()
+            )),
+            other => other,
+        })?;
+        let how = if server.started_here() {
+            "started here"
+        } else {
+            "already running"
+        };
+        self.progress.end("server", t, how);
+        Ok(server)
+    }
+
+    /// 2. The target's float weights.
+    fn base(&mut self) -> Result<PathBuf> {
+        let t = self.progress.begin("base", "the target's float weights");
+        let base_dir = base_weights(self.config, &self.dir)?;
+        self.progress.end("base", t, base_dir.display().to_string());
+        Ok(base_dir)
+    }
+
+    /// 3-5. Sample every source, score the responses, pair them; an error
+    /// when nothing is left to train on.
+    fn build_data(&mut self, data_config: &fusechat_data::Config) -> Result<fusechat_data::pair::Report> {
+        let t = self.progress.begin("sample", "every source, through its OpenAI endpoint");
+        let sampled = self
+            .rt
+            .block_on(fusechat_data::sample::run(data_config))
+            .map_err(stage("sample"))?;
+        if sampled.ok == 0 && sampled.requested > 0 {
+            return Err(FuseError::Stage {
+                stage: "sample",
+                cause: anyhow::anyhow!("no request succeeded ({} failed)", sampled.failed),
+            });
+        }
+        let note = format!(
             "{} requested ({} failed), {} already stored",
             sampled.requested, sampled.failed, sampled.already_done
-        ),
-    );
+        );
+        self.progress.end("sample", t, note);
 
-    let t = progress.begin("score", "math answers, code tests, judge / reward model");
-    rt.block_on(fusechat_data::score::run(&data_config))
-        .map_err(stage("score"))?;
-    progress.end("score", t, "");
+        let t = self.progress.begin("score", "math answers, code tests, judge / reward model");
+        self.rt
+            .block_on(fusechat_data::score::run(data_config))
+            .map_err(stage("score"))?;
+        self.progress.end("score", t, "");
 
-    let t = progress.begin(
-        "pair",
-        "best response per prompt (SFT), best vs worst of one source (DPO)",
-    );
-    let pairs = fusechat_data::pair::run(&data_config).map_err(stage("pair"))?;
-    let data_dir = data_config.output_dir();
-    progress.end(
-        "pair",
-        t,
-        format!("{} SFT rows, {} DPO pairs", pairs.sft_rows, pairs.dpo_pairs),
-    );
-    if pairs.sft_rows == 0 {
-        return Err(FuseError::Stage {
-            stage: "pair",
-            cause: anyhow::anyhow!(
-                "no SFT rows: no prompt had a usable response (see {}); sample more prompts or more responses per prompt",
-                data_dir.join("report.md").display()
-            ),
-        });
+        let t = self.progress.begin(
+            "pair",
+            "best response per prompt (SFT), best vs worst of one source (DPO)",
+        );
+        let pairs = fusechat_data::pair::run(data_config).map_err(stage("pair"))?;
+        let note = format!("{} SFT rows, {} DPO pairs", pairs.sft_rows, pairs.dpo_pairs);
+        self.progress.end("pair", t, note);
+        if pairs.sft_rows == 0 {
+            return Err(FuseError::Stage {
+                stage: "pair",
+                cause: anyhow::anyhow!(
+                    "no SFT rows: no prompt had a usable response (see {}); sample more prompts or more responses per prompt",
+                    data_config.output_dir().join("report.md").display()
+                ),
+            });
+        }
+        Ok(pairs)
     }
 
-    fusechat_train::device::tune_allocator();
-    let device = fusechat_train::device::select(false).map_err(stage("sft"))?;
-    let t = progress.begin(
-        "sft",
-        &format!(
+    /// 6-7. SFT from the base weights, then DPO from the SFT model where
+    /// it is on and there are pairs.
+    fn train(
+        &mut self,
+        base_dir: &Path,
+        data_dir: &Path,
+        pairs: &fusechat_data::pair::Report,
+    ) -> Result<Trained> {
+        fusechat_train::device::tune_allocator();
+        let device = fusechat_train::device::select(false).map_err(stage("sft"))?;
+        let what = format!(
             "{} rows on {}",
             pairs.sft_rows,
             fusechat_train::device::describe(&device)
-        ),
-    );
-    let options = run_options(config.sft_options()?);
-    let sft = fusechat_train::sft::sft(
-        &fusechat_train::sft::SftOptions {
-            model: base_dir.clone(),
-            data: data_dir.join("sft.jsonl"),
-            out: run_dir.join("sft"),
-            max_len: options.max_len,
-            on_bad_input: fusechat_train::data::OnBadInput::Skip,
-            train: options.train,
-        },
-        &device,
-    )
-    .map_err(stage("sft"))?;
-    progress.end("sft", t, train_note(&sft));
-
-    let (final_dir, dpo) = if config.dpo.enabled && pairs.dpo_pairs > 0 {
-        let t = progress.begin(
-            "dpo",
-            &format!(
-                "{} pairs, {} loss, from the SFT model",
-                pairs.dpo_pairs, config.dpo.loss
-            ),
         );
-        let preference = config.dpo.preference()?;
-        let options = run_options(config.dpo_options()?);
+        let t = self.progress.begin("sft", &what);
+        let options = run_options(self.config.sft_options()?);
+        let sft = fusechat_train::sft::sft(
+            &fusechat_train::sft::SftOptions {
+                model: base_dir.to_path_buf(),
+                data: data_dir.join("sft.jsonl"),
+                out: self.dir.join("sft"),
+                max_len: options.max_len,
+                on_bad_input: fusechat_train::data::OnBadInput::Skip,
+                train: options.train,
+            },
+            &device,
+        )
+        .map_err(stage("sft"))?;
+        self.progress.end("sft", t, train_note(&sft));
+        let dpo = self.train_dpo(&sft.final_dir, data_dir, pairs.dpo_pairs, &device)?;
+        Ok(Trained { sft, dpo })
+    }
+
+    /// 7. DPO from the SFT model in `sft_dir`, or the reason it is skipped.
+    fn train_dpo(
+        &mut self,
+        sft_dir: &Path,
+        data_dir: &Path,
+        dpo_pairs: usize,
+        device: &fusechat_train::device::Device,
+    ) -> Result<Option<RunSummary>> {
+        let dpo_config = &self.config.dpo;
+        if !dpo_config.enabled || dpo_pairs == 0 {
+            let t = self.progress.begin("dpo", "skipped");
+            let why = if dpo_config.enabled {
+                "no DPO pairs: the SFT model is the fused model"
+            } else {
+                "dpo.enabled is off"
+            };
+            self.progress.end("dpo", t, why);
+            return Ok(None);
+        }
+        let what = format!("{dpo_pairs} pairs, {} loss, from the SFT model", dpo_config.loss);
+        let t = self.progress.begin("dpo", &what);
+        let preference = dpo_config.preference()?;
+        let options = run_options(self.config.dpo_options()?);
         let dpo = fusechat_train::dpo::dpo(
             &fusechat_train::dpo::DpoOptions {
-                model: sft.final_dir.clone(),
+                model: sft_dir.to_path_buf(),
                 data: data_dir.join("dpo.jsonl"),
-                out: run_dir.join("dpo"),
+                out: self.dir.join("dpo"),
                 max_len: options.max_len,
                 on_bad_input: fusechat_train::data::OnBadInput::Skip,
                 preference,
                 train: options.train,
             },
-            &device,
+            device,
         )
         .map_err(stage("dpo"))?;
-        progress.end("dpo", t, train_note(&dpo));
-        (dpo.final_dir.clone(), Some(dpo))
-    } else {
-        let t = progress.begin("dpo", "skipped");
-        let why = if config.dpo.enabled {
-            "no DPO pairs: the SFT model is the fused model"
-        } else {
-            "dpo.enabled is off"
+        self.progress.end("dpo", t, train_note(&dpo));
+        Ok(Some(dpo))
+    }
+
+    /// 8. The final model as a Hugging Face folder at `RUN/fused`, and the
+    /// sha256 of its weights.
+    fn export(&mut self, final_dir: &Path) -> Result<(PathBuf, String)> {
+        let t = self.progress.begin("export", "the fused Hugging Face folder");
+        let fused_dir = self.dir.join("fused");
+        let sha = export(final_dir, &fused_dir)?;
+        let note = format!("{} (sha256 {})", fused_dir.display(), &sha[..16]);
+        self.progress.end("export", t, note);
+        Ok((fused_dir, sha))
+    }
+
+    /// 9. Loads the fused model and points the alias at it; after DPO the
+    /// SFT model is loaded beside it (unaliased) so the report can say what
+    /// DPO added. Returns the fused model and the SFT model's id if loaded.
+    fn swap(
+        &mut self,
+        server: &Server,
+        trained: &Trained,
+        fused_dir: PathBuf,
+        sha: String,
+    ) -> Result<(report::FusedModel, Option<String>)> {
+        let config = self.config;
+        let fused_id = fused_model_id(config, &sha);
+        let what = format!("load {fused_id} and point `{}` at it", config.target.alias);
+        let t = self.progress.begin("swap", &what);
+        let fingerprint = self.rt.block_on(swap(config, server, &fused_id, &fused_dir))?;
+        let sft_id = match trained.dpo.is_some() && config.run.evaluate_sft {
+            true => self.load_sft(server, &trained.sft.final_dir)?,
+            false => None,
         };
-        progress.end("dpo", t, why);
-        (sft.final_dir.clone(), None)
-    };
-
-    let t = progress.begin("export", "the fused Hugging Face folder");
-    let fused_dir = run_dir.join("fused");
-    let sha = export(&final_dir, &fused_dir)?;
-    let fused_id = fused_model_id(config, &sha);
-    progress.end(
-        "export",
-        t,
-        format!("{} (sha256 {})", fused_dir.display(), &sha[..16]),
-    );
-
-    let t = progress.begin(
-        "swap",
-        &format!("load {fused_id} and point `{}` at it", config.target.alias),
-    );
-    let fingerprint = rt.block_on(swap(config, &server, &fused_id, &fused_dir))?;
-    // The SFT model beside the fused one, so the report can say what DPO added.
-    let sft_id = match dpo.is_some() && config.run.evaluate_sft {
-        true => {
-            let weights = fusechat_models::fetch::sha256_file(&sft.final_dir.join("model.safetensors"))
-                .map_err(stage("swap"))?;
-            let id = stage_model_id(config, "sft", &weights);
-            // The SFT row is extra: a server that cannot hold it costs the
-            // row, not the run.
-            match rt.block_on(load_unaliased(config, &server, &id, &sft.final_dir)) {
-                Ok(()) => Some(id),
-                Err(e) => {
-                    eprintln!("fusechat fuse: warning: the SFT model is not evaluated: {e}");
-                    None
-                }
-            }
-        }
-        false => None,
-    };
-    progress.end(
-        "swap",
-        t,
-        format!(
+        let note = format!(
             "`{}` -> {fused_id}{}",
             config.target.alias,
             sft_id.as_deref().map(|id| format!("; SFT model as {id}")).unwrap_or_default()
-        ),
-    );
+        );
+        self.progress.end("swap", t, note);
+        let fused = report::FusedModel {
+            id: fused_id,
+            alias: config.target.alias.clone(),
+            path: fused_dir.display().to_string(),
+            sha256: sha,
+            fingerprint,
+        };
+        Ok((fused, sft_id))
+    }
 
-    let t = progress.begin(
-        "eval",
-        "base and fused targets, and the sources, on the evaluation side",
-    );
-    let eval_config = write_eval_config(config, &run_dir, &data_config, &fused_id, sft_id.as_deref())?;
-    let evaluated = rt
-        .block_on(fusechat_eval::run(&eval_config))
-        .map_err(stage("eval"))?;
-    progress.end(
-        "eval",
-        t,
-        format!(
-            "{} generations, {} judge calls, {} sandbox runs in this run",
-            evaluated.generated, evaluated.judged, evaluated.sandboxed
-        ),
-    );
-    if let Some(id) = &sft_id {
-        // Only the fused model stays on a server the run did not start.
-        if let Err(e) = rt.block_on(server.unload_model(id)) {
-            eprintln!("fusechat fuse: warning: unloading {id}: {e}");
+    /// The SFT model loaded unaliased for its evaluation row. The row is
+    /// extra: a server that cannot hold it costs the row, not the run.
+    fn load_sft(&self, server: &Server, sft_dir: &Path) -> Result<Option<String>> {
+        let weights = fusechat_models::fetch::sha256_file(&sft_dir.join("model.safetensors"))
+            .map_err(stage("swap"))?;
+        let id = stage_model_id(self.config, "sft", &weights);
+        match self.rt.block_on(load_unaliased(self.config, server, &id, sft_dir)) {
+            Ok(()) => Ok(Some(id)),
+            Err(e) => {
+                eprintln!("fusechat fuse: warning: the SFT model is not evaluated: {e}");
+                Ok(None)
+            }
         }
     }
-    server.stop();
 
-    let t = progress.begin("report", "report.md, report.json");
-    let fused = report::FusedModel {
-        id: fused_id,
-        alias: config.target.alias.clone(),
-        path: fused_dir.display().to_string(),
-        sha256: sha,
-        fingerprint,
-    };
-    let inputs = report::Inputs {
-        config,
-        run_dir: &run_dir,
-        fused: &fused,
-        pairs: &pairs,
-        sft: &sft,
-        dpo: dpo.as_ref(),
-        eval: &evaluated.report,
-        stages: &progress.done,
-        total_s: progress.started.elapsed().as_secs_f64(),
-    };
-    let headline = report::write(&inputs)?;
-    progress.end("report", t, "");
-    Ok(Outcome {
-        report_md: run_dir.join("report.md"),
-        report_json: run_dir.join("report.json"),
-        fused_dir,
-        headline,
-    })
+    /// 10. Evaluates the base, SFT and fused targets and the sources, then
+    /// unloads the SFT model (only the fused one stays on a server the run
+    /// did not start).
+    fn evaluate(
+        &mut self,
+        server: &Server,
+        data_config: &fusechat_data::Config,
+        fused_id: &str,
+        sft_id: Option<&str>,
+    ) -> Result<fusechat_eval::Outcome> {
+        let t = self.progress.begin(
+            "eval",
+            "base and fused targets, and the sources, on the evaluation side",
+        );
+        let eval_config = write_eval_config(self.config, &self.dir, data_config, fused_id, sft_id)?;
+        let evaluated = self
+            .rt
+            .block_on(fusechat_eval::run(&eval_config))
+            .map_err(stage("eval"))?;
+        let note = format!(
+            "{} generations, {} judge calls, {} sandbox runs in this run",
+            evaluated.generated, evaluated.judged, evaluated.sandboxed
+        );
+        self.progress.end("eval", t, note);
+        if let Some(id) = sft_id {
+            if let Err(e) = self.rt.block_on(server.unload_model(id)) {
+                eprintln!("fusechat fuse: warning: unloading {id}: {e}");
+            }
+        }
+        Ok(evaluated)
+    }
+
+    /// 11. `RUN/report.md` and `RUN/report.json`.
+    fn report(
+        mut self,
+        fused: &report::FusedModel,
+        pairs: &fusechat_data::pair::Report,
+        trained: &Trained,
+        evaluated: &fusechat_eval::Outcome,
+    ) -> Result<Outcome> {
+        let t = self.progress.begin("report", "report.md, report.json");
+        let inputs = report::Inputs {
+            config: self.config,
+            run_dir: &self.dir,
+            fused,
+            pairs,
+            sft: &trained.sft,
+            dpo: trained.dpo.as_ref(),
+            eval: &evaluated.report,
+            stages: &self.progress.done,
+            total_s: self.progress.started.elapsed().as_secs_f64(),
+        };
+        let headline = report::write(&inputs)?;
+        self.progress.end("report", t, "");
+        Ok(Outcome {
+            report_md: self.dir.join("report.md"),
+            report_json: self.dir.join("report.json"),
+            fused_dir: self.dir.join("fused"),
+            headline,
+        })
+    }
 }
 
 /// `<target>-fused-<8 hex>`: see [`stage_model_id`].
@@ -445,12 +539,20 @@ pub fn eval_config(
     fused_id: &str,
     sft_id: Option<&str>,
 ) -> Result<fusechat_eval::EvalConfig> {
+    use fusechat_eval::ModelEntry;
     let api = format!("{}/v1", config.server_url());
-    let mut rows = vec![json!({"name": report::BASE, "base_url": api, "model": config.target.model})];
+    let row = |name: &str, base_url: &str, model: &str| ModelEntry {
+        name: name.to_string(),
+        base_url: base_url.to_string(),
+        model: Some(model.to_string()),
+        api_key_env: None,
+        concurrency: None,
+    };
+    let mut rows = vec![row(report::BASE, &api, &config.target.model)];
     if let Some(id) = sft_id {
-        rows.push(json!({"name": report::SFT, "base_url": api, "model": id}));
+        rows.push(row(report::SFT, &api, id));
     }
-    rows.push(json!({"name": report::FUSED, "base_url": api, "model": fused_id}));
+    rows.push(row(report::FUSED, &api, fused_id));
     if config.run.evaluate_sources {
         for s in &data.sources {
             if s.model() == config.target.model {
@@ -459,29 +561,20 @@ pub fn eval_config(
             // Evaluated through its first endpoint (replicas answer alike).
             let first = s.endpoint_names().first().copied().unwrap_or_default();
             let ep = data.endpoints.iter().find(|e| e.name == first);
-            let mut row = json!({"name": s.id, "base_url": ep.map(|e| e.base_url.clone()).unwrap_or(api.clone()), "model": s.model()});
-            if let Some(env) = ep.and_then(|e| e.api_key_env.clone()) {
-                row["api_key_env"] = json!(env);
-            }
-            rows.push(row);
+            let mut source = row(&s.id, ep.map_or(&api, |e| &e.base_url), s.model());
+            source.api_key_env = ep.and_then(|e| e.api_key_env.clone());
+            rows.push(source);
         }
     }
     let mut table = config.eval.clone();
-    if let Some(toml::Value::Array(extra)) = table.remove("models") {
-        for v in extra {
-            rows.push(
-                serde_json::to_value(v)
-                    .map_err(|e| FuseError::Config(format!("[eval] models: {e}")))?,
-            );
-        }
+    if let Some(extra) = table.remove("models") {
+        let extra: Vec<ModelEntry> = extra
+            .try_into()
+            .map_err(|e| FuseError::Config(format!("{} [eval] models: {e}", config.origin)))?;
+        rows.extend(extra);
     }
-    let rows: Vec<toml::Value> = rows
-        .into_iter()
-        .map(|r| {
-            serde_json::from_value(r).map_err(|e| FuseError::Config(format!("an eval row: {e}")))
-        })
-        .collect::<Result<_>>()?;
-    table.insert("models".into(), toml::Value::Array(rows));
+    // The rows are typed; the table only needs a list to deserialize.
+    table.insert("models".into(), toml::Value::Array(vec![]));
     table.insert(
         "data_config".into(),
         toml::Value::String("data.toml".into()),
@@ -493,6 +586,7 @@ pub fn eval_config(
     let mut eval: fusechat_eval::EvalConfig = toml::Value::Table(table)
         .try_into()
         .map_err(|e| FuseError::Config(format!("{} [eval]: {e}", config.origin)))?;
+    eval.models = rows;
     eval.base_dir = run_dir.join("config");
     eval.validate()
         .map_err(|e| FuseError::Config(format!("{} [eval]: {e}", config.origin)))?;

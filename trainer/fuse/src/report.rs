@@ -240,7 +240,20 @@ pub fn write(x: &Inputs) -> Result<String> {
             .map(comparison_line)
             .unwrap_or_else(|| "no benchmark compared the base and fused targets".into()),
     };
+    let gains = stage_gains(x.eval);
+    let md = markdown(x, &headline, &comparisons, &gains, &settings);
+    let report = json_report(x, &headline, &comparisons, &gains, &settings);
+    let md_path = x.run_dir.join("report.md");
+    let json_path = x.run_dir.join("report.json");
+    crate::write_atomic(&md_path, md.as_bytes())?;
+    let text = serde_json::to_vec_pretty(&report).map_err(|e| io("serialising report.json")(std::io::Error::other(e)))?;
+    crate::write_atomic(&json_path, &text)?;
+    Ok(headline)
+}
 
+/// report.md: the result, base against fused, each stage's gain, every
+/// model, the fusion data, training and the stage times.
+fn markdown(x: &Inputs, headline: &str, comparisons: &[Comparison], gains: &[StageGains], settings: &Settings) -> String {
     let mut md = String::new();
     md.push_str(&format!("# fusechat fuse: {}\n\n", x.config.origin));
     md.push_str(&format!("**Result:** {headline}\n\n"));
@@ -249,7 +262,7 @@ pub fn write(x: &Inputs) -> Result<String> {
         x.fused.id, x.fused.alias, x.fused.path, x.fused.sha256, x.fused.fingerprint
     ));
     md.push_str("## Base target -> fused target\n\n| benchmark | base | fused | difference (points) | 95% interval of the difference | verdict |\n| --- | --- | --- | ---: | --- | --- |\n");
-    for c in &comparisons {
+    for c in comparisons {
         let (d, ci) = match (c.difference, c.difference_ci) {
             (Some(d), Some((l, h))) => (format!("{:+.1}", d * 100.0), format!("[{:+.1}, {:+.1}]", l * 100.0, h * 100.0)),
             _ => ("-".into(), "-".into()),
@@ -263,15 +276,27 @@ pub fn write(x: &Inputs) -> Result<String> {
         ));
     }
     md.push_str("\nThe difference's interval is Newcombe's (from the two Wilson intervals, samples taken as independent: conservative for two models on the same prompts).\n\n");
-    let gains = stage_gains(x.eval);
     md.push_str("## What each stage bought (base -> SFT -> DPO)\n\n");
-    md.push_str(&stage_table(&gains));
+    md.push_str(&stage_table(gains));
     md.push_str("## Every model (evaluation side, greedy)\n\n");
     md.push_str(&fusechat_eval::report::markdown(x.eval));
     md.push_str(&format!(
         "\nPer-sample outputs, chart and the resumable log: `{}`.\n\n",
         x.run_dir.join("eval").display()
     ));
+    md.push_str(&data_section(x));
+    md.push_str(&training_section(x, settings));
+    md.push_str("## Stages (this invocation)\n\n| stage | seconds | note |\n| --- | ---: | --- |\n");
+    for s in x.stages {
+        md.push_str(&format!("| {} | {:.0} | {} |\n", s.stage, s.seconds, s.note.replace('|', "/")));
+    }
+    md.push_str(&format!("\nTotal: {:.0} s. A stage that found its work done took seconds.\n", x.total_s));
+    md
+}
+
+/// The fusion data: rows and pairs per domain and per source.
+fn data_section(x: &Inputs) -> String {
+    let mut md = String::new();
     md.push_str(&format!(
         "## Fusion data\n\n{} SFT rows and {} DPO pairs from the training side (details: `{}`).\n\n| domain | prompts | SFT rows | DPO pairs | dropped |\n| --- | ---: | ---: | ---: | --- |\n",
         x.pairs.sft_rows,
@@ -294,6 +319,12 @@ pub fn write(x: &Inputs) -> Result<String> {
             ));
         }
     }
+    md
+}
+
+/// The training runs and their settings.
+fn training_section(x: &Inputs, settings: &Settings) -> String {
+    let mut md = String::new();
     md.push_str("\n## Training\n\n| stage | steps | last loss | tokens/s | folder |\n| --- | ---: | ---: | ---: | --- |\n");
     for (name, s) in [("SFT", Some(x.sft)), ("DPO", x.dpo)] {
         match s {
@@ -312,12 +343,11 @@ pub fn write(x: &Inputs) -> Result<String> {
         serde_json::to_string(&settings.sft).unwrap_or_default(),
         serde_json::to_string(&settings.dpo).unwrap_or_default()
     ));
-    md.push_str("## Stages (this invocation)\n\n| stage | seconds | note |\n| --- | ---: | --- |\n");
-    for s in x.stages {
-        md.push_str(&format!("| {} | {:.0} | {} |\n", s.stage, s.seconds, s.note.replace('|', "/")));
-    }
-    md.push_str(&format!("\nTotal: {:.0} s. A stage that found its work done took seconds.\n", x.total_s));
+    md
+}
 
+/// report.json: what report.md says, as data.
+fn json_report(x: &Inputs, headline: &str, comparisons: &[Comparison], gains: &[StageGains], settings: &Settings) -> Value {
     let results: serde_json::Map<String, Value> = x
         .eval
         .results
@@ -330,7 +360,7 @@ pub fn write(x: &Inputs) -> Result<String> {
             (m.clone(), Value::Object(row))
         })
         .collect();
-    let report = json!({
+    json!({
         "config": x.config.origin,
         "run_dir": x.run_dir.display().to_string(),
         "headline": headline,
@@ -344,13 +374,7 @@ pub fn write(x: &Inputs) -> Result<String> {
         "training": {"sft": training_json(x.sft), "dpo": x.dpo.map(training_json), "sft_settings": settings.sft, "dpo_settings": settings.dpo},
         "stages": x.stages,
         "total_seconds": x.total_s,
-    });
-    let md_path = x.run_dir.join("report.md");
-    let json_path = x.run_dir.join("report.json");
-    crate::write_atomic(&md_path, md.as_bytes())?;
-    let text = serde_json::to_vec_pretty(&report).map_err(|e| io("serialising report.json")(std::io::Error::other(e)))?;
-    crate::write_atomic(&json_path, &text)?;
-    Ok(headline)
+    })
 }
 
 #[cfg(test)]

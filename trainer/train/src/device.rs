@@ -1,7 +1,8 @@
 //! The one place the training device is chosen: CUDA when the crate is built
 //! with the `cuda` feature and a GPU is there (unless `--cpu`), else the CPU.
 
-use candle_core::Device;
+/// The device training runs on, for callers that pick it with [`select`].
+pub use candle_core::Device;
 
 use crate::error::Result;
 

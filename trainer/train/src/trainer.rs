@@ -411,26 +411,14 @@ pub fn run(
         Start::Checkpoint(dir, state) => {
             check_memory(model, objective, options)?;
             checkpoint::restore(&dir, model, &mut optimizer, &state)?;
-            tracing::info!(
-                "resuming from {} (step {} of {total})",
-                dir.display(),
-                state.step
-            );
+            tracing::info!("resuming from {} (step {} of {total})", dir.display(), state.step);
             (state.step, Some(state.step))
         }
     };
     let ckpt_root = checkpoints(out);
     let mut log = MetricsLog::open(&out.join("metrics.jsonl"), start)?;
 
-    let bar = ProgressBar::new(total as u64).with_position(start as u64);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{prefix} [{bar:30}] {pos}/{len} steps {msg} ({elapsed} < {eta})",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
-    bar.set_prefix(objective.name());
+    let bar = step_bar(objective.name(), start, total);
     let started = Instant::now();
     let mut tokens_done = 0usize;
     let mut last_loss = None;
@@ -486,13 +474,7 @@ pub fn run(
                 seed: options.seed,
                 run_key: run_key.to_string(),
             };
-            checkpoint::save(
-                &ckpt_root,
-                model,
-                &optimizer,
-                &state,
-                options.keep_checkpoints,
-            )?;
+            checkpoint::save(&ckpt_root, model, &optimizer, &state, options.keep_checkpoints)?;
         }
     }
     bar.finish();
@@ -512,6 +494,20 @@ pub fn run(
         last_loss,
         tokens_per_s: tokens_done as f64 / elapsed.max(1e-9),
     })
+}
+
+/// The progress bar of a run of `total` steps resumed at `start`.
+fn step_bar(name: &str, start: usize, total: usize) -> ProgressBar {
+    let bar = ProgressBar::new(total as u64).with_position(start as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{prefix} [{bar:30}] {pos}/{len} steps {msg} ({elapsed} < {eta})",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_prefix(name.to_string());
+    bar
 }
 
 /// One optimizer step as the metrics log and the progress display show it.

@@ -10,7 +10,7 @@
 //! output, not against code written to escape a Python process.
 
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -336,28 +336,7 @@ impl Sandbox {
         std::fs::write(dir.join("task.json"), spec.to_string())?;
         std::fs::write(dir.join("harness.py"), HARNESS)?;
 
-        let mut cmd = if caps.unshare {
-            let mut c = tokio::process::Command::new("unshare");
-            c.args(["-n", "-p", "-f", "--kill-child", "--"])
-                .arg(&caps.python);
-            c
-        } else {
-            tokio::process::Command::new(&caps.python)
-        };
-        cmd.args(["-I", "-B", "harness.py"])
-            .current_dir(&dir)
-            .env_clear()
-            .env("PATH", "/usr/bin:/bin")
-            .env("HOME", &dir)
-            .env("TMPDIR", &dir)
-            .env("LANG", "C.UTF-8")
-            .env("OPENBLAS_NUM_THREADS", "1")
-            .env("OMP_NUM_THREADS", "1")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        cmd.as_std_mut().process_group(0);
+        let mut cmd = harness_command(&caps, &dir);
         let mut child = cmd
             .spawn()
             .map_err(|e| crate::error::DataError::Stage(format!("starting {}: {e}", caps.python)))?;
@@ -389,47 +368,7 @@ impl Sandbox {
             }
             Ok((out, err, status)) => {
                 kill_group(); // anything the code left behind in its group
-                let out = String::from_utf8_lossy(&out);
-                let line = out
-                    .lines()
-                    .rev()
-                    .find_map(|l| l.strip_prefix(nonce.as_str()));
-                match line.and_then(|l| serde_json::from_str::<Value>(l).ok()) {
-                    Some(v) => CodeVerdict {
-                        passed: v["passed"].as_bool().unwrap_or(false),
-                        reason: v["reason"].as_str().unwrap_or("crash").to_string(),
-                        detail: v["detail"].as_str().unwrap_or("").to_string(),
-                    },
-                    None => {
-                        let err = String::from_utf8_lossy(&err);
-                        let tail: String = err
-                            .lines()
-                            .rev()
-                            .take(5)
-                            .collect::<Vec<_>>()
-                            .into_iter()
-                            .rev()
-                            .collect::<Vec<_>>()
-                            .join("\n");
-                        let tail = match tail.char_indices().rev().nth(2000) {
-                            Some((i, _)) => format!("…{}", &tail[i..]),
-                            None => tail,
-                        };
-                        let status = match status {
-                            Ok(s) => s.to_string(),
-                            Err(e) => e.to_string(),
-                        };
-                        let reason = if tail.contains("MemoryError") {
-                            "memory"
-                        } else {
-                            "crash"
-                        };
-                        CodeVerdict::fail(
-                            reason,
-                            format!("the process ended without a result ({status}): {tail}"),
-                        )
-                    }
-                }
+                verdict_of(&out, &err, status, &nonce)
             }
         };
         let _ = child.kill().await;
@@ -440,6 +379,76 @@ impl Sandbox {
         }
         Ok(verdict)
     }
+}
+
+/// The harness's process: isolated Python in the scratch folder, in a
+/// process group of its own, without network or other processes where
+/// `unshare` works.
+fn harness_command(caps: &Caps, dir: &Path) -> tokio::process::Command {
+    let mut cmd = if caps.unshare {
+        let mut c = tokio::process::Command::new("unshare");
+        c.args(["-n", "-p", "-f", "--kill-child", "--"])
+            .arg(&caps.python);
+        c
+    } else {
+        tokio::process::Command::new(&caps.python)
+    };
+    cmd.args(["-I", "-B", "harness.py"])
+        .current_dir(dir)
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HOME", dir)
+        .env("TMPDIR", dir)
+        .env("LANG", "C.UTF-8")
+        .env("OPENBLAS_NUM_THREADS", "1")
+        .env("OMP_NUM_THREADS", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    cmd.as_std_mut().process_group(0);
+    cmd
+}
+
+/// The harness's result line (the last stdout line after the nonce), or
+/// why the process ended without one.
+fn verdict_of(out: &[u8], err: &[u8], status: std::io::Result<std::process::ExitStatus>, nonce: &str) -> CodeVerdict {
+    let out = String::from_utf8_lossy(out);
+    let line = out.lines().rev().find_map(|l| l.strip_prefix(nonce));
+    if let Some(v) = line.and_then(|l| serde_json::from_str::<Value>(l).ok()) {
+        return CodeVerdict {
+            passed: v["passed"].as_bool().unwrap_or(false),
+            reason: v["reason"].as_str().unwrap_or("crash").to_string(),
+            detail: v["detail"].as_str().unwrap_or("").to_string(),
+        };
+    }
+    let err = String::from_utf8_lossy(err);
+    let tail: String = err
+        .lines()
+        .rev()
+        .take(5)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect::<Vec<_>>()
+        .join("\n");
+    let tail = match tail.char_indices().rev().nth(2000) {
+        Some((i, _)) => format!("…{}", &tail[i..]),
+        None => tail,
+    };
+    let status = match status {
+        Ok(s) => s.to_string(),
+        Err(e) => e.to_string(),
+    };
+    let reason = if tail.contains("MemoryError") {
+        "memory"
+    } else {
+        "crash"
+    };
+    CodeVerdict::fail(
+        reason,
+        format!("the process ended without a result ({status}): {tail}"),
+    )
 }
 
 #[cfg(test)]
