@@ -71,35 +71,66 @@ pub fn filtered_probs(logits: &[f32], knobs: &SamplingKnobs) -> Vec<f64> {
         })
         .collect();
     normalise(&mut probs);
-
-    let mut order: Vec<usize> = (0..probs.len()).filter(|&i| probs[i] > 0.0).collect();
-    order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
-    let mut keep = order.len();
-    if let Some(k) = knobs.top_k.filter(|&k| k > 0) {
-        keep = keep.min(k);
-    }
-    if let Some(top_p) = knobs.top_p.filter(|&p| p < 1.0) {
-        let mut acc = 0.0;
-        for (rank, &i) in order.iter().enumerate().take(keep) {
-            acc += probs[i];
-            if acc >= top_p {
-                keep = rank + 1;
-                break;
-            }
-        }
-    }
-    if let Some(min_p) = knobs.min_p.filter(|&m| m > 0.0) {
-        if let Some(&top) = order.first() {
-            let floor = probs[top] * min_p;
-            keep = keep.min(order.iter().take_while(|&&i| probs[i] >= floor).count().max(1));
-        }
-    }
     let mut out = vec![0.0; probs.len()];
-    for &i in order.iter().take(keep.max(1)) {
+    for i in kept(&probs, knobs) {
         out[i] = probs[i];
     }
     normalise(&mut out);
     out
+}
+
+/// The tokens the filters keep (at least one where any is possible), as a
+/// full ranking would keep them: by probability, ties to the lower id.
+///
+/// Only as many of the most probable tokens are ranked as the filters can
+/// keep, and the top-p nucleus is looked for among the first 64, then 256,
+/// ... of them: ranking a whole vocabulary (150k tokens for Qwen) took
+/// about 10 ms a token, which for 16 sequences a step more than doubled a
+/// decode step of Qwen2.5-0.5B on 2 cores.
+fn kept(probs: &[f64], knobs: &SamplingKnobs) -> Vec<usize> {
+    let by_rank = |a: &usize, b: &usize| probs[*b].total_cmp(&probs[*a]).then(a.cmp(b));
+    let mut candidates: Vec<usize> = (0..probs.len()).filter(|&i| probs[i] > 0.0).collect();
+    let n = candidates.len();
+    if n == 0 {
+        return candidates;
+    }
+    let top_k = knobs.top_k.filter(|&k| k > 0).map_or(n, |k| k.min(n));
+    // Every token at least `min_p` times as probable as the top one: a
+    // count that needs no ranking.
+    let min_p_count = knobs.min_p.filter(|&m| m > 0.0).map_or(n, |m| {
+        let floor = probs.iter().copied().fold(0.0, f64::max) * m;
+        candidates.iter().filter(|&&i| probs[i] >= floor).count().max(1)
+    });
+    let bound = top_k.min(min_p_count);
+    let Some(top_p) = knobs.top_p.filter(|&p| p < 1.0) else {
+        // The `bound` most probable, in any order.
+        if bound < n {
+            candidates.select_nth_unstable_by(bound - 1, by_rank);
+        }
+        candidates.truncate(bound);
+        return candidates;
+    };
+    let mut k = bound.min(64);
+    loop {
+        if k < n {
+            candidates.select_nth_unstable_by(k - 1, by_rank);
+        }
+        candidates[..k].sort_unstable_by(by_rank);
+        let mut acc = 0.0;
+        let reached = candidates[..k].iter().position(|&i| {
+            acc += probs[i];
+            acc >= top_p
+        });
+        if let Some(rank) = reached {
+            candidates.truncate(rank + 1);
+            return candidates;
+        }
+        if k == bound {
+            candidates.truncate(bound);
+            return candidates;
+        }
+        k = (k * 4).min(bound);
+    }
 }
 
 fn normalise(p: &mut [f64]) {
@@ -172,4 +203,77 @@ mod tests {
         let out: Vec<f32> = s.apply(&t, &[]).unwrap().to_vec1().unwrap();
         assert_eq!(out.iter().filter(|x| x.is_finite()).count(), 1);
     }
+
+    #[test]
+    fn partial_ranking_keeps_what_a_full_ranking_keeps() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        for case in 0..200 {
+            let vocab = [5, 300, 5000][case % 3];
+            // Peaked and flat distributions, ties, and impossible tokens.
+            let spread = [0.5f32, 4.0, 12.0][case / 3 % 3];
+            let logits: Vec<f32> = (0..vocab)
+                .map(|_| match rng.random_range(0..20) {
+                    0 => f32::NEG_INFINITY,
+                    1 => 1.0,
+                    _ => rng.random_range(-spread..spread),
+                })
+                .collect();
+            let knobs = SamplingKnobs {
+                temperature: [0.3, 0.7, 1.0, 1.5][case % 4],
+                top_k: [None, Some(1), Some(40), Some(100_000)][case / 4 % 4],
+                top_p: [None, Some(0.5), Some(0.9), Some(0.999)][case / 16 % 4],
+                min_p: [None, Some(0.05), None][case / 64 % 3],
+            };
+            assert_eq!(filtered_probs(&logits, &knobs), ranked_in_full(&logits, &knobs), "case {case}: {knobs:?}");
+        }
+    }
+
+    /// The filters over a full ranking of the vocabulary: what `kept` must
+    /// give, found the slow way.
+    fn ranked_in_full(logits: &[f32], knobs: &SamplingKnobs) -> Vec<f64> {
+        let t = knobs.temperature.max(1e-5);
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let mut probs: Vec<f64> = logits
+            .iter()
+            .map(|&l| {
+                if l.is_finite() {
+                    ((l as f64 - max) / t).exp()
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        normalise(&mut probs);
+
+        let mut order: Vec<usize> = (0..probs.len()).filter(|&i| probs[i] > 0.0).collect();
+        order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
+        let mut keep = order.len();
+        if let Some(k) = knobs.top_k.filter(|&k| k > 0) {
+            keep = keep.min(k);
+        }
+        if let Some(top_p) = knobs.top_p.filter(|&p| p < 1.0) {
+            let mut acc = 0.0;
+            for (rank, &i) in order.iter().enumerate().take(keep) {
+                acc += probs[i];
+                if acc >= top_p {
+                    keep = rank + 1;
+                    break;
+                }
+            }
+        }
+        if let Some(min_p) = knobs.min_p.filter(|&m| m > 0.0) {
+            if let Some(&top) = order.first() {
+                let floor = probs[top] * min_p;
+                keep = keep.min(order.iter().take_while(|&&i| probs[i] >= floor).count().max(1));
+            }
+        }
+        let mut out = vec![0.0; probs.len()];
+        for &i in order.iter().take(keep.max(1)) {
+            out[i] = probs[i];
+        }
+        normalise(&mut out);
+        out
+    }
+
 }
