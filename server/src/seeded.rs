@@ -58,19 +58,7 @@ impl SeededSampler {
 /// Probabilities after temperature and the top-k, top-p and min-p filters,
 /// renormalised.
 pub fn filtered_probs(logits: &[f32], knobs: &SamplingKnobs) -> Vec<f64> {
-    let t = knobs.temperature.max(1e-5);
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let mut probs: Vec<f64> = logits
-        .iter()
-        .map(|&l| {
-            if l.is_finite() {
-                ((l as f64 - max) / t).exp()
-            } else {
-                0.0
-            }
-        })
-        .collect();
-    normalise(&mut probs);
+    let probs = probabilities(logits, knobs.temperature);
     let mut out = vec![0.0; probs.len()];
     for i in kept(&probs, knobs) {
         out[i] = probs[i];
@@ -132,6 +120,18 @@ fn kept(probs: &[f64], knobs: &SamplingKnobs) -> Vec<usize> {
         }
         k = (k * 4).min(bound);
     }
+}
+
+/// The softmax of `logits` at `temperature`; impossible tokens get 0.
+fn probabilities(logits: &[f32], temperature: f64) -> Vec<f64> {
+    let t = temperature.max(1e-5);
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let mut probs: Vec<f64> = logits
+        .iter()
+        .map(|&l| if l.is_finite() { ((l as f64 - max) / t).exp() } else { 0.0 })
+        .collect();
+    normalise(&mut probs);
+    probs
 }
 
 fn normalise(p: &mut [f64]) {
@@ -233,20 +233,7 @@ mod tests {
     /// The filters over a full ranking of the vocabulary: what `kept` must
     /// give, found the slow way.
     fn ranked_in_full(logits: &[f32], knobs: &SamplingKnobs) -> Vec<f64> {
-        let t = knobs.temperature.max(1e-5);
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let mut probs: Vec<f64> = logits
-            .iter()
-            .map(|&l| {
-                if l.is_finite() {
-                    ((l as f64 - max) / t).exp()
-                } else {
-                    0.0
-                }
-            })
-            .collect();
-        normalise(&mut probs);
-
+        let probs = probabilities(logits, knobs.temperature);
         let mut order: Vec<usize> = (0..probs.len()).filter(|&i| probs[i] > 0.0).collect();
         order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
         let mut keep = order.len();
