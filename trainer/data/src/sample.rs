@@ -132,9 +132,15 @@ fn write_split(config: &Config, all: &[Prompt]) -> Result<()> {
 /// One sample to request: a training prompt, a source, the response index.
 type Job = (Prompt, SourceConfig, u32);
 
-/// A finished request: prompt id, source id, index, the request body, and
-/// the answer or the failure.
-type Answered = (String, String, u32, Value, std::result::Result<ChatResponse, ChatFailure>);
+/// A finished request: which sample it was, the body sent, and the answer
+/// or the failure.
+struct Answered {
+    prompt_id: String,
+    source: String,
+    idx: u32,
+    request: Value,
+    answer: std::result::Result<ChatResponse, ChatFailure>,
+}
 
 pub async fn run(config: &Config) -> Result<SampleSummary> {
     if config.sources.is_empty() {
@@ -349,8 +355,14 @@ async fn request_all(
         let ep = replicas[&s.id].clone();
         let body = request_body(config, &s, &p, idx);
         set.spawn(async move {
-            let r = ep.chat(&body).await;
-            (p.id, s.id, idx, body, r)
+            let answer = ep.chat(&body).await;
+            Answered {
+                prompt_id: p.id,
+                source: s.id,
+                idx,
+                request: body,
+                answer,
+            }
         });
         true
     };
@@ -359,7 +371,7 @@ async fn request_all(
     while let Some(joined) = set.join_next().await {
         while spawn_next(&mut set) {}
         let answered = joined.context("a sampling task panicked")?;
-        if let Err(f) = &answered.4 {
+        if let Err(f) = &answered.answer {
             last_error = Some(f.to_string());
         }
         let rec = count(summary, answered);
@@ -377,9 +389,15 @@ async fn request_all(
 
 /// Counts an answer in the summary and turns it into its store record.
 fn count(summary: &mut SampleSummary, answered: Answered) -> SampleRecord {
-    let (prompt_id, source, idx, body, r) = answered;
+    let Answered {
+        prompt_id,
+        source,
+        idx,
+        request,
+        answer,
+    } = answered;
     let stats = summary.per_source.entry(source.clone()).or_default();
-    match r {
+    match answer {
         Ok(resp) => {
             summary.ok += 1;
             stats.ok += 1;
@@ -397,7 +415,7 @@ fn count(summary: &mut SampleSummary, answered: Answered) -> SampleRecord {
                 source,
                 idx,
                 ok: true,
-                request: body,
+                request,
                 text: Some(resp.text),
                 finish_reason: resp.finish_reason,
                 prompt_tokens: resp.prompt_tokens,
@@ -415,7 +433,7 @@ fn count(summary: &mut SampleSummary, answered: Answered) -> SampleRecord {
                 source,
                 idx,
                 ok: false,
-                request: body,
+                request,
                 text: None,
                 finish_reason: None,
                 prompt_tokens: None,

@@ -18,6 +18,7 @@
 
 pub mod config;
 pub mod error;
+mod marker;
 pub mod report;
 pub mod server;
 
@@ -25,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use fusechat_admin_api::{LoadModelRequest, LoadedModelInfo};
-use serde_json::{json, Value};
+use serde_json::json;
 use sha2::{Digest, Sha256};
 
 pub use config::FuseConfig;
@@ -654,12 +655,13 @@ fn base_weights(config: &FuseConfig, run_dir: &Path) -> Result<PathBuf> {
         ))
     })?;
     // What the folder was imported from: reused only for the same GGUF.
-    let origin = json!({"fetched": name, "gguf_sha256": spec.sha256, "dtype": "f32"});
-    let marker = out.join("fusechat_base.json");
-    let same = std::fs::read_to_string(&marker)
-        .ok()
-        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-        .is_some_and(|v| v == origin);
+    let origin = marker::BaseOrigin {
+        fetched: name.to_string(),
+        gguf_sha256: spec.sha256.to_string(),
+        dtype: "f32".into(),
+    };
+    let same = marker::read::<marker::BaseOrigin>(&out.join(marker::BaseOrigin::FILE))
+        .is_some_and(|m| m == origin);
     if same && out.join("model.safetensors").is_file() {
         return Ok(out);
     }
@@ -676,8 +678,7 @@ fn base_weights(config: &FuseConfig, run_dir: &Path) -> Result<PathBuf> {
     let summary =
         fusechat_models::import::import_gguf_with(&gguf, &tmp, &options).map_err(stage("base"))?;
     eprintln!("{summary}");
-    std::fs::write(tmp.join("fusechat_base.json"), origin.to_string())
-        .map_err(io("writing fusechat_base.json"))?;
+    marker::write(&tmp.join(marker::BaseOrigin::FILE), &origin)?;
     if out.exists() {
         std::fs::remove_dir_all(&out).map_err(io(format!("removing {}", out.display())))?;
     }
@@ -691,11 +692,9 @@ fn base_weights(config: &FuseConfig, run_dir: &Path) -> Result<PathBuf> {
 fn export(final_dir: &Path, fused_dir: &Path) -> Result<String> {
     let sha = fusechat_models::fetch::sha256_file(&final_dir.join("model.safetensors"))
         .map_err(stage("export"))?;
-    let marker = fused_dir.join("fusechat_fuse.json");
-    if let Ok(text) = std::fs::read_to_string(&marker) {
-        if serde_json::from_str::<Value>(&text).is_ok_and(|v| v["sha256"] == sha.as_str()) {
-            return Ok(sha);
-        }
+    let copied = marker::read::<marker::FusedOrigin>(&fused_dir.join(marker::FusedOrigin::FILE));
+    if copied.is_some_and(|m| m.sha256 == sha) {
+        return Ok(sha);
     }
     let parent = fused_dir.parent().unwrap_or(Path::new("."));
     let tmp = parent.join(".fused.tmp");
@@ -712,12 +711,11 @@ fn export(final_dir: &Path, fused_dir: &Path) -> Result<String> {
                 .map_err(io(format!("copying {}", entry.path().display())))?;
         }
     }
-    let info = json!({"from": final_dir.display().to_string(), "sha256": sha});
-    std::fs::write(
-        tmp.join("fusechat_fuse.json"),
-        serde_json::to_vec_pretty(&info).unwrap_or_default(),
-    )
-    .map_err(io("writing fusechat_fuse.json"))?;
+    let origin = marker::FusedOrigin {
+        from: final_dir.display().to_string(),
+        sha256: sha.clone(),
+    };
+    marker::write(&tmp.join(marker::FusedOrigin::FILE), &origin)?;
     if fused_dir.exists() {
         std::fs::remove_dir_all(fused_dir)
             .map_err(io(format!("removing {}", fused_dir.display())))?;
