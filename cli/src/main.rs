@@ -232,12 +232,15 @@ fn serve(args: ServeArgs) -> Result<()> {
         bail!("`fetched = \"{name}\"` names no fetchable model; `fusechat models list` lists them");
     }
     if args.check_config {
-        let ids: Vec<&str> = config.models.iter().map(|m| m.id.as_str()).collect();
+        let mut models = Vec::new();
+        for m in &config.models {
+            models.push(format!("{} ({})", m.id, m.placement()?));
+        }
         println!(
             "fusechat: config ok: would listen on {}:{} and serve {}",
             config.listen.host,
             config.listen.port,
-            ids.join(", ")
+            models.join(", ")
         );
         return Ok(());
     }

@@ -9,6 +9,8 @@ use serde::Deserialize;
 pub const DEFAULT_CONFIG: &str = include_str!("../../config/serve.toml");
 
 pub use fusechat_admin_api::{Isq, LINEAR_LAYERS};
+pub use crate::placement::{Device, LayerShare, PagedAttention};
+use crate::placement::{Placement, PlacementConfig, CUDA_BUILT};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -193,6 +195,17 @@ pub struct ModelConfig {
     /// reaches 3058 where most values are below 1) may need to stay float.
     #[serde(default)]
     pub float_layers: Vec<String>,
+    /// Where the model runs: `cpu`, `cuda` or `cuda:N`. Unset: the first GPU
+    /// in a CUDA build, else the CPU.
+    #[serde(default)]
+    pub device: Option<Device>,
+    /// Instead of `device`: the model's layers split across GPUs, in order
+    /// (`layers = [{ device = "cuda:0", count = 16 }, { device = "cuda:1", count = 8 }]`).
+    #[serde(default)]
+    pub layers: Vec<LayerShare>,
+    /// The paged KV cache of a model on a GPU (on by default there).
+    #[serde(default)]
+    pub paged_attention: Option<PagedAttention>,
 }
 
 fn default_max_seqs() -> usize {
@@ -237,6 +250,24 @@ impl ModelConfig {
             defaults: SamplingDefaults::default(),
             isq: None,
             float_layers: Vec::new(),
+            device: None,
+            layers: Vec::new(),
+            paged_attention: None,
+        }
+    }
+
+    /// Where the model runs, checked against this build.
+    pub fn placement(&self) -> Result<Placement, ConfigError> {
+        self.placement_config()
+            .resolve(CUDA_BUILT)
+            .map_err(|e| ConfigError::Invalid(format!("model `{}`: {e}", self.id)))
+    }
+
+    pub fn placement_config(&self) -> PlacementConfig<'_> {
+        PlacementConfig {
+            device: self.device,
+            layers: &self.layers,
+            paged_attention: self.paged_attention.as_ref(),
         }
     }
 
@@ -328,6 +359,7 @@ impl ServerConfig {
                 }
                 _ => {}
             }
+            model.placement()?;
             if model.max_seqs == 0 {
                 return Err(ConfigError::Invalid(format!(
                     "model `{}`: max_seqs must be at least 1",
@@ -364,10 +396,28 @@ mod tests {
     fn the_gpu_config_serves_the_same_three_models() {
         let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../config/serve-gpu.toml"));
         let gpu = ServerConfig::load(path).unwrap();
-        gpu.validate().unwrap();
         let ids = |c: &ServerConfig| c.models.iter().map(|m| m.id.clone()).collect::<Vec<_>>();
         assert_eq!(ids(&gpu), ids(&ServerConfig::embedded_default()));
         assert_eq!(gpu.listen.host, "127.0.0.1");
+        for model in &gpu.models {
+            let paged = model.placement().unwrap().paged().cloned();
+            assert_eq!(paged.is_some(), CUDA_BUILT, "{}", model.id);
+        }
+    }
+
+    #[test]
+    fn placement_is_checked_with_the_model() {
+        let text = "[[models]]\nid = \"a\"\npath = \"/x/a.gguf\"\ndevice = \"cuda:1\"\n";
+        let parsed = ServerConfig::parse(text, Path::new("x.toml"), None);
+        if CUDA_BUILT {
+            assert_eq!(parsed.unwrap().models[0].placement().unwrap().to_string(), "cuda:1, paged KV cache (32 tokens a block)");
+        } else {
+            let err = parsed.unwrap_err().to_string();
+            assert!(err.contains("model `a`: this binary has no CUDA"), "{err}");
+        }
+        let text = "[[models]]\nid = \"a\"\npath = \"/x/a.gguf\"\ndevice = \"tpu\"\n";
+        let err = ServerConfig::parse(text, Path::new("x.toml"), None).unwrap_err().to_string();
+        assert!(err.contains("`cpu`, `cuda` or `cuda:N`"), "{err}");
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod holding;
 pub mod logit_bias;
 pub mod metrics;
 pub mod openapi;
+pub mod placement;
 pub mod prompt_logprobs;
 pub mod protocol;
 pub mod queue;
