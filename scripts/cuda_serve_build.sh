@@ -28,7 +28,7 @@ echo "==> built in $(( $(date +%s) - start )) s"
 BIN="$CARGO_TARGET_DIR/release/fusechat"
 run() { LD_LIBRARY_PATH="$C/lib:$STUB" "$BIN" "$@"; }
 echo "==> the binary links CUDA"
-ldd "$BIN" | grep -E "libcuda|libcublas|libcudart" || { echo "CUDA BUILD CHECK: FAIL (no CUDA library linked)"; exit 1; }
+LD_LIBRARY_PATH="$C/lib:$STUB" ldd "$BIN" | grep -E "libcuda|libcublas|libcudart" || { echo "CUDA BUILD CHECK: FAIL (no CUDA library linked)"; exit 1; }
 run --version
 echo "==> OpenAPI document"
 run openapi | diff -q - openapi/openapi.json \

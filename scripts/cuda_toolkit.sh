@@ -30,4 +30,7 @@ if [ ! -f "$STUB/libcuda.so" ]; then
     | sed 's/[[:space:](]//g' | sort -u | awk '{print "void " $1 "(void){}"}' > "$STUB/stub.c"
   gcc -shared -fPIC -o "$STUB/libcuda.so" "$STUB/stub.c" -Wl,-soname,libcuda.so.1
 fi
+# The name a binary linked against it asks the loader for (the checks here
+# start the binary; no call reaches the stand-in).
+ln -sf libcuda.so "$STUB/libcuda.so.1"
 

@@ -10,14 +10,10 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use either::Either;
 use indexmap::IndexMap;
-use mistralrs::core::{
-    DetokenizationRequest, DeviceLayerMapMetadata, DeviceMapMetadata, MemoryUsage, RequestMessage,
-    TokenizationRequest,
-};
+use mistralrs::core::{DetokenizationRequest, RequestMessage, TokenizationRequest};
 use mistralrs::{
-    Constraint, DeviceMapSetting, GgufModelBuilder, IsqType, MemoryGpuConfig, Model, ModelDType,
-    MultimodalModelBuilder, NormalRequest, PagedAttentionConfig, PagedCacheType, Request, Response,
-    SamplingParams, TextModelBuilder, TokenSource, Topology,
+    Constraint, GgufModelBuilder, IsqType, Model, ModelDType, MultimodalModelBuilder, NormalRequest, Request,
+    Response, SamplingParams, TextModelBuilder, TokenSource, Topology,
 };
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
@@ -25,8 +21,11 @@ use tokio::sync::mpsc;
 use crate::config::{Isq, ModelConfig, ModelSource, SamplingDefaults, LINEAR_LAYERS};
 use crate::error::ApiError;
 use crate::holding::{self, Holding};
-use crate::placement::{KvMemory, Placement};
+use crate::placement::Placement;
 use crate::queue::Admission;
+
+mod placed;
+use placed::{place, with_placement, Placed};
 
 /// What the engine is asked to continue.
 #[derive(Debug, Clone)]
@@ -214,132 +213,23 @@ async fn holding_of(config: &ModelConfig, kind: &WeightsKind, weights: &Path) ->
     })
 }
 
-/// Where the model goes, checked against its layer count (for a split) and
-/// the memory its weights need on each device.
-async fn place(config: &ModelConfig, kind: &WeightsKind, holding: Option<&Holding>) -> anyhow::Result<Placement> {
-    let placement = config.placement()?;
-    let named = |e: String| anyhow::anyhow!("model `{}`: {e}", config.id);
-    if matches!(placement, Placement::Split { .. }) {
-        let kind = kind.clone();
-        let layers = tokio::task::spawn_blocking(move || layer_count(&kind))
-            .await?
-            .context("`layers` splits the model, but its layer count is unknown")?;
-        placement.check_layers(layers).map_err(named)?;
-    }
-    if let Some(holding) = holding {
-        for (device, need) in placement.weight_shares(holding.bytes) {
-            let free = free_memory(device).await?;
-            crate::placement::check_fits(device, need, free)
-                .map_err(|e| named(format!("{e} ({})", holding.summary())))?;
-        }
-    }
-    if let Some(why) = config.placement_config().ignored_on_cpu(&placement) {
-        tracing::warn!(model = %config.id, "{why}");
-    }
-    tracing::info!(model = %config.id, %placement, "placement");
-    Ok(placement)
-}
-
-/// Bytes free on a device now (the system's available memory for the CPU).
-async fn free_memory(device: crate::placement::Device) -> anyhow::Result<u64> {
-    let device = match device {
-        crate::placement::Device::Cpu => mistralrs::Device::Cpu,
-        crate::placement::Device::Cuda(n) => mistralrs::Device::new_cuda(n).with_context(|| format!("cuda:{n}"))?,
-    };
-    let free = tokio::task::spawn_blocking(move || MemoryUsage.get_memory_available(&device)).await??;
-    Ok(free as u64)
-}
-
-/// What a placement asks of mistralrs's builders.
-struct Placed {
-    /// A CUDA build told to keep a model on the CPU.
-    force_cpu: bool,
-    device: Option<mistralrs::Device>,
-    device_map: Option<DeviceMapSetting>,
-    paged: Option<PagedAttentionConfig>,
-    prefix_cache_n: Option<usize>,
-}
-
-impl Placed {
-    fn of(placement: &Placement) -> anyhow::Result<Self> {
-        let paged = placement
-            .paged()
-            .map(|p| {
-                let memory = match p.memory {
-                    KvMemory::Fraction(f) => MemoryGpuConfig::Utilization(f),
-                    KvMemory::Mb(mb) => MemoryGpuConfig::MbAmount(mb),
-                    KvMemory::Tokens(t) => MemoryGpuConfig::ContextSize(t),
-                };
-                PagedAttentionConfig::new(Some(p.block_size), memory, PagedCacheType::Auto)
-            })
-            .transpose()?;
-        let prefix_cache_n = placement
-            .paged()
-            .and_then(|p| (p.prefix_cache > 0).then_some(p.prefix_cache));
-        let mut placed = Placed {
-            force_cpu: false,
-            device: None,
-            device_map: None,
-            paged,
-            prefix_cache_n,
-        };
-        match placement {
-            Placement::Cpu => placed.force_cpu = crate::placement::CUDA_BUILT,
-            Placement::Gpu { device, .. } => {
-                placed.device = Some(mistralrs::Device::new_cuda(*device).with_context(|| format!("cuda:{device}"))?);
-            }
-            Placement::Split { shares, .. } => {
-                let layers = shares
-                    .iter()
-                    .map(|&(ordinal, layers)| DeviceLayerMapMetadata { ordinal, layers })
-                    .collect();
-                placed.device_map = Some(DeviceMapSetting::Map(DeviceMapMetadata::from_num_device_layers(layers)));
-            }
-        }
-        Ok(placed)
-    }
-}
-
-/// Gives a builder the placement's settings (the GGUF and Hugging Face
-/// builders have the same methods but no common trait).
-macro_rules! place {
-    ($builder:expr, $placed:expr) => {{
-        let placed: &Placed = $placed;
-        let mut builder = $builder.with_prefix_cache_n(placed.prefix_cache_n);
-        if placed.force_cpu {
-            builder = builder.with_force_cpu();
-        }
-        if let Some(device) = &placed.device {
-            builder = builder.with_device(device.clone());
-        }
-        if let Some(map) = &placed.device_map {
-            builder = builder.with_device_mapping(map.clone());
-        }
-        if let Some(paged) = placed.paged {
-            builder = builder.with_paged_attn(paged);
-        }
-        builder
-    }};
-}
-
 /// The mistralrs engine over `kind`'s weights, with the model's placement,
 /// batch size, chat template and quantization.
 async fn build_engine(
     config: &ModelConfig,
     kind: &WeightsKind,
-    placement: &Placement,
+    placed: &Placed,
 ) -> anyhow::Result<mistralrs::Model> {
     let template = config
         .chat_template
         .as_ref()
         .map(|p| p.to_string_lossy().to_string());
-    let placed = Placed::of(placement)?;
     match kind {
         WeightsKind::Gguf { dir, file, tokenizer } => {
             let builder = GgufModelBuilder::new(dir.to_string_lossy(), vec![file.clone()])
                 .with_token_source(TokenSource::None)
                 .with_max_num_seqs(config.max_seqs);
-            let mut builder = place!(builder, &placed);
+            let mut builder = with_placement!(builder, placed);
             if let Some(tokenizer) = tokenizer {
                 builder = builder.with_tok_model_id(tokenizer.to_string_lossy());
             }
@@ -357,7 +247,7 @@ async fn build_engine(
             };
             // On CPU the activations stay f32: f16 overflows in Gemma 3 and
             // has no fast CPU kernels anyway.
-            let dtype = if *placement == Placement::Cpu { ModelDType::F32 } else { ModelDType::Auto };
+            let dtype = if placed.placement == Placement::Cpu { ModelDType::F32 } else { ModelDType::Auto };
             let topology = match isq {
                 Some(isq) if !config.float_layers.is_empty() => {
                     Some(isq_topology(isq, &config.float_layers)?)
@@ -371,7 +261,7 @@ async fn build_engine(
                         .with_token_source(TokenSource::None)
                         .with_dtype(dtype)
                         .with_max_num_seqs(config.max_seqs);
-                    let mut builder = place!(builder, &placed);
+                    let mut builder = with_placement!(builder, placed);
                     if let Some(topology) = &topology {
                         builder = builder.with_topology(topology.clone());
                     } else if let Some(isq) = isq {
@@ -422,8 +312,8 @@ impl LoadedModel {
                 .map(Arc::new)
         });
         tracing::info!(model = %config.id, ?kind, "loading");
-        let placement = place(config, &kind, holding.as_ref()).await?;
-        let engine = build_engine(config, &kind, &placement)
+        let placed = place(config, &kind, holding.as_ref()).await?;
+        let engine = build_engine(config, &kind, &placed)
             .await
             .with_context(|| format!("model `{}`: the engine could not load {}", config.id, weights.display()))?;
         engine
@@ -912,26 +802,6 @@ fn config_number(dir: &Path, key: &str) -> anyhow::Result<usize> {
         .with_context(|| format!("config.json gives no {key}"))
 }
 
-/// The model's transformer blocks: GGUF `{arch}.block_count`, or
-/// config.json's `num_hidden_layers`.
-fn layer_count(kind: &WeightsKind) -> anyhow::Result<usize> {
-    match kind {
-        WeightsKind::Gguf { dir, file, .. } => {
-            let content = gguf_header(&dir.join(file))?;
-            let arch = content
-                .metadata
-                .get("general.architecture")
-                .context("the GGUF file names no general.architecture")?
-                .to_string()?
-                .clone();
-            let key = format!("{arch}.block_count");
-            let count = content.metadata.get(&key).with_context(|| format!("the GGUF file has no {key}"))?;
-            Ok(count.to_u32()? as usize)
-        }
-        WeightsKind::Hf { dir, .. } => config_number(dir, "num_hidden_layers"),
-    }
-}
-
 fn fingerprint(kind: &WeightsKind) -> anyhow::Result<String> {
     let files: Vec<PathBuf> = match kind {
         WeightsKind::Gguf { dir, file, .. } => vec![dir.join(file)],
@@ -968,24 +838,5 @@ mod tests {
         assert!(re.is_match("lm_head.weight"));
         assert!(!re.is_match("model.layers.3.self_attn.q_proj.weight"));
         assert!(!re.is_match("model.layers.3.mlp.down_proj.weight"));
-    }
-
-    #[test]
-    fn layer_counts_come_from_the_gguf_metadata_or_config_json() {
-        use candle_core::quantized::gguf_file::{self, Value};
-        let dir = tempfile::tempdir().unwrap();
-        let mut file = std::fs::File::create(dir.path().join("m.gguf")).unwrap();
-        let arch = Value::String("qwen2".into());
-        let blocks = Value::U32(24);
-        gguf_file::write(&mut file, &[("general.architecture", &arch), ("qwen2.block_count", &blocks)], &[]).unwrap();
-        drop(file);
-        let gguf = WeightsKind::Gguf { dir: dir.path().into(), file: "m.gguf".into(), tokenizer: None };
-        assert_eq!(layer_count(&gguf).unwrap(), 24);
-
-        std::fs::write(dir.path().join("config.json"), r#"{"text_config": {"num_hidden_layers": 18}}"#).unwrap();
-        let hf = WeightsKind::Hf { dir: dir.path().into(), multimodal: true, default_isq: Isq::None };
-        assert_eq!(layer_count(&hf).unwrap(), 18);
-        std::fs::write(dir.path().join("config.json"), "{}").unwrap();
-        assert!(layer_count(&hf).unwrap_err().to_string().contains("num_hidden_layers"));
     }
 }

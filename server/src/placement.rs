@@ -90,8 +90,12 @@ pub struct PagedAttention {
     #[serde(default = "default_block_size")]
     pub block_size: usize,
     /// `{ fraction = 0.9 }`, `{ mb = 8192 }` or `{ tokens = 65536 }`.
-    #[serde(default = "default_kv_memory")]
-    pub memory: KvMemory,
+    /// Unset: enough for `max_seqs` sequences at the model's full context,
+    /// capped at 90% of what the device has free once the weights are in,
+    /// so that each model of several on one GPU (and a hot-swapped one)
+    /// takes what its batch can use, not a share of the whole card.
+    #[serde(default)]
+    pub memory: Option<KvMemory>,
     /// Finished sequences whose KV blocks are kept for a later request that
     /// starts with the same tokens (0: no prefix caching).
     #[serde(default = "default_prefix_cache")]
@@ -104,9 +108,6 @@ fn yes() -> bool {
 fn default_block_size() -> usize {
     32
 }
-fn default_kv_memory() -> KvMemory {
-    KvMemory::Fraction(0.9)
-}
 fn default_prefix_cache() -> usize {
     16
 }
@@ -116,7 +117,7 @@ impl Default for PagedAttention {
         Self {
             enabled: true,
             block_size: default_block_size(),
-            memory: default_kv_memory(),
+            memory: None,
             prefix_cache: default_prefix_cache(),
         }
     }
@@ -187,20 +188,183 @@ impl PlacementConfig<'_> {
     }
 }
 
-/// Whether `need` bytes of weights fit in the `free` bytes of `device`, or
+/// What one token's keys and values take in a model, from its weights'
+/// metadata: the KV term of the fit estimate and the default cache size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvGeometry {
+    pub layers: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// The model's context length, in tokens.
+    pub context: usize,
+}
+
+impl KvGeometry {
+    /// Keys and values of every layer for one token, 16 bits each (the
+    /// cache's type on a GPU).
+    pub fn bytes_per_token(&self) -> u64 {
+        (2 * self.layers * self.kv_heads * self.head_dim * 2) as u64
+    }
+}
+
+/// A device's memory, in bytes: free now and in all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceMemory {
+    pub free: u64,
+    pub total: u64,
+}
+
+/// The default KV cache stops at this share of what is free once the
+/// weights are in (the rest: activations, cuBLAS workspaces).
+const DEFAULT_FREE_SHARE: f64 = 0.9;
+
+/// A checked placement's memory: the KV cache size the engine is given.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MemoryPlan {
+    /// `None` without a paged cache (the CPU path, or paging switched off).
+    pub kv: Option<KvMemory>,
+    /// The cache's tokens where they are known, for the log.
+    pub kv_tokens: Option<usize>,
+}
+
+/// The model's inputs to [`Placement::plan_memory`].
+#[derive(Debug, Clone, Copy)]
+pub struct ModelMemory {
+    /// Bytes of weights as held.
+    pub weights: u64,
+    /// `None` where the weights' metadata does not give it.
+    pub geometry: Option<KvGeometry>,
+    /// Sequences decoded together (`max_seqs`).
+    pub max_seqs: usize,
+}
+
+/// One device of a placement, for the memory plan.
+#[derive(Debug, Clone, Copy)]
+struct Share {
+    device: Device,
+    /// Bytes of weights it holds.
+    weights: u64,
+    /// Its share of the layers, so of the KV cache.
+    layers: f64,
+    memory: DeviceMemory,
+}
+
+impl Placement {
+    /// Whether the model fits where it is placed, weights and KV cache
+    /// together on each device (`memory` gives each device of
+    /// [`Placement::weight_shares`], in order), and the cache size to ask
+    /// for; or the estimate and what to change.
+    pub fn plan_memory(&self, model: ModelMemory, memory: &[DeviceMemory]) -> Result<MemoryPlan, String> {
+        let shares = self.shares(model.weights, memory);
+        let Some(paged) = self.paged() else {
+            for s in &shares {
+                check_fits(s.device, s.weights, 0, s.memory.free)?;
+            }
+            return Ok(MemoryPlan { kv: None, kv_tokens: None });
+        };
+        let per_token = model.geometry.map(|g| g.bytes_per_token() as f64);
+        let kv_bytes = |tokens: usize, s: &Share| per_token.map_or(0, |b| (tokens as f64 * b * s.layers) as u64);
+        match (paged.memory, model.geometry) {
+            (Some(KvMemory::Tokens(tokens)), _) => {
+                for s in &shares {
+                    check_fits(s.device, s.weights, kv_bytes(tokens, s), s.memory.free)?;
+                }
+                Ok(MemoryPlan { kv: Some(KvMemory::Tokens(tokens)), kv_tokens: Some(tokens) })
+            }
+            (Some(KvMemory::Mb(mb)), _) => {
+                let bytes = (mb as u64) << 20;
+                for s in &shares {
+                    check_fits(s.device, s.weights, bytes, s.memory.free)?;
+                }
+                // mistralrs gives each GPU `mb`, for its share of the layers.
+                let tokens = per_token.map(|b| (bytes as f64 / b / shares[0].layers) as usize);
+                Ok(MemoryPlan { kv: Some(KvMemory::Mb(mb)), kv_tokens: tokens })
+            }
+            (Some(KvMemory::Fraction(f)), _) => fraction_plan(f, &shares),
+            // Without the model's geometry there is no token count to size
+            // the cache by: vLLM's rule over the whole card.
+            (None, None) => fraction_plan(0.9, &shares),
+            (None, Some(geometry)) => default_plan(geometry, model.max_seqs, paged.block_size, &shares),
+        }
+    }
+
+    fn shares(&self, weights: u64, memory: &[DeviceMemory]) -> Vec<Share> {
+        let by_device = self.weight_shares(weights);
+        assert_eq!(by_device.len(), memory.len(), "one DeviceMemory per device of the placement");
+        let layers: Vec<f64> = match self {
+            Placement::Split { shares, .. } => {
+                let all: usize = shares.iter().map(|&(_, n)| n).sum();
+                shares.iter().map(|&(_, n)| n as f64 / all.max(1) as f64).collect()
+            }
+            _ => vec![1.0],
+        };
+        by_device
+            .into_iter()
+            .zip(layers)
+            .zip(memory)
+            .map(|(((device, weights), layers), &memory)| Share { device, weights, layers, memory })
+            .collect()
+    }
+}
+
+/// A cache of whatever `fraction` of each whole device leaves once the
+/// memory in use and the weights are counted, refused where that is none.
+fn fraction_plan(fraction: f32, shares: &[Share]) -> Result<MemoryPlan, String> {
+    for s in shares {
+        check_fits(s.device, s.weights, 0, s.memory.free)?;
+        let in_use = s.memory.total.saturating_sub(s.memory.free) + s.weights;
+        if s.memory.total as f64 * fraction as f64 <= in_use as f64 {
+            return Err(format!(
+                "a KV cache of paged_attention.memory.fraction = {fraction} leaves nothing on {}: {:.2} GB of its {:.2} GB are in use once the weights are in; give the cache `tokens` or `mb` (each model of several on one GPU needs its own), or a larger fraction",
+                s.device,
+                gb(in_use),
+                gb(s.memory.total)
+            ));
+        }
+    }
+    Ok(MemoryPlan { kv: Some(KvMemory::Fraction(fraction)), kv_tokens: None })
+}
+
+/// The default cache: `max_seqs` sequences at the full context, capped at
+/// [`DEFAULT_FREE_SHARE`] of what each device has free once its weights are in.
+fn default_plan(geometry: KvGeometry, max_seqs: usize, block_size: usize, shares: &[Share]) -> Result<MemoryPlan, String> {
+    let mut tokens = max_seqs.max(1) * geometry.context;
+    for s in shares {
+        check_fits(s.device, s.weights, 0, s.memory.free)?;
+        let room = (s.memory.free as f64 * DEFAULT_FREE_SHARE - s.weights as f64).max(0.0);
+        let fits = room / (geometry.bytes_per_token() as f64 * s.layers);
+        tokens = tokens.min(fits as usize);
+    }
+    if tokens < block_size {
+        return Err(format!(
+            "no room for a KV cache: the weights take nearly all of the {:.2} GB free; quantize the model (`isq`), split it across GPUs (`layers`) or free the GPU",
+            gb(shares.iter().map(|s| s.memory.free).min().unwrap_or(0)),
+        ));
+    }
+    Ok(MemoryPlan { kv: Some(KvMemory::Tokens(tokens)), kv_tokens: Some(tokens) })
+}
+
+fn gb(bytes: u64) -> f64 {
+    bytes as f64 / 1e9
+}
+
+/// Whether `weights` and `kv` bytes fit in the `free` bytes of `device`, or
 /// the estimate and what to do about it.
-pub fn check_fits(device: Device, need: u64, free: u64) -> Result<(), String> {
-    if need <= free {
+fn check_fits(device: Device, weights: u64, kv: u64, free: u64) -> Result<(), String> {
+    if weights + kv <= free {
         return Ok(());
     }
-    let gb = |b: u64| b as f64 / 1e9;
     let fix = match device {
         Device::Cpu => "quantize it (`isq`, or serve a GGUF file as it is), or free memory",
+        Device::Cuda(_) if kv > 0 => {
+            "give the KV cache less (`paged_attention.memory`), quantize the model (`isq`), split it across GPUs (`layers`), or free the GPU"
+        }
         Device::Cuda(_) => "quantize it (`isq`), split it across GPUs (`layers`), or free the GPU",
     };
+    let cache = if kv > 0 { format!(" and its KV cache {:.2} GB", gb(kv)) } else { String::new() };
     Err(format!(
-        "does not fit on {device}: its weights take {:.2} GB as held, and {:.2} GB is free (the KV cache comes on top); {fix}",
-        gb(need),
+        "does not fit on {device}: its weights take {:.2} GB as held{cache}, and {:.2} GB is free; {fix}",
+        gb(weights),
         gb(free)
     ))
 }
@@ -213,10 +377,10 @@ fn check_paged(p: &PagedAttention) -> Result<(), String> {
         ));
     }
     match p.memory {
-        KvMemory::Fraction(f) if !(f > 0.0 && f <= 1.0) => Err(format!(
+        Some(KvMemory::Fraction(f)) if !(f > 0.0 && f <= 1.0) => Err(format!(
             "paged_attention.memory.fraction is {f}; give a share of the GPU in (0, 1]"
         )),
-        KvMemory::Mb(0) | KvMemory::Tokens(0) => {
+        Some(KvMemory::Mb(0) | KvMemory::Tokens(0)) => {
             Err("paged_attention.memory must be more than 0".into())
         }
         _ => Ok(()),
@@ -250,7 +414,7 @@ impl Placement {
 
     /// The bytes of weights each device takes: all on one, or a split by
     /// each GPU's share of the layers.
-    pub fn weight_shares(&self, bytes: u64) -> Vec<(Device, u64)> {
+    fn weight_shares(&self, bytes: u64) -> Vec<(Device, u64)> {
         match self {
             Placement::Cpu => vec![(Device::Cpu, bytes)],
             Placement::Gpu { device, .. } => vec![(Device::Cuda(*device), bytes)],
@@ -262,6 +426,11 @@ impl Placement {
                     .collect()
             }
         }
+    }
+
+    /// The devices it uses, in the order of [`Placement::plan_memory`]'s `memory`.
+    pub fn devices(&self) -> Vec<Device> {
+        self.weight_shares(0).into_iter().map(|(d, _)| d).collect()
     }
 
     pub fn paged(&self) -> Option<&PagedAttention> {
@@ -349,7 +518,7 @@ mod tests {
         assert_eq!(p.to_string(), "cuda:0, paged KV cache (32 tokens a block)");
         let p = resolve("device = \"cuda:1\"\n[paged_attention]\nmemory = { mb = 4096 }\nprefix_cache = 0", true).unwrap();
         let Placement::Gpu { device: 1, paged: Some(paged) } = p else { panic!("{p:?}") };
-        assert_eq!((paged.memory, paged.prefix_cache), (KvMemory::Mb(4096), 0));
+        assert_eq!((paged.memory, paged.prefix_cache), (Some(KvMemory::Mb(4096)), 0));
         let p = resolve("device = \"cuda:0\"\n[paged_attention]\nenabled = false", true).unwrap();
         assert_eq!(p, Placement::Gpu { device: 0, paged: None });
         assert_eq!(resolve("device = \"cpu\"", true), Ok(Placement::Cpu));
@@ -372,16 +541,81 @@ mod tests {
         assert!(resolve(zero, true).unwrap_err().contains("count 0"));
     }
 
+    const GB: u64 = 1_000_000_000;
+
+    fn mem(free: u64, total: u64) -> DeviceMemory {
+        DeviceMemory { free: free * GB, total: total * GB }
+    }
+
+    /// Qwen2.5-0.5B's cache: 24 layers, 2 KV heads of 64, 32k context.
+    const QWEN: KvGeometry = KvGeometry { layers: 24, kv_heads: 2, head_dim: 64, context: 32768 };
+
+    fn model(weights_gb: u64, geometry: Option<KvGeometry>) -> ModelMemory {
+        ModelMemory { weights: weights_gb * GB, geometry, max_seqs: 4 }
+    }
+
     #[test]
     fn weights_are_shared_by_layers_and_checked_against_free_memory() {
         let split = Placement::Split { shares: vec![(0, 18), (1, 6)], paged: None };
         assert_eq!(split.weight_shares(2400), [(Device::Cuda(0), 1800), (Device::Cuda(1), 600)]);
+        assert_eq!(split.devices(), [Device::Cuda(0), Device::Cuda(1)]);
         assert_eq!(Placement::Cpu.weight_shares(7), [(Device::Cpu, 7)]);
-        check_fits(Device::Cuda(0), 10, 10).unwrap();
-        let err = check_fits(Device::Cuda(1), 16_060_000_000, 9_500_000_000).unwrap_err();
-        assert!(err.starts_with("does not fit on cuda:1: its weights take 16.06 GB as held, and 9.50 GB is free"), "{err}");
+        assert_eq!(Placement::Cpu.plan_memory(model(2, None), &[mem(3, 24)]), Ok(MemoryPlan { kv: None, kv_tokens: None }));
+        let err = split.plan_memory(model(24, None), &[mem(40, 80), mem(5, 80)]).unwrap_err();
+        assert!(err.starts_with("does not fit on cuda:1: its weights take 6.00 GB as held, and 5.00 GB is free"), "{err}");
         assert!(err.contains("`layers`"), "{err}");
-        assert!(check_fits(Device::Cpu, 2, 1).unwrap_err().contains("GGUF file as it is"));
+        let err = Placement::Cpu.plan_memory(model(2, None), &[mem(1, 24)]).unwrap_err();
+        assert!(err.contains("GGUF file as it is"), "{err}");
+    }
+
+    #[test]
+    fn the_kv_cache_is_part_of_the_fit_estimate() {
+        assert_eq!(QWEN.bytes_per_token(), 12_288);
+        let gpu = |memory| Placement::Gpu { device: 0, paged: Some(PagedAttention { memory, ..PagedAttention::default() }) };
+        // A million tokens of Qwen's cache take 12.3 GB.
+        let p = gpu(Some(KvMemory::Tokens(1_000_000)));
+        let plan = p.plan_memory(model(1, Some(QWEN)), &[mem(20, 80)]).unwrap();
+        assert_eq!(plan, MemoryPlan { kv: Some(KvMemory::Tokens(1_000_000)), kv_tokens: Some(1_000_000) });
+        let err = p.plan_memory(model(1, Some(QWEN)), &[mem(10, 80)]).unwrap_err();
+        assert!(err.contains("its weights take 1.00 GB as held and its KV cache 12.29 GB, and 10.00 GB is free"), "{err}");
+        assert!(err.contains("paged_attention.memory"), "{err}");
+        // Megabytes are checked as given, and told in tokens where known.
+        let plan = gpu(Some(KvMemory::Mb(1200))).plan_memory(model(1, Some(QWEN)), &[mem(20, 80)]).unwrap();
+        assert_eq!(plan.kv_tokens, Some(102_400));
+        assert!(gpu(Some(KvMemory::Mb(20_000))).plan_memory(model(1, None), &[mem(20, 80)]).is_err());
+        // A split holds the cache of its own layers.
+        let split = Placement::Split { shares: vec![(0, 12), (1, 12)], paged: Some(PagedAttention {
+            memory: Some(KvMemory::Tokens(1_000_000)), ..PagedAttention::default() }) };
+        split.plan_memory(model(2, Some(QWEN)), &[mem(8, 80), mem(8, 80)]).unwrap();
+        assert!(split.plan_memory(model(2, Some(QWEN)), &[mem(8, 80), mem(6, 80)]).is_err());
+    }
+
+    #[test]
+    fn a_fraction_of_the_card_is_refused_where_it_leaves_no_cache() {
+        let gpu = Placement::Gpu { device: 0, paged: Some(PagedAttention {
+            memory: Some(KvMemory::Fraction(0.9)), ..PagedAttention::default() }) };
+        let plan = gpu.plan_memory(model(1, Some(QWEN)), &[mem(80, 80)]).unwrap();
+        assert_eq!(plan.kv, Some(KvMemory::Fraction(0.9)));
+        // A model loaded before this one took 0.9 of the card already.
+        let err = gpu.plan_memory(model(1, Some(QWEN)), &[mem(8, 80)]).unwrap_err();
+        assert!(err.contains("leaves nothing on cuda:0: 73.00 GB of its 80.00 GB are in use"), "{err}");
+        assert!(err.contains("`tokens` or `mb`"), "{err}");
+    }
+
+    #[test]
+    fn the_default_cache_holds_the_batch_at_full_context_within_what_is_free() {
+        let gpu = Placement::Gpu { device: 0, paged: Some(PagedAttention::default()) };
+        // 4 sequences of 32k tokens: 131,072 tokens, 1.6 GB.
+        let plan = gpu.plan_memory(model(1, Some(QWEN)), &[mem(70, 80)]).unwrap();
+        assert_eq!(plan, MemoryPlan { kv: Some(KvMemory::Tokens(131_072)), kv_tokens: Some(131_072) });
+        // Less free: capped at 90% of what the weights leave.
+        let plan = gpu.plan_memory(model(1, Some(QWEN)), &[mem(2, 80)]).unwrap();
+        assert_eq!(plan.kv_tokens, Some(((2.0 * 0.9 - 1.0) * GB as f64 / 12_288.0) as usize));
+        let err = gpu.plan_memory(model(1, Some(QWEN)), &[mem(1, 80)]).unwrap_err();
+        assert!(err.contains("no room for a KV cache"), "{err}");
+        // Geometry unknown: the whole card's rule.
+        let plan = gpu.plan_memory(model(1, None), &[mem(70, 80)]).unwrap();
+        assert_eq!(plan.kv, Some(KvMemory::Fraction(0.9)));
     }
 
     #[test]

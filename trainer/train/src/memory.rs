@@ -291,28 +291,6 @@ pub fn parameter_count(config: &ModelConfig) -> u64 {
     v * h + config.num_hidden_layers as u64 * layer + h + head
 }
 
-/// Memory the operating system can give this process now: `MemAvailable`,
-/// or the cgroup's limit minus its usage when that is lower (a container).
-pub fn available_host_memory() -> Option<u64> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let available = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))
-        .and_then(|rest| {
-            rest.trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<u64>()
-                .ok()
-        })?
-        * 1024;
-    let read = |p: &str| std::fs::read_to_string(p).ok()?.trim().parse::<u64>().ok();
-    let cgroup = read("/sys/fs/cgroup/memory.max")
-        .zip(read("/sys/fs/cgroup/memory.current"))
-        .map(|(max, used)| max.saturating_sub(used));
-    Some(cgroup.map_or(available, |c| c.min(available)))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

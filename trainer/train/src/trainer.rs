@@ -20,7 +20,7 @@ use serde::Serialize;
 
 use crate::checkpoint::{self, TrainerState};
 use crate::error::{io, Result, TrainError};
-use crate::memory::{self, ForwardShape, MemoryPlan};
+use crate::memory::{ForwardShape, MemoryPlan};
 use crate::metrics::{self, MetricsLog};
 use crate::model::{CausalLm, LoraConfig};
 use crate::optim::{AdamW, AdamWConfig};
@@ -368,7 +368,7 @@ fn check_memory(model: &CausalLm, objective: &dyn Objective, options: &TrainOpti
         shape.lens.iter().sum::<usize>()
     );
     if model.device().is_cpu() {
-        if let Some(available) = memory::available_host_memory() {
+        if let Some(available) = fusechat_host::available_memory() {
             plan.check_fits(available + plan.weights, "this machine")?;
         }
     }
