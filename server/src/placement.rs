@@ -91,7 +91,8 @@ pub struct PagedAttention {
     pub block_size: usize,
     /// `{ fraction = 0.9 }`, `{ mb = 8192 }` or `{ tokens = 65536 }`.
     /// Unset: enough for `max_seqs` sequences at the model's full context,
-    /// capped at 90% of what the device has free once the weights are in,
+    /// capped so that weights and cache take at most 90% of what the device
+    /// has free,
     /// so that each model of several on one GPU (and a hot-swapped one)
     /// takes what its batch can use, not a share of the whole card.
     #[serde(default)]
@@ -272,18 +273,21 @@ impl Placement {
                 Ok(MemoryPlan { kv: Some(KvMemory::Tokens(tokens)), kv_tokens: Some(tokens) })
             }
             (Some(KvMemory::Mb(mb)), _) => {
-                let bytes = (mb as u64) << 20;
+                // mistralrs sizes the blocks of all layers by `mb`; each GPU
+                // then holds its own layers' share of them.
+                let bytes = (mb as u64).saturating_mul(1 << 20);
                 for s in &shares {
-                    check_fits(s.device, s.weights, bytes, s.memory.free)?;
+                    check_fits(s.device, s.weights, (bytes as f64 * s.layers) as u64, s.memory.free)?;
                 }
-                // mistralrs gives each GPU `mb`, for its share of the layers.
-                let tokens = per_token.map(|b| (bytes as f64 / b / shares[0].layers) as usize);
+                let tokens = per_token.map(|b| (bytes as f64 / b) as usize);
                 Ok(MemoryPlan { kv: Some(KvMemory::Mb(mb)), kv_tokens: tokens })
             }
-            (Some(KvMemory::Fraction(f)), _) => fraction_plan(f, &shares),
+            (Some(KvMemory::Fraction(f)), _) => {
+                fraction_plan(f, &shares, &format!("paged_attention.memory.fraction = {f}"))
+            }
             // Without the model's geometry there is no token count to size
             // the cache by: vLLM's rule over the whole card.
-            (None, None) => fraction_plan(0.9, &shares),
+            (None, None) => fraction_plan(0.9, &shares, "the default cache (0.9 of the card: the model's shape is unknown)"),
             (None, Some(geometry)) => default_plan(geometry, model.max_seqs, paged.block_size, &shares),
         }
     }
@@ -309,13 +313,13 @@ impl Placement {
 
 /// A cache of whatever `fraction` of each whole device leaves once the
 /// memory in use and the weights are counted, refused where that is none.
-fn fraction_plan(fraction: f32, shares: &[Share]) -> Result<MemoryPlan, String> {
+fn fraction_plan(fraction: f32, shares: &[Share], what: &str) -> Result<MemoryPlan, String> {
     for s in shares {
         check_fits(s.device, s.weights, 0, s.memory.free)?;
         let in_use = s.memory.total.saturating_sub(s.memory.free) + s.weights;
         if s.memory.total as f64 * fraction as f64 <= in_use as f64 {
             return Err(format!(
-                "a KV cache of paged_attention.memory.fraction = {fraction} leaves nothing on {}: {:.2} GB of its {:.2} GB are in use once the weights are in; give the cache `tokens` or `mb` (each model of several on one GPU needs its own), or a larger fraction",
+                "a KV cache of {what} leaves nothing on {}: {:.2} GB of its {:.2} GB are in use once the weights are in; give the cache `tokens` or `mb` (each model of several on one GPU needs its own), or a larger fraction",
                 s.device,
                 gb(in_use),
                 gb(s.memory.total)
@@ -325,21 +329,25 @@ fn fraction_plan(fraction: f32, shares: &[Share]) -> Result<MemoryPlan, String> 
     Ok(MemoryPlan { kv: Some(KvMemory::Fraction(fraction)), kv_tokens: None })
 }
 
-/// The default cache: `max_seqs` sequences at the full context, capped at
-/// [`DEFAULT_FREE_SHARE`] of what each device has free once its weights are in.
+/// The default cache: `max_seqs` sequences at the full context, capped so
+/// that weights and cache take at most [`DEFAULT_FREE_SHARE`] of what each
+/// device has free.
 fn default_plan(geometry: KvGeometry, max_seqs: usize, block_size: usize, shares: &[Share]) -> Result<MemoryPlan, String> {
-    let mut tokens = max_seqs.max(1) * geometry.context;
+    let mut tokens = max_seqs.max(1).saturating_mul(geometry.context);
     for s in shares {
         check_fits(s.device, s.weights, 0, s.memory.free)?;
         let room = (s.memory.free as f64 * DEFAULT_FREE_SHARE - s.weights as f64).max(0.0);
         let fits = room / (geometry.bytes_per_token() as f64 * s.layers);
+        // mistralrs sizes the cache in whole MiB, so less than one is none.
+        if (fits as usize) < block_size || room < (1 << 20) as f64 {
+            return Err(format!(
+                "no room for a KV cache on {}: its weights take {:.2} GB of the {:.2} GB free; quantize the model (`isq`), split it across GPUs (`layers`) or free the GPU",
+                s.device,
+                gb(s.weights),
+                gb(s.memory.free),
+            ));
+        }
         tokens = tokens.min(fits as usize);
-    }
-    if tokens < block_size {
-        return Err(format!(
-            "no room for a KV cache: the weights take nearly all of the {:.2} GB free; quantize the model (`isq`), split it across GPUs (`layers`) or free the GPU",
-            gb(shares.iter().map(|s| s.memory.free).min().unwrap_or(0)),
-        ));
     }
     Ok(MemoryPlan { kv: Some(KvMemory::Tokens(tokens)), kv_tokens: Some(tokens) })
 }
@@ -351,7 +359,7 @@ fn gb(bytes: u64) -> f64 {
 /// Whether `weights` and `kv` bytes fit in the `free` bytes of `device`, or
 /// the estimate and what to do about it.
 fn check_fits(device: Device, weights: u64, kv: u64, free: u64) -> Result<(), String> {
-    if weights + kv <= free {
+    if weights.saturating_add(kv) <= free {
         return Ok(());
     }
     let fix = match device {
@@ -587,6 +595,12 @@ mod tests {
         let split = Placement::Split { shares: vec![(0, 12), (1, 12)], paged: Some(PagedAttention {
             memory: Some(KvMemory::Tokens(1_000_000)), ..PagedAttention::default() }) };
         split.plan_memory(model(2, Some(QWEN)), &[mem(8, 80), mem(8, 80)]).unwrap();
+        // 12 GiB of `mb` over a 12/12 split: 6 GiB a GPU.
+        let split_mb = Placement::Split { shares: vec![(0, 12), (1, 12)], paged: Some(PagedAttention {
+            memory: Some(KvMemory::Mb(12_288)), ..PagedAttention::default() }) };
+        let plan = split_mb.plan_memory(model(2, Some(QWEN)), &[mem(8, 80), mem(8, 80)]).unwrap();
+        assert_eq!(plan.kv_tokens, Some(1_048_576));
+        assert!(split_mb.plan_memory(model(2, Some(QWEN)), &[mem(8, 80), mem(7, 80)]).is_err());
         assert!(split.plan_memory(model(2, Some(QWEN)), &[mem(8, 80), mem(6, 80)]).is_err());
     }
 
@@ -612,10 +626,16 @@ mod tests {
         let plan = gpu.plan_memory(model(1, Some(QWEN)), &[mem(2, 80)]).unwrap();
         assert_eq!(plan.kv_tokens, Some(((2.0 * 0.9 - 1.0) * GB as f64 / 12_288.0) as usize));
         let err = gpu.plan_memory(model(1, Some(QWEN)), &[mem(1, 80)]).unwrap_err();
-        assert!(err.contains("no room for a KV cache"), "{err}");
+        assert!(err.contains("no room for a KV cache on cuda:0: its weights take 1.00 GB of the 1.00 GB free"), "{err}");
+        // A split is capped by its tightest GPU.
+        let split = Placement::Split { shares: vec![(0, 12), (1, 12)], paged: Some(PagedAttention::default()) };
+        let plan = split.plan_memory(model(2, Some(QWEN)), &[mem(70, 80), mem(2, 80)]).unwrap();
+        assert_eq!(plan.kv_tokens, Some(((2.0 * 0.9 - 1.0) * GB as f64 / 6_144.0) as usize));
         // Geometry unknown: the whole card's rule.
         let plan = gpu.plan_memory(model(1, None), &[mem(70, 80)]).unwrap();
         assert_eq!(plan.kv, Some(KvMemory::Fraction(0.9)));
+        let err = gpu.plan_memory(model(1, None), &[mem(8, 80)]).unwrap_err();
+        assert!(err.contains("the default cache (0.9 of the card"), "{err}");
     }
 
     #[test]

@@ -38,6 +38,11 @@ exec > >(tee "$RESULTS/serve-check.log") 2>&1
 FAILED=()
 step() { printf '\n==> %s (%s)\n' "$*" "$(date -u +%H:%M:%S)"; }
 fail() { echo "FAILED: $*"; FAILED+=("$*"); }
+verdict() {
+  if [ ${#FAILED[@]} -eq 0 ]; then echo "SERVE CHECK: PASS ($MODE)"; return 0; fi
+  printf 'SERVE CHECK: FAIL (%s): %s\n' "$MODE" "$(IFS=';'; echo "${FAILED[*]}")"
+  return 1
+}
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done; PIDS=(); }
 trap cleanup EXIT
@@ -52,10 +57,10 @@ if [ -n "$GIVEN_BIN" ]; then
   echo "given: $FUSECHAT_BIN"
 elif [ "$MODE" = gpu ]; then
   export CARGO_TARGET_DIR="$CARGO_TARGET_DIR-cuda"
-  cargo build --release --locked -p fusechat --features cuda || { fail "cuda build"; exit 1; }
+  cargo build --release --locked -p fusechat --features cuda || { fail "cuda build"; verdict; exit 1; }
   FUSECHAT_BIN="$CARGO_TARGET_DIR/release/fusechat"
 else
-  cargo build --release --locked -p fusechat || { fail "build"; exit 1; }
+  cargo build --release --locked -p fusechat || { fail "build"; verdict; exit 1; }
   FUSECHAT_BIN="$CARGO_TARGET_DIR/release/fusechat"
 fi
 export FUSECHAT_BIN
@@ -66,7 +71,7 @@ if [ "$MODE" = gpu ]; then
     [ -n "$p" ] && export LD_LIBRARY_PATH="$(dirname "$p")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   done
 fi
-"$FUSECHAT_BIN" --version || { fail "the binary does not start"; exit 1; }
+"$FUSECHAT_BIN" --version || { fail "the binary does not start"; verdict; exit 1; }
 M="$FUSECHAT_HOME/models"
 MODELS=(
   "smollm2-135m-instruct=SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -74,7 +79,7 @@ MODELS=(
   "qwen2.5-coder-0.5b-instruct=qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
 )
 for m in "${MODELS[@]}"; do
-  [ -f "$M/${m#*=}" ] || { fail "$M/${m#*=} is missing (fusechat models fetch)"; exit 1; }
+  [ -f "$M/${m#*=}" ] || { fail "$M/${m#*=} is missing (fusechat models fetch)"; verdict; exit 1; }
 done
 
 step "batched answers equal lone answers; the OpenAI API (pytest)"
@@ -155,11 +160,18 @@ text = open(sys.argv[1]).read()
 # Paths the config gives relative to its own folder.
 text = text.replace('config = "serve-gpu.toml"', f'config = "{config / "serve-gpu.toml"}"')
 text = text.replace('data_dir = "../data"', f'data_dir = "{config.parent / "data"}"')
-text = re.sub(r"(?m)^limit = \d+", "limit = 4", text)
-text = re.sub(r"(?m)^n = \{[^}]*\}", "n = { instruction = 1, math = 2, code = 1 }", text)
-text = re.sub(r"(?m)^max_tokens = 768", "max_tokens = 320", text)
-text = re.sub(r"(?m)^(gsm8k|mawps|asdiv|mbpp_plus|alpaca_eval) = \d+", r"\1 = 3", text)
-text = re.sub(r"(?m)^epochs = 3", "epochs = 1", text)
+# Each rule must still match the config it shrinks (pools, sampling and
+# evaluation answers, evaluation sizes, SFT epochs).
+for pattern, repl, least in [
+    (r"(?m)^limit = \d+\b", "limit = 4", 5),
+    (r"(?m)^n = \{[^}]*\}", "n = { instruction = 1, math = 2, code = 1 }", 1),
+    (r"(?m)^max_tokens = 768\b", "max_tokens = 320", 2),
+    (r"(?m)^(gsm8k|mawps|asdiv|mbpp_plus|alpaca_eval) = \d+\b", r"\1 = 3", 5),
+    (r"(?m)^epochs = 3\b", "epochs = 1", 1),
+]:
+    text, count = re.subn(pattern, repl, text)
+    assert count >= least, f"config/fuse-gpu.toml changed: `{pattern}` matched {count} times, not {least}"
+assert str(config / "serve-gpu.toml") in text and str(config.parent / "data") in text, "its paths changed"
 open(sys.argv[2], "w").write(text)
 EOF
 fi
@@ -168,9 +180,4 @@ start=$(date +%s)
 echo "fuse wall time: $(( $(date +%s) - start )) s"
 cp "$WORK/fuse/report.md" "$RESULTS/fuse-report.md" 2>/dev/null || fail "no fuse report"
 
-if [ ${#FAILED[@]} -eq 0 ]; then
-  echo "SERVE CHECK: PASS ($MODE)"
-else
-  printf 'SERVE CHECK: FAIL (%s): %s\n' "$MODE" "$(IFS=';'; echo "${FAILED[*]}")"
-  exit 1
-fi
+verdict

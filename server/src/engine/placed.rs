@@ -23,11 +23,10 @@ pub(super) async fn place(config: &ModelConfig, kind: &WeightsKind, holding: Opt
         tokio::task::spawn_blocking(move || kv_geometry(&kind)).await?
     };
     if matches!(placement, Placement::Split { .. }) {
-        let layers = geometry
-            .as_ref()
-            .map_err(|e| anyhow::anyhow!("{e:#}"))
-            .context("`layers` splits the model, but its layer count is unknown")?
-            .layers;
+        let kind = kind.clone();
+        let layers = tokio::task::spawn_blocking(move || layer_count(&kind))
+            .await?
+            .context("`layers` splits the model, but its layer count is unknown")?;
         placement.check_layers(layers).map_err(named)?;
     }
     let geometry = geometry
@@ -79,23 +78,44 @@ async fn device_memory(device: Device) -> anyhow::Result<DeviceMemory> {
     }
 }
 
-/// What the KV cache keeps per token, from GGUF metadata or config.json.
-pub(super) fn kv_geometry(kind: &WeightsKind) -> anyhow::Result<KvGeometry> {
+/// The model's transformer blocks: GGUF `{arch}.block_count`, or
+/// config.json's `num_hidden_layers`.
+fn layer_count(kind: &WeightsKind) -> anyhow::Result<usize> {
     match kind {
         WeightsKind::Gguf { dir, file, .. } => {
             let content = gguf_header(&dir.join(file))?;
-            let get = |key: &str| -> anyhow::Result<Option<usize>> {
-                match content.metadata.get(key) {
-                    Some(v) => Ok(Some(v.to_u32().with_context(|| format!("{key} is not one number"))? as usize)),
-                    None => Ok(None),
-                }
-            };
-            let arch = content
-                .metadata
-                .get("general.architecture")
-                .context("the GGUF file names no general.architecture")?
-                .to_string()?
-                .clone();
+            let arch = gguf_architecture_of(&content)?;
+            gguf_number(&content, &format!("{arch}.block_count"))?
+                .with_context(|| format!("the GGUF file has no {arch}.block_count"))
+        }
+        WeightsKind::Hf { dir, .. } => config_number(dir, "num_hidden_layers"),
+    }
+}
+
+fn gguf_architecture_of(content: &candle_core::quantized::gguf_file::Content) -> anyhow::Result<String> {
+    Ok(content
+        .metadata
+        .get("general.architecture")
+        .context("the GGUF file names no general.architecture")?
+        .to_string()?
+        .clone())
+}
+
+/// A number in GGUF metadata, `None` where the key is absent.
+fn gguf_number(content: &candle_core::quantized::gguf_file::Content, key: &str) -> anyhow::Result<Option<usize>> {
+    match content.metadata.get(key) {
+        Some(v) => Ok(Some(v.to_u32().with_context(|| format!("{key} is not one number"))? as usize)),
+        None => Ok(None),
+    }
+}
+
+/// What the KV cache keeps per token, from GGUF metadata or config.json.
+fn kv_geometry(kind: &WeightsKind) -> anyhow::Result<KvGeometry> {
+    match kind {
+        WeightsKind::Gguf { dir, file, .. } => {
+            let content = gguf_header(&dir.join(file))?;
+            let get = |key: &str| gguf_number(&content, key);
+            let arch = gguf_architecture_of(&content)?;
             let need = |name: &str| -> anyhow::Result<usize> {
                 let key = format!("{arch}.{name}");
                 get(&key)?.with_context(|| format!("the GGUF file has no {key}"))
@@ -106,7 +126,7 @@ pub(super) fn kv_geometry(kind: &WeightsKind) -> anyhow::Result<KvGeometry> {
                 None => need("embedding_length")? / heads.max(1),
             };
             Ok(KvGeometry {
-                layers: need("block_count")?,
+                layers: layer_count(kind)?,
                 kv_heads: get(&format!("{arch}.attention.head_count_kv"))?.unwrap_or(heads),
                 head_dim,
                 context: need("context_length")?,
@@ -119,7 +139,7 @@ pub(super) fn kv_geometry(kind: &WeightsKind) -> anyhow::Result<KvGeometry> {
                 Err(_) => config_number(dir, "hidden_size")? / heads.max(1),
             };
             Ok(KvGeometry {
-                layers: config_number(dir, "num_hidden_layers")?,
+                layers: layer_count(kind)?,
                 kv_heads: config_number(dir, "num_key_value_heads").unwrap_or(heads),
                 head_dim,
                 context: config_number(dir, "max_position_embeddings")?,
@@ -222,6 +242,7 @@ mod tests {
         let gguf = WeightsKind::Gguf { dir: dir.path().into(), file: "m.gguf".into(), tokenizer: None };
         let qwen = KvGeometry { layers: 24, kv_heads: 2, head_dim: 64, context: 32768 };
         assert_eq!(kv_geometry(&gguf).unwrap(), qwen);
+        assert_eq!(layer_count(&gguf).unwrap(), 24);
 
         // Gemma 3's multimodal layout, with a head size of its own.
         std::fs::write(
@@ -232,7 +253,9 @@ mod tests {
         .unwrap();
         let hf = WeightsKind::Hf { dir: dir.path().into(), multimodal: true, default_isq: Isq::None };
         assert_eq!(kv_geometry(&hf).unwrap(), KvGeometry { layers: 18, kv_heads: 1, head_dim: 256, context: 32768 });
-        std::fs::write(dir.path().join("config.json"), r#"{"num_attention_heads": 4, "hidden_size": 64}"#).unwrap();
-        assert!(kv_geometry(&hf).unwrap_err().to_string().contains("num_hidden_layers"));
+        // A split needs only the layer count.
+        std::fs::write(dir.path().join("config.json"), r#"{"num_hidden_layers": 18}"#).unwrap();
+        assert_eq!(layer_count(&hf).unwrap(), 18);
+        assert!(kv_geometry(&hf).unwrap_err().to_string().contains("num_attention_heads"));
     }
 }
