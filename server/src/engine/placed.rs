@@ -224,6 +224,14 @@ mod tests {
     use crate::config::Isq;
 
     #[test]
+    fn the_cpu_placement_asks_mistralrs_for_what_it_always_did() {
+        let placed = Placed::of(&Placement::Cpu, None).unwrap();
+        assert_eq!(placed.force_cpu, crate::placement::CUDA_BUILT);
+        assert!(placed.device.is_none() && placed.device_map.is_none());
+        assert!(placed.paged.is_none() && placed.prefix_cache_n.is_none());
+    }
+
+    #[test]
     fn kv_geometry_comes_from_the_gguf_metadata_or_config_json() {
         use candle_core::quantized::gguf_file::{self, Value};
         let dir = tempfile::tempdir().unwrap();
