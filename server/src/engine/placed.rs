@@ -18,9 +18,14 @@ use crate::placement::{Device, DeviceMemory, KvGeometry, KvMemory, ModelMemory, 
 pub(super) async fn place(config: &ModelConfig, kind: &WeightsKind, holding: Option<&Holding>) -> anyhow::Result<Placed> {
     let placement = config.placement()?;
     let named = |e: String| anyhow::anyhow!("model `{}`: {e}", config.id);
-    let geometry = {
-        let kind = kind.clone();
-        tokio::task::spawn_blocking(move || kv_geometry(&kind)).await?
+    // Only a paged cache is sized by the model's shape: the CPU path reads
+    // no extra header at start-up.
+    let geometry = match placement.paged() {
+        Some(_) => {
+            let kind = kind.clone();
+            tokio::task::spawn_blocking(move || kv_geometry(&kind)).await?
+        }
+        None => Err(anyhow::anyhow!("no paged KV cache to size")),
     };
     if matches!(placement, Placement::Split { .. }) {
         let kind = kind.clone();
