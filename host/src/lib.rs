@@ -1,6 +1,70 @@
 //! What the host machine gives this process, read from Linux's own files:
 //! the server checks a model's weights against it before loading, the
-//! trainer its memory plan before a run.
+//! trainer its memory plan before a run, and a run's report names the
+//! machine its times were measured on.
+
+use serde::Serialize;
+
+/// The machine a run's times belong to: the same recipe takes minutes more
+/// on a CPU without AVX-512 (the gemm crate picks its widest kernels at run
+/// time), so a report's seconds are read against this.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Machine {
+    /// `model name` of /proc/cpuinfo's first processor.
+    pub cpu: String,
+    /// CPUs this process may run on.
+    pub cpus: usize,
+    /// The vector extensions the matrix products can use, widest last.
+    pub simd: Vec<&'static str>,
+    /// `MemTotal`, bytes.
+    pub memory_bytes: Option<u64>,
+}
+
+impl std::fmt::Display for Machine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let simd = if self.simd.is_empty() { "no AVX".to_string() } else { self.simd.join(", ") };
+        write!(f, "{}, {} CPUs ({simd})", self.cpu, self.cpus)?;
+        if let Some(b) = self.memory_bytes {
+            write!(f, ", {:.1} GiB", b as f64 / (1u64 << 30) as f64)?;
+        }
+        Ok(())
+    }
+}
+
+/// This machine, as far as Linux's files tell; `cpu` is `unknown` where
+/// /proc/cpuinfo is unreadable (not Linux).
+pub fn machine() -> Machine {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let (cpu, simd) = cpu_of(&cpuinfo);
+    Machine {
+        cpu,
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        simd,
+        memory_bytes: meminfo_kb(&meminfo, "MemTotal:").map(|kb| kb * 1024),
+    }
+}
+
+/// The first processor's model name and which of AVX2, AVX-512 and AMX its
+/// flags list.
+fn cpu_of(cpuinfo: &str) -> (String, Vec<&'static str>) {
+    let field = |name: &str| {
+        cpuinfo
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .find(|(k, _)| k.trim() == name)
+            .map(|(_, v)| v.trim().to_string())
+    };
+    let cpu = field("model name").filter(|m| !m.is_empty()).unwrap_or_else(|| "unknown".into());
+    let flags = field("flags").unwrap_or_default();
+    let has = |f: &str| flags.split_whitespace().any(|x| x == f);
+    let simd = [("avx2", "AVX2"), ("avx512f", "AVX-512"), ("amx_tile", "AMX")]
+        .into_iter()
+        .filter(|(flag, _)| has(flag))
+        .map(|(_, name)| name)
+        .collect();
+    (cpu, simd)
+}
 
 /// Bytes the operating system can give this process now: `MemAvailable`,
 /// or the cgroup's limit minus its usage when that is lower (a container,
@@ -34,15 +98,19 @@ fn cgroup_available(max: Option<&str>, current: Option<&str>, stat: Option<&str>
 
 /// `MemAvailable` of a /proc/meminfo text, in bytes.
 fn mem_available(meminfo: &str) -> Option<u64> {
-    let kb = meminfo
+    Some(meminfo_kb(meminfo, "MemAvailable:")? * 1024)
+}
+
+/// One /proc/meminfo field (`"MemTotal:"`), in kB as the file gives it.
+fn meminfo_kb(meminfo: &str, field: &str) -> Option<u64> {
+    meminfo
         .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .find_map(|l| l.strip_prefix(field))?
         .trim()
         .trim_end_matches("kB")
         .trim()
         .parse::<u64>()
-        .ok()?;
-    Some(kb * 1024)
+        .ok()
 }
 
 #[cfg(test)]
@@ -66,8 +134,22 @@ mod tests {
     }
 
     #[test]
+    fn the_cpu_and_its_vector_extensions_are_read_from_cpuinfo() {
+        let intel = "processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Processor\nflags\t\t: fpu sse avx avx2 fma avx512f avx512bw amx_tile amx_bf16\n\nprocessor\t: 1\nmodel name\t: other\n";
+        assert_eq!(cpu_of(intel), ("Intel(R) Xeon(R) Processor".into(), vec!["AVX2", "AVX-512", "AMX"]));
+        let amd = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx avx2 fma f16c\n";
+        assert_eq!(cpu_of(amd), ("AMD EPYC".into(), vec!["AVX2"]));
+        assert_eq!(cpu_of(""), ("unknown".into(), vec![]));
+        let m = Machine { cpu: "AMD EPYC".into(), cpus: 2, simd: vec!["AVX2"], memory_bytes: Some(24 << 30) };
+        assert_eq!(m.to_string(), "AMD EPYC, 2 CPUs (AVX2), 24.0 GiB");
+    }
+
+    #[test]
     fn this_machine_reports_some_memory() {
         if cfg!(target_os = "linux") {
+            let m = machine();
+            assert_ne!(m.cpu, "unknown");
+            assert!(m.cpus >= 1 && m.memory_bytes.unwrap() > 16 << 20, "{m}");
             let bytes = available_memory().expect("/proc/meminfo is readable on Linux");
             assert!(bytes > 16 << 20, "{bytes}");
         }

@@ -219,6 +219,10 @@ pub struct DeviceMemory {
 /// weights are in (the rest: activations, cuBLAS workspaces).
 const DEFAULT_FREE_SHARE: f64 = 0.9;
 
+/// The cache's share of the card when neither the settings nor the model's
+/// shape size it: vLLM's rule.
+pub const WHOLE_CARD_FRACTION: f32 = 0.9;
+
 /// A checked placement's memory: the KV cache size the engine is given.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MemoryPlan {
@@ -287,7 +291,11 @@ impl Placement {
             }
             // Without the model's geometry there is no token count to size
             // the cache by: vLLM's rule over the whole card.
-            (None, None) => fraction_plan(0.9, &shares, "the default cache (0.9 of the card: the model's shape is unknown)"),
+            (None, None) => fraction_plan(
+                WHOLE_CARD_FRACTION,
+                &shares,
+                &format!("the default cache ({WHOLE_CARD_FRACTION} of the card: the model's shape is unknown)"),
+            ),
             (None, Some(geometry)) => default_plan(geometry, model.max_seqs, paged.block_size, &shares),
         }
     }

@@ -10,7 +10,7 @@ use mistralrs::{DeviceMapSetting, MemoryGpuConfig, PagedAttentionConfig, PagedCa
 use super::{config_number, gguf_header, WeightsKind};
 use crate::config::ModelConfig;
 use crate::holding::Holding;
-use crate::placement::{Device, DeviceMemory, KvGeometry, KvMemory, ModelMemory, Placement};
+use crate::placement::{Device, DeviceMemory, KvGeometry, KvMemory, ModelMemory, Placement, WHOLE_CARD_FRACTION};
 
 /// Where the model goes and the KV cache it gets, checked against its
 /// layer count (for a split) and, weights and cache together, against the
@@ -54,7 +54,12 @@ pub(super) async fn place(config: &ModelConfig, kind: &WeightsKind, holding: Opt
     } else if placement.paged().is_some() {
         // Nothing known to plan with: the settings as given, or the whole
         // card's rule.
-        kv = Some(placement.paged().and_then(|p| p.memory).unwrap_or(KvMemory::Fraction(0.9)));
+        kv = Some(
+            placement
+                .paged()
+                .and_then(|p| p.memory)
+                .unwrap_or(KvMemory::Fraction(WHOLE_CARD_FRACTION)),
+        );
     }
     if let Some(why) = config.placement_config().ignored_on_cpu(&placement) {
         tracing::warn!(model = %config.id, "{why}");

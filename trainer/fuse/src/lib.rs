@@ -422,6 +422,7 @@ impl<'a> Run<'a> {
         evaluated: &fusechat_eval::Outcome,
     ) -> Result<Outcome> {
         let t = self.progress.begin("report", "report.md, report.json");
+        let machine = fusechat_host::machine();
         let inputs = report::Inputs {
             config: self.config,
             run_dir: &self.dir,
@@ -432,6 +433,7 @@ impl<'a> Run<'a> {
             eval: &evaluated.report,
             stages: &self.progress.done,
             total_s: self.progress.started.elapsed().as_secs_f64(),
+            machine: &machine,
         };
         let headline = report::write(&inputs)?;
         self.progress.end("report", t, "");

@@ -41,6 +41,8 @@ pub struct Inputs<'a> {
     pub eval: &'a EvalReport,
     pub stages: &'a [StageTime],
     pub total_s: f64,
+    /// What the stage times were measured on.
+    pub machine: &'a fusechat_host::Machine,
 }
 
 /// 95% interval of the difference of two proportions, `b - a`, from their
@@ -290,7 +292,10 @@ fn markdown(x: &Inputs, headline: &str, comparisons: &[Comparison], gains: &[Sta
     for s in x.stages {
         md.push_str(&format!("| {} | {:.0} | {} |\n", s.stage, s.seconds, s.note.replace('|', "/")));
     }
-    md.push_str(&format!("\nTotal: {:.0} s. A stage that found its work done took seconds.\n", x.total_s));
+    md.push_str(&format!(
+        "\nTotal: {:.0} s on {}. A stage that found its work done took seconds.\n",
+        x.total_s, x.machine
+    ));
     md
 }
 
@@ -374,6 +379,7 @@ fn json_report(x: &Inputs, headline: &str, comparisons: &[Comparison], gains: &[
         "training": {"sft": training_json(x.sft), "dpo": x.dpo.map(training_json), "sft_settings": settings.sft, "dpo_settings": settings.dpo},
         "stages": x.stages,
         "total_seconds": x.total_s,
+        "machine": x.machine,
     })
 }
 
