@@ -23,9 +23,12 @@ pub(super) async fn place(config: &ModelConfig, kind: &WeightsKind, holding: Opt
     let geometry = match placement.paged() {
         Some(_) => {
             let kind = kind.clone();
-            tokio::task::spawn_blocking(move || kv_geometry(&kind)).await?
+            tokio::task::spawn_blocking(move || kv_geometry(&kind))
+                .await?
+                .map_err(|e| tracing::debug!(model = %config.id, "no KV cache geometry: {e:#}"))
+                .ok()
         }
-        None => Err(anyhow::anyhow!("no paged KV cache to size")),
+        None => None,
     };
     if matches!(placement, Placement::Split { .. }) {
         let kind = kind.clone();
@@ -34,9 +37,6 @@ pub(super) async fn place(config: &ModelConfig, kind: &WeightsKind, holding: Opt
             .context("`layers` splits the model, but its layer count is unknown")?;
         placement.check_layers(layers).map_err(named)?;
     }
-    let geometry = geometry
-        .map_err(|e| tracing::debug!(model = %config.id, "no KV cache geometry: {e:#}"))
-        .ok();
     let mut kv = None;
     if let Some(holding) = holding {
         let mut memory = Vec::new();
@@ -94,12 +94,15 @@ fn layer_count(kind: &WeightsKind) -> anyhow::Result<usize> {
     match kind {
         WeightsKind::Gguf { dir, file, .. } => {
             let content = gguf_header(&dir.join(file))?;
-            let arch = gguf_architecture_of(&content)?;
-            gguf_number(&content, &format!("{arch}.block_count"))?
-                .with_context(|| format!("the GGUF file has no {arch}.block_count"))
+            gguf_block_count(&content, &gguf_architecture_of(&content)?)
         }
         WeightsKind::Hf { dir, .. } => config_number(dir, "num_hidden_layers"),
     }
+}
+
+fn gguf_block_count(content: &candle_core::quantized::gguf_file::Content, arch: &str) -> anyhow::Result<usize> {
+    gguf_number(content, &format!("{arch}.block_count"))?
+        .with_context(|| format!("the GGUF file has no {arch}.block_count"))
 }
 
 fn gguf_architecture_of(content: &candle_core::quantized::gguf_file::Content) -> anyhow::Result<String> {
@@ -136,7 +139,7 @@ fn kv_geometry(kind: &WeightsKind) -> anyhow::Result<KvGeometry> {
                 None => need("embedding_length")? / heads.max(1),
             };
             Ok(KvGeometry {
-                layers: layer_count(kind)?,
+                layers: gguf_block_count(&content, &arch)?,
                 kv_heads: get(&format!("{arch}.attention.head_count_kv"))?.unwrap_or(heads),
                 head_dim,
                 context: need("context_length")?,
