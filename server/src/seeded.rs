@@ -37,27 +37,40 @@ impl SeededSampler {
 
     /// Picks a token index from raw logits.
     pub fn pick(&self, logits: &[f32]) -> usize {
-        let probs = filtered_probs(logits, &self.knobs);
         let draw: f64 = self.rng.lock().expect("sampler lock").random::<f64>();
-        let mut acc = 0.0f64;
-        let mut last = 0;
-        for (i, p) in probs.iter().enumerate() {
-            if *p <= 0.0 {
-                continue;
-            }
-            acc += *p;
-            last = i;
-            if draw < acc {
-                return i;
-            }
-        }
-        last
+        draw_from(logits, &self.knobs, draw)
     }
 }
 
+/// The token that `draw` (uniform in [0, 1)) lands on when the filtered,
+/// renormalised probabilities are laid end to end in token order.
+///
+/// Only the kept tokens are walked: the sum over them in token order is the
+/// sum over the whole vocabulary with zeros for the rest (adding 0 changes
+/// no float), so this lands where [`filtered_probs`] walked in full would,
+/// without a vocabulary-sized vector and two more passes over it per token.
+fn draw_from(logits: &[f32], knobs: &SamplingKnobs, draw: f64) -> usize {
+    let probs = probabilities(logits, knobs.temperature);
+    let mut keep = kept(&probs, knobs);
+    keep.sort_unstable();
+    let sum: f64 = keep.iter().map(|&i| probs[i]).sum();
+    let mut acc = 0.0f64;
+    let mut last = 0;
+    for &i in &keep {
+        acc += probs[i] / sum;
+        last = i;
+        if draw < acc {
+            return i;
+        }
+    }
+    last
+}
+
 /// Probabilities after temperature and the top-k, top-p and min-p filters,
-/// renormalised.
-pub fn filtered_probs(logits: &[f32], knobs: &SamplingKnobs) -> Vec<f64> {
+/// renormalised, over the whole vocabulary: what [`draw_from`] walks, in
+/// full, for the tests.
+#[cfg(test)]
+fn filtered_probs(logits: &[f32], knobs: &SamplingKnobs) -> Vec<f64> {
     let probs = probabilities(logits, knobs.temperature);
     let mut out = vec![0.0; probs.len()];
     for i in kept(&probs, knobs) {
@@ -195,6 +208,51 @@ mod tests {
         let s = SeededSampler::new(1, knobs(1.0));
         let ones = (0..4000).filter(|_| s.pick(&logits) == 1).count();
         assert!((2850..3150).contains(&ones), "{ones}");
+    }
+
+    #[test]
+    fn walking_the_kept_tokens_lands_where_the_full_walk_does() {
+        use rand::{Rng, SeedableRng};
+        // The walk over the whole filtered vocabulary, zeros included.
+        let full_walk = |probs: &[f64], draw: f64| {
+            let (mut acc, mut last) = (0.0f64, 0);
+            for (i, p) in probs.iter().enumerate() {
+                if *p <= 0.0 {
+                    continue;
+                }
+                acc += *p;
+                last = i;
+                if draw < acc {
+                    return i;
+                }
+            }
+            last
+        };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        for case in 0..300 {
+            let vocab = [3, 200, 4000][case % 3];
+            let logits: Vec<f32> = (0..vocab)
+                .map(|_| if rng.random_range(0..10) == 0 { f32::NEG_INFINITY } else { rng.random_range(-8.0..8.0) })
+                .collect();
+            let knobs = SamplingKnobs {
+                temperature: [0.3, 0.7, 1.0][case % 3],
+                top_k: [None, Some(1), Some(50)][case / 3 % 3],
+                top_p: [None, Some(0.8), Some(0.95)][case / 9 % 3],
+                min_p: [None, Some(0.05)][case / 27 % 2],
+            };
+            let probs = filtered_probs(&logits, &knobs);
+            // Draws anywhere, and right at the edges between tokens.
+            let mut draws: Vec<f64> = (0..20).map(|_| rng.random::<f64>()).collect();
+            let mut acc = 0.0;
+            for p in probs.iter().filter(|p| **p > 0.0) {
+                acc += p;
+                draws.push(acc);
+                draws.push(f64::from_bits(acc.to_bits().saturating_sub(1)));
+            }
+            for draw in draws.into_iter().filter(|d| (0.0..1.0).contains(d)) {
+                assert_eq!(draw_from(&logits, &knobs, draw), full_walk(&probs, draw), "case {case}, draw {draw}");
+            }
+        }
     }
 
     #[test]

@@ -303,6 +303,23 @@ pub struct Logprobs {
     pub top_logprobs: Option<Vec<TopLogprob>>,
 }
 
+/// fusechat: the one token whose logit is finite when every other one is -inf,
+/// the distribution of a processor that has chosen the token.
+fn sole_finite(logits: &[f32]) -> Option<u32> {
+    let mut found = None;
+    for (i, &l) in logits.iter().enumerate() {
+        if l.is_finite() {
+            if found.is_some() {
+                return None;
+            }
+            found = Some(i as u32);
+        } else if l != f32::NEG_INFINITY {
+            return None;
+        }
+    }
+    found
+}
+
 /// Comparator for descending order by probability (second element of tuple).
 #[inline]
 fn cmp_desc_by_prob(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
@@ -1053,7 +1070,18 @@ impl Sampler {
         for processor in &self.logits_processors {
             logits = processor.apply(&logits, context)?;
         }
-        let mut next_token = if sample_speculative {
+        // fusechat: a processor that chose the token itself (fusechat's seeded
+        // sampling) leaves it the only finite logit, which every sampler below
+        // takes with probability 1. It is taken here, without their softmax,
+        // ranking and weighted draw over the whole vocabulary.
+        let chosen = if self.logits_processors.is_empty() {
+            None
+        } else {
+            sole_finite(&logits.to_vec1::<f32>()?)
+        };
+        let mut next_token = if let Some(token) = chosen {
+            self.certain(token)?
+        } else if sample_speculative {
             match self.temperature {
                 None => self.sample_speculative_top_kp_min_p(
                     logits,
@@ -1100,6 +1128,24 @@ impl Sampler {
             next_token.top_logprobs = Some(self.top_logprobs_of(&logprobs, to_log10)?);
         }
         Ok(next_token)
+    }
+
+    /// fusechat: `token`, drawn with probability 1 (log-probability 0).
+    fn certain(&self, token: u32) -> Result<Logprobs> {
+        let bytes = match &self.tokenizer {
+            Some(tokenizer) => Some(
+                tokenizer
+                    .decode(&[token], false)
+                    .map_err(|x| Error::Msg(x.to_string()))?,
+            ),
+            None => None,
+        };
+        Ok(Logprobs {
+            token,
+            logprob: 0.0,
+            bytes,
+            top_logprobs: None,
+        })
     }
 
     /// fusechat: natural log-probabilities of every token at this sampler's temperature
