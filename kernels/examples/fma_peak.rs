@@ -7,24 +7,32 @@ use std::time::Instant;
 
 /// Multiply-adds per chain.
 const STEPS: usize = 100_000_000;
+/// Multiply-adds per chain between two points where the compiler must
+/// assume the registers were read.
+const ROUND: usize = 1_000_000;
 /// Independent chains: more than the FMA latency times the FMA ports.
 const CHAINS: usize = 12;
 
 #[cfg(target_arch = "x86_64")]
 mod fma {
     use std::arch::x86_64::*;
+    use std::hint::black_box;
 
-    use super::{CHAINS, STEPS};
+    use super::{CHAINS, ROUND, STEPS};
 
     /// Floating-point operations done (2 per lane per multiply-add).
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn avx2() -> (f64, f32) {
         let mut acc = [_mm256_set1_ps(1.0); CHAINS];
-        let (a, b) = (_mm256_set1_ps(1.000_000_1), _mm256_set1_ps(-0.000_000_1));
-        for _ in 0..STEPS {
-            for v in acc.iter_mut() {
-                *v = _mm256_fmadd_ps(*v, a, b);
+        let (a, b) = black_box((_mm256_set1_ps(1.000_000_1), _mm256_set1_ps(-0.000_000_1)));
+        for _ in 0..STEPS / ROUND {
+            for _ in 0..ROUND {
+                for v in acc.iter_mut() {
+                    *v = _mm256_fmadd_ps(*v, a, b);
+                }
             }
+            // Opaque to the compiler, which would otherwise fold the loop.
+            acc = black_box(acc);
         }
         let sum: f32 = acc.iter().map(|v| _mm256_cvtss_f32(*v)).sum();
         ((STEPS * CHAINS * 8 * 2) as f64, sum)
@@ -33,11 +41,15 @@ mod fma {
     #[target_feature(enable = "avx512f")]
     pub unsafe fn avx512() -> (f64, f32) {
         let mut acc = [_mm512_set1_ps(1.0); CHAINS];
-        let (a, b) = (_mm512_set1_ps(1.000_000_1), _mm512_set1_ps(-0.000_000_1));
-        for _ in 0..STEPS {
-            for v in acc.iter_mut() {
-                *v = _mm512_fmadd_ps(*v, a, b);
+        let (a, b) = black_box((_mm512_set1_ps(1.000_000_1), _mm512_set1_ps(-0.000_000_1)));
+        for _ in 0..STEPS / ROUND {
+            for _ in 0..ROUND {
+                for v in acc.iter_mut() {
+                    *v = _mm512_fmadd_ps(*v, a, b);
+                }
             }
+            // Opaque to the compiler, which would otherwise fold the loop.
+            acc = black_box(acc);
         }
         let sum: f32 = acc.iter().map(|v| _mm512_reduce_add_ps(*v)).sum();
         ((STEPS * CHAINS * 16 * 2) as f64, sum)
@@ -47,7 +59,9 @@ mod fma {
 #[cfg(target_arch = "x86_64")]
 fn main() {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut kinds: Vec<(&str, unsafe fn() -> (f64, f32))> = Vec::new();
+    // (name, loop): each loop returns its FLOP count and the chains' sum.
+    type Loop = unsafe fn() -> (f64, f32);
+    let mut kinds: Vec<(&str, Loop)> = Vec::new();
     if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
         kinds.push(("avx2", fma::avx2));
     }
