@@ -13,28 +13,20 @@ concurrency) and checks that the change kept every token.
         --source qwen2.5-coder-0.5b-instruct --limit 64 --concurrency 16 \\
         --base-url http://127.0.0.1:8080/v1 [--json out.json]
 
-Standard library only. Only loopback servers are accepted.
+Standard library only (and serving_bench.py's loopback check): only
+servers on this machine are accepted.
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import ipaddress
 import json
-import socket
 import sqlite3
 import sys
 import time
-import urllib.parse
 import urllib.request
 
-
-def loopback(base_url: str) -> bool:
-    host = urllib.parse.urlparse(base_url).hostname or ""
-    try:
-        return all(ipaddress.ip_address(a[4][0]).is_loopback for a in socket.getaddrinfo(host, None))
-    except (socket.gaierror, ValueError):
-        return False
+from serving_bench import check_loopback
 
 
 def stored(store: str, source: str, limit: int) -> list[tuple[dict, str]]:
@@ -69,8 +61,7 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--json", help="write the result here too")
     args = p.parse_args()
-    if not loopback(args.base_url):
-        sys.exit(f"replay_samples: {args.base_url} is not a loopback address")
+    check_loopback(args.base_url)
     samples = stored(args.store, args.source, args.limit)
     if not samples:
         sys.exit(f"replay_samples: no answered samples of {args.source!r} in {args.store}")
